@@ -1,0 +1,266 @@
+"""The record store: the one place that reads and writes lorakit's JSON records.
+
+Records live under ``dataRoot`` in the original tool's layout (see ``docs/data-model.md`` in the README).
+Every write is validated against the record's JSON Schema first, serialized with a file lock and made
+atomic (temporary file in the same folder, then rename), so a crash never leaves a half-written record
+and two processes updating one record never lose an update. Fields lorakit does not know are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from hashlib import sha1
+from pathlib import Path
+
+from filelock import FileLock
+
+from .errors import RecordError, RecordNotFoundError
+from .ids import check_id
+from .schemas import validation_errors
+
+# kind -> (folder under the scope root, schema name). Scoped kinds live in data/shared/ when no project is
+# given (baseline) and in data/projects/<project>/ otherwise.
+SCOPED_KINDS = {"lora": "loras", "dataset": "datasets", "eval": "evals"}
+PROJECT_KINDS = {"spec": "specs", "asset": "assets", "job": "jobs"}
+SHARED_KINDS = {"checkpoint": "checkpoints"}
+CATALOG_NAMES = ("styles", "scenarios", "tags", "asset-types")
+SCHEMA_OF = {
+    "project": "project", "spec": "spec", "asset": "asset", "job": "job", "checkpoint": "checkpoint",
+    "lora": "lora", "dataset": "dataset-manifest", "eval": "eval",
+    **{f"catalog:{name}": f"catalog-{name}" for name in CATALOG_NAMES},
+}
+LOCK_TIMEOUT_S = 60
+
+
+def now_iso() -> str:
+    """The current time as the data model writes it: ISO 8601 UTC with milliseconds and ``Z``."""
+    now = datetime.now(timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def dump_json(record: object) -> str:
+    """Records are pretty-printed with 2 spaces and a trailing newline, non-ASCII kept as is."""
+    return json.dumps(record, indent=2, ensure_ascii=False) + "\n"
+
+
+def parse_json(path: Path) -> object:
+    """Parse one JSON file; a syntax error names the file, line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise RecordError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+
+
+class Store:
+    """Records under one data root.
+
+    ``project=None`` addresses the shared (baseline) scope for LoRAs, datasets and evals.
+
+    >>> store = Store("data")                                      # doctest: +SKIP
+    >>> store.read("lora", "ui_icons_base")                        # doctest: +SKIP
+    >>> store.update("lora", "hero", lambda r: {**r, "recommended": True}, project="demo")  # doctest: +SKIP
+    """
+
+    def __init__(self, data_root: str | Path):
+        self.root = Path(data_root).resolve()
+
+    # ---- paths -------------------------------------------------------------------------------------
+    def project_dir(self, project: str) -> Path:
+        return self._inside(self.root / "projects" / check_id(project, "project id"))
+
+    def folder(self, kind: str, project: str | None = None) -> Path:
+        """The folder that holds records of ``kind`` (for ``project``, or shared)."""
+        if kind in SCOPED_KINDS:
+            base = self.root / "shared" if project is None else self.project_dir(project)
+            return base / SCOPED_KINDS[kind]
+        if kind in PROJECT_KINDS:
+            if project is None:
+                raise RecordError(f"{kind} records belong to a project: give a project id")
+            return self.project_dir(project) / PROJECT_KINDS[kind]
+        if kind in SHARED_KINDS:
+            return self.root / "shared" / SHARED_KINDS[kind]
+        raise KeyError(f"unknown record kind {kind!r}")
+
+    def path(self, kind: str, record_id: str, project: str | None = None) -> Path:
+        """The file of one record. Ids are checked, so the path never leaves the data root."""
+        if kind == "project":
+            return self.project_dir(record_id) / "project.json"
+        if kind.startswith("catalog:"):
+            return self.catalog_path(kind.split(":", 1)[1], project, checkpoint=record_id or None)
+        return self._inside(self.folder(kind, project) / f"{check_id(record_id, kind + ' id')}.json")
+
+    def catalog_path(self, name: str, project: str | None, checkpoint: str | None = None) -> Path:
+        if name not in CATALOG_NAMES:
+            raise RecordError(f"unknown catalog {name!r} (expected one of {', '.join(CATALOG_NAMES)})")
+        if project is None:
+            raise RecordError("catalogs belong to a project: give a project id")
+        base = self.project_dir(project) / "catalogs"
+        if checkpoint:
+            base = base / "checkpoints" / check_id(checkpoint, "checkpoint id")
+        return self._inside(base / f"{name}.json")
+
+    def file_path(self, rel: str) -> Path:
+        """An image or other file referenced from a record (POSIX path relative to the data root)."""
+        p = Path(rel)
+        if p.is_absolute():
+            return p
+        return self._inside(self.root / p, what=f"file path {rel!r}")
+
+    def relative(self, path: Path) -> str:
+        """The POSIX path of ``path`` relative to the data root, as records store it."""
+        return Path(os.path.relpath(Path(path).resolve(), self.root)).as_posix()
+
+    def _inside(self, path: Path, what: str | None = None) -> Path:
+        resolved = Path(os.path.normpath(path))
+        if resolved != self.root and self.root not in resolved.parents:
+            raise RecordError(f"{what or path} leaves the data root {self.root}")
+        return resolved
+
+    def lock_for(self, path: Path) -> FileLock:
+        # Locks live outside the record folders so they never show up as records or in Git.
+        digest = sha1(str(path).encode()).hexdigest()[:20]
+        lock_dir = self.root / ".lorakit" / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(lock_dir / f"{digest}.lock"), timeout=LOCK_TIMEOUT_S)
+
+    # ---- reading -----------------------------------------------------------------------------------
+    def exists(self, kind: str, record_id: str, project: str | None = None) -> bool:
+        return self.path(kind, record_id, project).exists()
+
+    def read(self, kind: str, record_id: str, project: str | None = None, validate: bool = True) -> dict:
+        """One record. Missing, malformed and schema-invalid files raise errors that name the file."""
+        path = self.path(kind, record_id, project)
+        return self.read_path(path, kind, validate=validate, missing=_missing_message(kind, record_id, project))
+
+    def read_path(self, path: Path, kind: str, validate: bool = True, missing: str | None = None) -> dict:
+        try:
+            record = parse_json(path)
+        except FileNotFoundError:
+            raise RecordNotFoundError(missing or f"{path} does not exist") from None
+        if validate:
+            self.check(kind, record, path)
+        elif not isinstance(record, dict):
+            raise RecordError(f"{path}: expected a JSON object, got {type(record).__name__}")
+        return record
+
+    def check(self, kind: str, record: object, path: Path | str) -> None:
+        """Raise :class:`RecordError` naming ``path`` and each failing JSON path if ``record`` is invalid."""
+        problems = validation_errors(SCHEMA_OF[kind], record)
+        if problems:
+            shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
+            raise RecordError(f"{path}: invalid {kind} record: " + "; ".join(shown))
+
+    def list_ids(self, kind: str, project: str | None = None) -> list[str]:
+        folder = self.folder(kind, project)
+        if not folder.is_dir():
+            return []
+        return sorted(name[:-5] for name in os.listdir(folder) if name.endswith(".json") and not name.startswith("."))
+
+    def iter_records(self, kind: str, project: str | None = None, validate: bool = True) -> Iterator[tuple[Path, dict]]:
+        """Every record of ``kind`` as ``(path, record)``, in id order."""
+        folder = self.folder(kind, project)
+        for record_id in self.list_ids(kind, project):
+            path = folder / f"{record_id}.json"
+            yield path, self.read_path(path, kind, validate=validate)
+
+    def list_projects(self) -> list[str]:
+        folder = self.root / "projects"
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if (p / "project.json").is_file())
+
+    # ---- writing -----------------------------------------------------------------------------------
+    def write(self, kind: str, record: dict, project: str | None = None, *, create: bool = False) -> Path:
+        """Validate and write one record atomically under its lock. ``create=True`` refuses to overwrite."""
+        record_id = record.get("id") if isinstance(record, dict) else None
+        path = self.path(kind, record_id if isinstance(record_id, str) else "", project)
+        return self._write_checked(kind, record, path, create)
+
+    def write_catalog(self, name: str, record: dict, project: str, checkpoint: str | None = None) -> Path:
+        """Write a project catalog, or its override for one checkpoint."""
+        return self._write_checked(f"catalog:{name}", record, self.catalog_path(name, project, checkpoint), False)
+
+    def _write_checked(self, kind: str, record: dict, path: Path, create: bool) -> Path:
+        record_id = record.get("id") if isinstance(record, dict) else None
+        self.check(kind, record, path)
+        with self.lock_for(path):
+            if create and path.exists():
+                raise RecordError(f"{path}: a {kind} with id {record_id!r} already exists")
+            self._atomic_write(path, record)
+        return path
+
+    def update(self, kind: str, record_id: str, change: Callable[[dict], dict | None], project: str | None = None) -> dict:
+        """Read, change and write one record under its lock, so concurrent updates are never lost.
+
+        ``change`` gets the current record and returns the new one (or mutates it and returns None).
+        ``updatedAt`` is set when the record has that field in its schema. Nothing is written if
+        ``change`` raises or the result is invalid.
+        """
+        path = self.path(kind, record_id, project)
+        with self.lock_for(path):
+            current = self.read_path(path, kind, missing=_missing_message(kind, record_id, project))
+            changed = change(current)
+            new = current if changed is None else changed
+            if new.get("id", record_id) != record_id:
+                raise RecordError(f"{path}: an update may not change the record id")
+            if "updatedAt" in new or kind in ("lora", "dataset", "eval", "job", "spec", "asset", "project", "checkpoint"):
+                new["updatedAt"] = now_iso()
+            self.check(kind, new, path)
+            self._atomic_write(path, new)
+        return new
+
+    def delete(self, kind: str, record_id: str, project: str | None = None) -> bool:
+        path = self.path(kind, record_id, project)
+        with self.lock_for(path):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return False
+        return True
+
+    @contextlib.contextmanager
+    def claim(self, kind: str, record_id: str, project: str | None = None) -> Iterator[Path]:
+        """Hold the lock of one record for a read-decide-write sequence done by the caller."""
+        path = self.path(kind, record_id, project)
+        with self.lock_for(path):
+            yield path
+
+    def write_locked(self, kind: str, record: dict, path: Path) -> None:
+        """Write ``record`` to ``path`` while the caller holds its lock (see :meth:`claim`)."""
+        self.check(kind, record, path)
+        self._atomic_write(path, record)
+
+    @staticmethod
+    def _atomic_write(path: Path, record: object) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(dump_json(record))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+def _missing_message(kind: str, record_id: str, project: str | None) -> str:
+    where = f"project {project!r}" if project else "the shared scope"
+    if kind == "project":
+        return f"project {record_id!r} does not exist (no projects/{record_id}/project.json under the data root)"
+    return f"{kind} {record_id!r} not found in {where}"

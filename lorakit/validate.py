@@ -1,0 +1,68 @@
+"""``lorakit validate``: check every record under the data root against its schema."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LorakitError
+from .store import CATALOG_NAMES, PROJECT_KINDS, SCOPED_KINDS, SHARED_KINDS, Store
+from .workspace import Workspace, as_workspace
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: Path
+    message: str
+
+    def __str__(self) -> str:
+        return self.message if self.message.startswith(str(self.path)) else f"{self.path}: {self.message}"
+
+
+def _check_file(store: Store, kind: str, path: Path, extra_checks) -> list[Problem]:
+    try:
+        record = store.read_path(path, kind)
+    except LorakitError as exc:
+        return [Problem(path, str(exc))]
+    problems = []
+    expected_id = None if kind == "project" or kind.startswith("catalog:") else path.stem
+    if expected_id is not None and record.get("id") != expected_id:
+        problems.append(Problem(path, f"at $.id: {record.get('id')!r} does not match the file name {path.name}"))
+    for check in extra_checks.get(kind, ()):
+        problems.extend(Problem(path, message) for message in check(record))
+    return problems
+
+
+def record_files(store: Store, project: str | None = None) -> list[tuple[str, Path]]:
+    """Every record file under the data root (or of one project and the shared scope) with its kind."""
+    files: list[tuple[str, Path]] = []
+    for kind in [*SHARED_KINDS, *SCOPED_KINDS]:
+        folder = store.folder(kind, None)
+        files += [(kind, folder / f"{i}.json") for i in store.list_ids(kind, None)]
+    projects_dir = store.root / "projects"
+    projects = [project] if project else (sorted(p.name for p in projects_dir.iterdir() if p.is_dir()) if projects_dir.is_dir() else [])
+    for pid in projects:
+        files.append(("project", store.path("project", pid)))
+        for kind in [*PROJECT_KINDS, *SCOPED_KINDS]:
+            folder = store.folder(kind, pid)
+            files += [(kind, folder / f"{i}.json") for i in store.list_ids(kind, pid)]
+        catalogs = store.project_dir(pid) / "catalogs"
+        for name in CATALOG_NAMES:
+            files += [(f"catalog:{name}", p) for p in sorted(catalogs.glob(f"{name}.json"))]
+            files += [(f"catalog:{name}", p) for p in sorted(catalogs.glob(f"checkpoints/*/{name}.json"))]
+    return files
+
+
+# Checks beyond the schemas, keyed by record kind; each returns a list of messages with JSON paths.
+EXTRA_CHECKS: dict = {}
+
+
+def validate_records(ws: Workspace | str | Path | None = None, project: str | None = None) -> list[Problem]:
+    """Check every record (of ``project`` and the shared scope, or all) and return the problems found."""
+    ws = as_workspace(ws)
+    if project and not ws.store.path("project", project).exists():
+        return [Problem(ws.store.path("project", project), f"project {project!r} does not exist")]
+    problems: list[Problem] = []
+    for kind, path in record_files(ws.store, project):
+        problems += _check_file(ws.store, kind, path, EXTRA_CHECKS)
+    return problems
