@@ -105,9 +105,8 @@ class Store:
     def catalog_path(self, name: str, project: str | None, checkpoint: str | None = None) -> Path:
         if name not in CATALOG_NAMES:
             raise RecordError(f"unknown catalog {name!r} (expected one of {', '.join(CATALOG_NAMES)})")
-        if project is None:
-            raise RecordError("catalogs belong to a project: give a project id")
-        base = self.project_dir(project) / "catalogs"
+        # Shared catalogs (data/shared/catalogs/) hold defaults every project inherits, e.g. canonical prompts.
+        base = self.root / "shared" / "catalogs" if project is None else self.project_dir(project) / "catalogs"
         if checkpoint:
             base = base / "checkpoints" / check_id(checkpoint, "checkpoint id")
         return self._inside(base / f"{name}.json")
@@ -189,8 +188,8 @@ class Store:
         path = self.path(kind, record_id if isinstance(record_id, str) else "", project)
         return self._write_checked(kind, record, path, create)
 
-    def write_catalog(self, name: str, record: dict, project: str, checkpoint: str | None = None) -> Path:
-        """Write a project catalog, or its override for one checkpoint."""
+    def write_catalog(self, name: str, record: dict, project: str | None, checkpoint: str | None = None) -> Path:
+        """Write a project catalog (or its override for one checkpoint); ``project=None`` is the shared one."""
         return self._write_checked(f"catalog:{name}", record, self.catalog_path(name, project, checkpoint), False)
 
     def _write_checked(self, kind: str, record: dict, path: Path, create: bool) -> Path:

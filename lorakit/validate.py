@@ -39,6 +39,9 @@ def record_files(store: Store, project: str | None = None) -> list[tuple[str, Pa
     for kind in [*SHARED_KINDS, *SCOPED_KINDS]:
         folder = store.folder(kind, None)
         files += [(kind, folder / f"{i}.json") for i in store.list_ids(kind, None)]
+    shared_catalogs = store.root / "shared" / "catalogs"
+    for name in CATALOG_NAMES:
+        files += [(f"catalog:{name}", p) for p in sorted(shared_catalogs.glob(f"{name}.json"))]
     projects_dir = store.root / "projects"
     projects = [project] if project else (sorted(p.name for p in projects_dir.iterdir() if p.is_dir()) if projects_dir.is_dir() else [])
     for pid in projects:
