@@ -236,3 +236,24 @@ def test_a_killed_writer_never_leaves_a_half_written_record(store: Store, tmp_pa
     # The lock of a killed process is released by the OS, so the next update goes through.
     store.update("lora", "hero", lambda r: r.update(total=-1), "p1")
     assert store.read("lora", "hero", "p1")["total"] == -1
+
+
+def test_schemas_are_valid_2020_12_and_the_fast_check_agrees_with_jsonschema() -> None:
+    from jsonschema import Draft202012Validator
+
+    from lorakit.schemas import SCHEMA_NAMES, _fast_validator, _schemas, validator
+
+    for name in SCHEMA_NAMES:
+        Draft202012Validator.check_schema(_schemas()[name])
+    samples = [lora(), lora(assetTypes=[]), lora(id="a..b"), lora(scope="team"),
+               lora(releases=[{"id": "r", "createdAt": TS, "status": "candidate",
+                               "weights": {"kind": "config_relative", "path": "x"}}]),
+               lora(releases=[{"id": "r", "createdAt": TS, "status": "approved",
+                               "weights": {"kind": "external", "uri": "https://x"}}])]
+    for record in samples:
+        try:
+            _fast_validator("lora")(record)
+            fast_ok = True
+        except Exception:
+            fast_ok = False
+        assert fast_ok == validator("lora").is_valid(record), record

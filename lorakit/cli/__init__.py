@@ -13,7 +13,7 @@ from importlib import import_module
 from ..errors import LorakitError
 
 # Each module registers its sub-commands with ``register(subparsers, common)``.
-COMMAND_MODULES = ["records", "dataset"]
+COMMAND_MODULES = ["records", "dataset", "assets", "gate", "checkpoint", "evals", "lora", "adapters"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,3 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `lorakit ... | head` closed the pipe: not an error. Point stdout at devnull so the interpreter's
+        # final flush does not raise again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
