@@ -1,0 +1,326 @@
+"""Loading a registered checkpoint as a diffusers pipeline, offline, and the formats lorakit accepts.
+
+Checkpoints come in two forms:
+
+* a **diffusers folder** (``model_index.json`` plus one sub-folder per component), what ``make-tiny`` writes;
+* a **single file** in the original Stable Diffusion (LDM/SGM) key layout, usually ``.safetensors``: the form
+  users download. Its weights carry no configs, and diffusers would fetch those from a model hub. lorakit
+  instead hands diffusers a local *config folder* (a diffusers folder without weights): the one the record
+  names (``weights.config``), else ``<file>.config/`` beside the file (for tiny or otherwise non-default
+  architectures), else the real SD1.5 / SDXL base configs shipped in ``lorakit/models/configs/``. Tokenizer
+  files are not shipped: they are built from the packaged CLIP vocabulary into
+  ``<modelsRoot>/.lorakit-configs/`` at first use, because the package folder may be read-only.
+
+Pickle-based files (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) can run code when loaded, so they are refused
+unless the caller (``allow_pickle=True``) or the record (``allowPickle: true``) opts in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from ..config import resolve_weights
+from ..errors import ConfigError
+from ..workspace import Workspace, as_workspace
+from .registry import (
+    SIDECAR_CONFIG_SUFFIX,
+    check_pickle_allowed,
+    checkpoint_family,
+    get_checkpoint,
+    weights_format,
+)
+from .tokenizer import write_clip_tokenizer
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+CONFIG_CACHE_NAME = ".lorakit-configs"
+# Tokenizer sub-folders per family and the padding token each uses (SDXL's OpenCLIP encoder pads with "!").
+TOKENIZERS = {"sd15": {"tokenizer": "<|endoftext|>"}, "sdxl": {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}}
+# Where each text encoder sits in a single-file checkpoint (original LDM / SGM layouts).
+SD15_CLIP_PREFIX = "cond_stage_model.transformer."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+
+
+# ---- config folders for single files ---------------------------------------------------------------------
+def config_cache_root(ws: Workspace) -> Path:
+    return ws.config.models_root / CONFIG_CACHE_NAME
+
+
+def complete_config_folder(source: Path, family: str, cache_root: Path) -> Path:
+    """``source`` if it is a complete diffusers config folder, else a copy with the CLIP tokenizers added.
+
+    The copy lives in ``cache_root/<family>-<hash of source's files>/``, so a changed source gets a new copy,
+    and is written into a temporary folder and renamed, so concurrent loaders never see half of one.
+    """
+    source = Path(source)
+    if not (source / "model_index.json").is_file():
+        raise ConfigError(f"{source}: not a diffusers config folder (no model_index.json)")
+    missing = [name for name in TOKENIZERS[family]
+               if not any((source / name / f).is_file() for f in ("vocab.json", "tokenizer.json"))]
+    if not missing:
+        return source
+    digest = hashlib.sha256()
+    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(source).as_posix().encode() + b"\0" + file.read_bytes())
+    target = cache_root / f"{family}-{digest.hexdigest()[:16]}"
+    if (target / "model_index.json").is_file():
+        return target
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the config cache {cache_root} ({exc.strerror}); check modelsRoot") from None
+    with FileLock(str(cache_root / f".{target.name}.lock")):
+        if (target / "model_index.json").is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".{target.name}."))
+        try:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            for name in missing:
+                write_clip_tokenizer(tmp / name, pad_token=TOKENIZERS[family][name])
+            tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def single_file_config_source(weights_file: Path, family: str, explicit: Path | None = None) -> Path:
+    """Which config folder describes a single-file checkpoint: explicit, else ``<file>.config/``, else shipped."""
+    if explicit is not None:
+        if not Path(explicit).is_dir():
+            raise ConfigError(f"config folder {explicit} for {weights_file.name} does not exist")
+        return Path(explicit)
+    sidecar = weights_file.with_name(weights_file.name + SIDECAR_CONFIG_SUFFIX)
+    if sidecar.is_dir():
+        return sidecar
+    return CONFIGS_DIR / family
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+def pipeline_class(family: str):
+    """The diffusers pipeline class of a model family."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def _read_state_dict(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a single-file checkpoint whose keys start with ``prefix`` (pickle already vetted)."""
+    if weights_format(path) == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}
+    # weights_only: even an allowed pickle may only rebuild tensors and plain containers.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return {key: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def load_openclip_text_encoder(weights_file: Path, config_dir: Path, torch_dtype: torch.dtype):
+    """SDXL's second text encoder from a single file.
+
+    Loaded here rather than by diffusers' pipeline loader, which picks the converter by comparing hidden
+    sizes and so takes the first encoder's weights when both encoders are the same width (tiny checkpoints).
+    """
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    state = _read_state_dict(weights_file, SDXL_OPENCLIP_PREFIX)
+    if not state:
+        raise ConfigError(f"{weights_file}: no SDXL OpenCLIP text encoder ({SDXL_OPENCLIP_PREFIX}*) in this file")
+    model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2"))
+    converted = convert_open_clip_checkpoint(model, state, prefix=SDXL_OPENCLIP_PREFIX)
+    try:
+        missing, unexpected = model.load_state_dict(converted, strict=False)
+    except RuntimeError as exc:  # shape mismatches: the file is another architecture than the config
+        raise ConfigError(
+            f"{weights_file}: SDXL text encoder 2 does not fit the config folder {config_dir} ({str(exc)[:300]}); "
+            f"a non-default architecture needs its config folder as {weights_file.name}{SIDECAR_CONFIG_SUFFIX}/"
+        ) from exc
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ConfigError(
+            f"{weights_file}: SDXL text encoder 2 does not match its config {config_dir / 'text_encoder_2'} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model.to(torch_dtype)
+
+
+def load_vae(path: Path, config_dir: Path | None, torch_dtype: torch.dtype):
+    """A VAE from a diffusers folder (``config.json`` or a ``vae/`` sub-folder) or a single file.
+
+    A single file's config is ``<file>.config/`` (a VAE folder with ``config.json``), else ``config_dir/vae``
+    (the checkpoint's own VAE config).
+    """
+    from diffusers import AutoencoderKL
+
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"{path}: not a diffusers VAE folder (no config.json, no vae/config.json)")
+        return AutoencoderKL.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True,
+                                             use_safetensors=weights_format(folder) != "pickle")
+    sidecar = path.with_name(path.name + SIDECAR_CONFIG_SUFFIX)
+    if (sidecar / "config.json").is_file():
+        config, subfolder = sidecar, None
+    elif config_dir is not None and (config_dir / "vae" / "config.json").is_file():
+        config, subfolder = config_dir, "vae"
+    else:
+        raise ConfigError(f"{path}: no VAE config (put a config.json in {sidecar}/)")
+    state = _read_state_dict(path)
+    return AutoencoderKL.from_single_file(state, config=str(config), subfolder=subfolder,
+                                          torch_dtype=torch_dtype, local_files_only=True)
+
+
+def load_pipeline(
+    ws: Workspace | str | Path | None,
+    checkpoint: str | dict,
+    *,
+    torch_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool | None = None,
+    config_dir: str | Path | None = None,
+):
+    """The diffusers pipeline of ``checkpoint`` (an id or a checkpoint record), from local files only.
+
+    Never contacts a model hub: folders load with ``local_files_only``, single files with a local config
+    folder (see the module docstring). ``allow_pickle`` (default: the record's ``allowPickle``) permits
+    ``.ckpt``/``.bin``-style weights. A record's ``vaeWeights`` replaces the checkpoint's VAE.
+
+    >>> pipe = load_pipeline(None, "tiny_sd15")                       # doctest: +SKIP
+    >>> pipe("a red potion", num_inference_steps=4, height=64, width=64).images[0]   # doctest: +SKIP
+    """
+    ws = as_workspace(ws)
+    record = get_checkpoint(ws, checkpoint) if isinstance(checkpoint, str) else checkpoint
+    what = f"checkpoint {record.get('id')!r}"
+    family = checkpoint_family(record)
+    allow = bool(record.get("allowPickle", False)) if allow_pickle is None else allow_pickle
+    paths = checkpoint_paths(ws, record, config_dir)
+    weights = paths["weights"]
+    check_pickle_allowed(weights, allow, what)
+    if paths.get("vae") is not None:
+        check_pickle_allowed(paths["vae"], allow, f"{what} vaeWeights")
+    cls = pipeline_class(family)
+    extra = {}
+    config_folder = None
+    with warnings.catch_warnings():
+        # diffusers >=0.36 renamed torch_dtype to dtype; the old name keeps older diffusers working.
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        if weights.is_dir():
+            if not (weights / "model_index.json").is_file():
+                raise ConfigError(f"{what}: {weights} is a folder but not a diffusers pipeline (no model_index.json)")
+            config_folder = weights
+        else:
+            source = single_file_config_source(weights, family, paths.get("config"))
+            config_folder = complete_config_folder(source, family, config_cache_root(ws))
+            if family == "sdxl":
+                extra["text_encoder_2"] = load_openclip_text_encoder(weights, config_folder, torch_dtype)
+        if paths.get("vae") is not None:
+            extra["vae"] = load_vae(paths["vae"], config_folder, torch_dtype)
+        if weights.is_dir():
+            pipe = cls.from_pretrained(weights, torch_dtype=torch_dtype, local_files_only=True,
+                                       use_safetensors=weights_format(weights) != "pickle",
+                                       variant=folder_variant(weights), **extra)
+        else:
+            try:
+                pipe = cls.from_single_file(str(weights), config=str(config_folder), torch_dtype=torch_dtype,
+                                            local_files_only=True, **extra)
+            except (ValueError, RuntimeError, KeyError) as exc:
+                # Usually a shape mismatch: the file is not the architecture its config folder describes.
+                raise ConfigError(
+                    f"{what}: {weights.name} does not fit the config folder {source} ({str(exc)[:300]}). "
+                    f"A non-default architecture needs its diffusers config folder as "
+                    f"{weights.name}{SIDECAR_CONFIG_SUFFIX}/ beside the file, or registered with --config"
+                ) from exc
+    # Moving to the CPU they are already on only makes diffusers warn about fp32 modules.
+    return pipe if str(device) == "cpu" else pipe.to(device)
+
+
+def folder_variant(folder: Path) -> str | None:
+    """``"fp16"`` when a diffusers folder holds only ``*.fp16.*`` UNet weights (a common download), else None."""
+    unet = folder / "unet"
+    if not unet.is_dir() or any(p.name.startswith("diffusion_pytorch_model.") and p.name.count(".") == 1
+                                for p in unet.iterdir()):
+        return None
+    return "fp16" if any(".fp16." in p.name for p in unet.iterdir()) else None
+
+
+def checkpoint_paths(ws: Workspace, record: dict, config_dir: str | Path | None = None) -> dict[str, Path | None]:
+    """The local paths of a checkpoint record: ``weights``, ``vae`` (or None) and ``config`` (or None)."""
+    what = f"checkpoint {record.get('id')!r}"
+    ref = record.get("weights")
+    if not isinstance(ref, dict):
+        raise ConfigError(f"{what} has no 'weights' reference; register its files with `lorakit checkpoint add`")
+    weights = resolve_weights(ref, ws.config, what=what)
+    config = Path(config_dir) if config_dir is not None else None
+    if config is None and ref.get("config"):
+        config = resolve_weights({**ref, "path": ref["config"]}, ws.config, what=f"{what} weights.config")
+    vae_ref = record.get("vaeWeights")
+    vae = resolve_weights(vae_ref, ws.config, what=f"{what} vaeWeights") if isinstance(vae_ref, dict) else None
+    return {"weights": weights, "vae": vae, "config": config}
+
+
+def describe_pipeline(pipe) -> dict:
+    """Components of a loaded pipeline: class, parameter count and dtype of each model, and the totals."""
+    components = {}
+    for name, component in pipe.components.items():
+        if component is None:
+            continue
+        entry = {"class": type(component).__name__}
+        if isinstance(component, torch.nn.Module):
+            params = list(component.parameters())
+            entry["parameters"] = sum(p.numel() for p in params)
+            entry["dtype"] = str(params[0].dtype).removeprefix("torch.") if params else None
+        components[name] = entry
+    dtypes = sorted({c["dtype"] for c in components.values() if c.get("dtype")})
+    return {
+        "pipeline": type(pipe).__name__,
+        "components": components,
+        "parameters": sum(c.get("parameters", 0) for c in components.values()),
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+    }
+
+
+def verify_checkpoint(
+    ws: Workspace | str | Path | None,
+    checkpoint_id: str,
+    *,
+    allow_pickle: bool | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+) -> dict:
+    """Load checkpoint ``checkpoint_id`` offline, hash its weights and record the hash; return what was found.
+
+    The report has ``id, family, format, path, pipeline, components{name: {class, parameters, dtype}},
+    parameters, dtype, sha256`` (and ``vaeSha256`` with a separate VAE). The hashes are stored on the
+    record as ``weights.sha256`` / ``vaeWeights.sha256`` with ``hashOf`` (``file`` or ``folder``).
+    """
+    from .registry import record_weights_hash, weights_sha256
+
+    ws = as_workspace(ws)
+    record = get_checkpoint(ws, checkpoint_id)
+    paths = checkpoint_paths(ws, record)
+    pipe = load_pipeline(ws, record, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
+    report = {"id": checkpoint_id, "family": checkpoint_family(record), "format": weights_format(paths["weights"]),
+              "path": str(paths["weights"]), **describe_pipeline(pipe)}
+    del pipe
+    report["sha256"] = weights_sha256(paths["weights"])
+    record_weights_hash(ws, checkpoint_id, "weights", record["weights"], report["sha256"],
+                        "folder" if paths["weights"].is_dir() else "file")
+    if paths["vae"] is not None:
+        report["vaePath"] = str(paths["vae"])
+        report["vaeSha256"] = weights_sha256(paths["vae"])
+        record_weights_hash(ws, checkpoint_id, "vaeWeights", record["vaeWeights"], report["vaeSha256"],
+                            "folder" if paths["vae"].is_dir() else "file")
+    return report

@@ -1,0 +1,400 @@
+"""The checkpoint registry: checkpoint records in ``data/shared/checkpoints/`` and the tiny default checkpoint.
+
+A checkpoint record says where a base model's weights are (a weights reference, usually ``config_relative``
+to ``checkpointsRoot`` so shared JSON never holds one machine's paths) and which model family it is, which
+is what the trainer and the eval-grid worker need to load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock
+
+from ..config import ROOT_NAMES, resolve_weights
+from ..errors import ConfigError, RecordError, RecordNotFoundError
+from ..ids import check_id
+from ..store import now_iso
+from ..workspace import Workspace, as_workspace
+from .tiny import FAMILIES, TINY_RESOLUTION, save_tiny_pipeline
+
+# Written last into a tiny checkpoint folder: its presence means "complete", its content says what was built.
+TINY_MARKER = "lorakit-tiny.json"
+TINY_FORMAT = 1
+DEFAULT_TINY_PARAMS = {"width": TINY_RESOLUTION, "height": TINY_RESOLUTION, "steps": 4, "cfg": 5.0}
+SAFE_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+WEIGHT_SUFFIXES = SAFE_SUFFIXES + PICKLE_SUFFIXES + (".gguf",)
+SIDECAR_CONFIG_SUFFIX = ".config"
+REMOVE = object()  # a field value in register_checkpoint's ``fields`` that deletes the field
+
+
+# ---- formats and the pickle policy ---------------------------------------------------------------------
+def weights_format(path: Path) -> str:
+    """``"diffusers"`` (a folder), ``"safetensors"`` or ``"pickle"`` (a single file), from the path alone.
+
+    A folder whose weights are all pickle files (``*.bin``) counts as ``"pickle"``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+        if files and not any(p.suffix in SAFE_SUFFIXES for p in files):
+            return "pickle"
+        return "diffusers"
+    suffix = path.suffix.lower()
+    if suffix in SAFE_SUFFIXES:
+        return "safetensors"
+    if suffix in PICKLE_SUFFIXES:
+        return "pickle"
+    raise ConfigError(
+        f"{path}: unknown weights format {suffix or '(no suffix)'!r}; expected a diffusers folder, "
+        f"a single {'/'.join(SAFE_SUFFIXES)} file, or (with allow_pickle) {'/'.join(PICKLE_SUFFIXES)}"
+    )
+
+
+def check_pickle_allowed(path: Path, allow_pickle: bool, what: str) -> None:
+    """Refuse pickle weights unless allowed: unpickling a file can run arbitrary code."""
+    if weights_format(path) == "pickle" and not allow_pickle:
+        raise ConfigError(
+            f"{what}: {path} is a pickle-based file, which can run code when loaded; convert it to "
+            ".safetensors, or opt in with --allow-pickle (allow_pickle=True, or allowPickle: true on the record) "
+            "if you trust its source"
+        )
+
+
+# ---- hashing -------------------------------------------------------------------------------------------
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(path: Path) -> str:
+    """The weights hash the records keep: a file's sha256, or for a folder a stable hash over its weight files.
+
+    The folder hash is the sha256 of one ``<relative posix path>\\0<file sha256>\\n`` line per weight file
+    (``*.safetensors``, ``*.bin``, ...), sorted by path, so it does not depend on the machine or file order.
+    """
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise ConfigError(f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in this folder")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def checkpoint_family(record: dict) -> str:
+    """The model family (``"sd15"`` or ``"sdxl"``) of a checkpoint record.
+
+    >>> checkpoint_family({"id": "a", "family": "sdxl"})
+    'sdxl'
+    """
+    family = record.get("family")
+    if family not in FAMILIES:
+        what = "has no 'family'" if family is None else f"has unknown family {family!r}"
+        raise RecordError(
+            f"checkpoint {record.get('id')!r} {what} (expected one of {', '.join(FAMILIES)}); "
+            "set it with `lorakit checkpoint add ID --family ...`"
+        )
+    return family
+
+
+def check_family(family: str) -> str:
+    """Return ``family`` if lorakit can train it, else raise a :class:`ConfigError` listing the families."""
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown model family {family!r} (expected one of {', '.join(FAMILIES)})")
+    return family
+
+
+def get_checkpoint(ws: Workspace | str | Path | None, checkpoint_id: str) -> dict:
+    """The checkpoint record ``checkpoint_id``; a missing one raises an error that lists the known ids."""
+    ws = as_workspace(ws)
+    check_id(checkpoint_id, "checkpoint id")
+    if not ws.store.exists("checkpoint", checkpoint_id):
+        known = ws.store.list_ids("checkpoint")
+        listing = ", ".join(known) if known else "none registered yet"
+        raise RecordNotFoundError(
+            f"checkpoint {checkpoint_id!r} not found under {ws.store.folder('checkpoint')} (known: {listing}); "
+            "register one with `lorakit checkpoint add` or `lorakit checkpoint make-tiny`"
+        )
+    return ws.store.read("checkpoint", checkpoint_id)
+
+
+def list_checkpoints(ws: Workspace | str | Path | None = None) -> list[dict]:
+    """Every checkpoint record, in id order."""
+    ws = as_workspace(ws)
+    return [record for _, record in ws.store.iter_records("checkpoint")]
+
+
+def merge_checkpoint_record(current: dict | None, fields: dict, now: str) -> dict:
+    """The record after registering ``fields`` over ``current`` (None: a new record).
+
+    Fields not named in ``fields`` (``promptTemplates``, notes, anything lorakit does not know) are kept, and
+    so is ``createdAt``. A value of None means "not given, keep"; :data:`REMOVE` deletes the field.
+
+    >>> merge_checkpoint_record({"id": "a", "name": "A", "createdAt": "t0", "updatedAt": "t0",
+    ...     "supportedAssetTypes": ["icon"], "promptTemplates": {"basePositive": "x"}},
+    ...     {"id": "a", "family": "sd15", "name": None}, "t1")["promptTemplates"]
+    {'basePositive': 'x'}
+    """
+    if current is None:
+        record = {"id": fields["id"], "name": fields.get("name") or fields["id"], "createdAt": now, "updatedAt": now,
+                  "supportedAssetTypes": []}
+    else:
+        record = dict(current)
+        record["updatedAt"] = now
+    for key, value in fields.items():
+        if value is REMOVE:
+            record.pop(key, None)
+        elif value is not None:
+            record[key] = value
+    return record
+
+
+def workspace_asset_types(ws: Workspace) -> list[str]:
+    """The asset type ids of every project catalog in the workspace, sorted: a new checkpoint's default support."""
+    found: set[str] = set()
+    for project in ws.store.list_projects():
+        path = ws.store.catalog_path("asset-types", project)
+        if not path.is_file():
+            continue
+        try:
+            catalog = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # an unreadable catalog is `lorakit validate`'s business, not a reason to fail here
+        for entry in catalog.get("assetTypes", []) if isinstance(catalog, dict) else []:
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                found.add(entry["id"])
+    return sorted(found)
+
+
+def register_checkpoint(ws: Workspace | str | Path | None, checkpoint_id: str, fields: dict) -> dict:
+    """Create or update checkpoint ``checkpoint_id`` with ``fields`` (see :func:`merge_checkpoint_record`).
+
+    The low-level writer behind ``add`` and ``make-tiny``: it checks the id and the schema, not the files.
+    """
+    ws = as_workspace(ws)
+    check_id(checkpoint_id, "checkpoint id")
+    fields = {**fields, "id": checkpoint_id}
+    store = ws.store
+    with store.claim("checkpoint", checkpoint_id) as path:
+        current = store.read_path(path, "checkpoint") if path.exists() else None
+        record = merge_checkpoint_record(current, fields, now_iso())
+        store.write_locked("checkpoint", record, path)
+    return record
+
+
+def weights_reference(ws: Workspace, path: str | Path, base: str = "checkpointsRoot", absolute: bool = False) -> dict:
+    """A weights reference for ``path``: ``config_relative`` to ``base`` unless ``absolute`` is asked for.
+
+    A relative ``path`` is taken as relative to ``base``; an absolute one must lie under it (it is stored
+    relative, so shared JSON never holds this machine's paths) unless ``absolute=True``.
+    """
+    if base not in ROOT_NAMES:
+        raise ConfigError(f"unknown base {base!r} (expected one of {', '.join(ROOT_NAMES)})")
+    root = ws.config.roots[base].resolve()
+    given = Path(path).expanduser()
+    if absolute:
+        return {"kind": "absolute", "path": given.resolve().as_posix()}
+    if given.is_absolute():
+        resolved = given.resolve()
+        if resolved != root and root not in resolved.parents:
+            raise ConfigError(
+                f"{given} is not under {base} ({root}); move it there, register it relative to another base "
+                "(--base), or store a machine-specific absolute path (--absolute)"
+            )
+        rel = resolved.relative_to(root).as_posix()
+    else:
+        if ".." in given.parts:
+            raise ConfigError(f"weights path {str(path)!r} must stay under {base} (no '..')")
+        rel = given.as_posix()
+    return {"kind": "config_relative", "base": base, "path": rel}
+
+
+def add_checkpoint(
+    ws: Workspace | str | Path | None,
+    checkpoint_id: str,
+    family: str,
+    path: str | Path,
+    *,
+    base: str = "checkpointsRoot",
+    name: str | None = None,
+    asset_types: list[str] | None = None,
+    vae_path: str | Path | None = None,
+    vae_base: str | None = None,
+    config_path: str | Path | None = None,
+    allow_pickle: bool = False,
+    absolute: bool = False,
+) -> dict:
+    """Register (or update) a checkpoint whose weights are a diffusers folder or a single file.
+
+    ``path`` is relative to ``base`` (or absolute under it). ``vae_path`` registers a separate VAE
+    (``vaeWeights``, relative to ``vae_base``, default ``base``); ``config_path`` a diffusers config folder
+    for a single file (``weights.config``, relative to ``base``). Every file is checked before anything is
+    written, so a mistake leaves the record as it was. Pickle files need ``allow_pickle=True``, which is then
+    kept on the record (``allowPickle``) so loaders honour it. ``promptTemplates`` and other fields are kept.
+
+    >>> add_checkpoint(None, "sdxl_base", "sdxl", "sd_xl_base_1.0.safetensors")   # doctest: +SKIP
+    """
+    ws = as_workspace(ws)
+    check_id(checkpoint_id, "checkpoint id")
+    check_family(family)
+    what = f"checkpoint {checkpoint_id!r}"
+    weights = weights_reference(ws, path, base, absolute)
+    local = resolve_weights(weights, ws.config, what=what)
+    uses_pickle = weights_format(local) == "pickle"
+    check_pickle_allowed(local, allow_pickle, what)
+    if local.is_dir() and not (local / "model_index.json").is_file():
+        raise ConfigError(f"{what}: {local} is a folder but not a diffusers pipeline (no model_index.json)")
+    if config_path is not None:
+        if local.is_dir():
+            raise ConfigError(f"{what}: a config folder is only needed for a single-file checkpoint")
+        config_ref = weights_reference(ws, config_path, base, absolute)
+        config_dir = resolve_weights(config_ref, ws.config, what=f"{what} config")
+        if not (config_dir / "model_index.json").is_file():
+            raise ConfigError(f"{what}: config folder {config_dir} has no model_index.json")
+        weights["config"] = config_ref["path"]
+    vae = REMOVE
+    if vae_path is not None:
+        vae = weights_reference(ws, vae_path, vae_base or base, absolute)
+        vae_local = resolve_weights(vae, ws.config, what=f"{what} vaeWeights")
+        uses_pickle = uses_pickle or weights_format(vae_local) == "pickle"
+        check_pickle_allowed(vae_local, allow_pickle, f"{what} vaeWeights")
+    fields = {
+        "family": family, "name": name, "weights": weights, "vaeWeights": vae,
+        "supportedAssetTypes": list(asset_types) if asset_types is not None else None,
+        "allowPickle": True if uses_pickle else REMOVE,
+    }
+    return register_checkpoint(ws, checkpoint_id, fields)
+
+
+def record_weights_hash(ws: Workspace, checkpoint_id: str, field: str, ref: dict, sha256: str, hash_of: str) -> dict:
+    """Store ``sha256`` on the record's ``field`` reference, unless that reference changed meanwhile."""
+
+    def change(record: dict) -> dict:
+        current = record.get(field)
+        if not isinstance(current, dict) or any(current.get(k) != ref.get(k) for k in ("kind", "base", "path")):
+            return record  # re-registered elsewhere while we hashed: our hash would describe other files
+        record[field] = {**current, "sha256": sha256, "hashOf": hash_of}
+        return record
+
+    return ws.store.update("checkpoint", checkpoint_id, change)
+
+
+def checkpoint_weights_hash(ws: Workspace | str | Path | None, checkpoint: str | dict, *, recompute: bool = False) -> str:
+    """The weights hash of a checkpoint (see :func:`weights_sha256`): the recorded one, else computed and recorded.
+
+    What the trainer stores next to the checkpoint id. ``recompute=True`` hashes the files again (a full
+    SDXL file takes tens of seconds) and records the result.
+    """
+    ws = as_workspace(ws)
+    record = get_checkpoint(ws, checkpoint) if isinstance(checkpoint, str) else checkpoint
+    ref = record.get("weights")
+    if not isinstance(ref, dict):
+        raise ConfigError(f"checkpoint {record.get('id')!r} has no 'weights' reference")
+    if ref.get("sha256") and not recompute:
+        return ref["sha256"]
+    local = resolve_weights(ref, ws.config, what=f"checkpoint {record.get('id')!r}")
+    sha = weights_sha256(local)
+    if ws.store.exists("checkpoint", record["id"]):
+        record_weights_hash(ws, record["id"], "weights", ref, sha, "folder" if local.is_dir() else "file")
+    return sha
+
+
+def tiny_folder_state(folder: Path) -> dict | None:
+    """The marker of a complete tiny checkpoint folder, or None when the folder is absent or incomplete."""
+    marker = folder / TINY_MARKER
+    if not marker.is_file() or not (folder / "model_index.json").is_file():
+        return None
+    try:
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def build_tiny_folder(folder: Path, family: str, seed: int) -> bool:
+    """Make ``folder`` hold the tiny ``family`` pipeline for ``seed``; False when it already did.
+
+    The pipeline is saved into a temporary sibling and renamed into place, under a lock, so a trainer and a
+    worker asking at the same time never see a half-written folder. The marker file is written last.
+    """
+    wanted = {"family": family, "seed": seed, "format": TINY_FORMAT}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.parent / f".{folder.name}.lock")):
+        if tiny_folder_state(folder) == wanted:
+            return False
+        if folder.exists() and not (folder / TINY_MARKER).is_file() and any(folder.iterdir()):
+            # Not built by make-tiny (folders are renamed into place complete, marker included): never
+            # delete a user's files to make room for random weights.
+            raise ConfigError(f"{folder} exists and is not a lorakit tiny checkpoint; choose another id")
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.building."))
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint folder is not
+            save_tiny_pipeline(family, tmp, seed=seed)
+            (tmp / TINY_MARKER).write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_tiny_checkpoint(
+    ws: Workspace | str | Path | None,
+    checkpoint_id: str,
+    family: str,
+    seed: int = 0,
+    asset_types: list[str] | None = None,
+    name: str | None = None,
+) -> dict:
+    """Build the tiny random-weight ``family`` pipeline under ``checkpointsRoot/<id>/`` and register it.
+
+    Offline and deterministic: the same family and seed give byte-identical weights files. A folder already
+    built with the same family and seed is reused (a marker file, ``lorakit-tiny.json``, records both).
+    ``asset_types`` defaults to the record's current list, else the asset types of the workspace's project
+    catalogs (empty when there are none yet). The weights hash is recorded on ``weights.sha256``.
+
+    >>> make_tiny_checkpoint(None, "tiny_sd15", "sd15")["weights"]["path"]    # doctest: +SKIP
+    'tiny_sd15'
+    """
+    ws = as_workspace(ws)
+    check_id(checkpoint_id, "checkpoint id")
+    check_family(family)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    folder = ws.config.checkpoints_root / checkpoint_id
+    build_tiny_folder(folder, family, seed)
+    exists = ws.store.exists("checkpoint", checkpoint_id)
+    if asset_types is None and not exists:
+        asset_types = workspace_asset_types(ws)
+    fields = {
+        "family": family,
+        "name": name or (None if exists else f"Tiny {family} (random weights, seed {seed})"),
+        "weights": {"kind": "config_relative", "base": "checkpointsRoot", "path": checkpoint_id,
+                    "sha256": weights_sha256(folder), "hashOf": "folder"},
+        "vaeWeights": REMOVE,
+        "allowPickle": REMOVE,
+        "supportedAssetTypes": list(asset_types) if asset_types is not None else None,
+        "defaultGenerationParams": None if exists else dict(DEFAULT_TINY_PARAMS),
+    }
+    return register_checkpoint(ws, checkpoint_id, fields)
