@@ -1,0 +1,342 @@
+"""Recording a run trained elsewhere: ``lorakit lora train --adapter manual`` (the original tool's default).
+
+Someone trained a LoRA with another tool; this appends a ``candidate`` release to the LoRA that says where
+the weights are, which dataset (and manifest hash) and which settings produced them, with
+``evaluation: {status: pending}`` -- the same release the native trainer and the kohya adapter record, so the
+review gate treats them all alike.
+
+When the weights file is reachable from this machine lorakit hashes it itself (a ``--sha256`` that disagrees
+is refused) and reads the rank, alpha and base model from the kohya ``ss_*`` metadata in its header.
+
+The pieces the kohya adapter shares live here too: finding the dataset, the dataset reference, reading a
+safetensors header, and turning a weights file into a release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from ..config import ROOT_NAMES, WEIGHT_KINDS, Config, resolve_weights
+from ..datasets import load_manifest, manifest_hash
+from ..errors import ConfigError, RecordError, RecordNotFoundError
+from ..ids import check_id, new_ulid
+from ..loras import add_release, find_lora, get_release, make_release
+from ..workspace import Workspace, as_workspace
+from .config import TrainingError, parse_config_json, read_config_file
+
+ADAPTER_KIND = "manual"
+# The original tool's config flags, by the names the native trainer's config uses for them.
+CONFIG_FLAGS = {"resolution": "resolution", "steps": "steps", "rank": "rank", "lr": "lr", "batch": "batch_size",
+                "epochs": "epochs"}
+_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+# A safetensors header is JSON of a few KB to a few MB; anything far larger is not a safetensors file.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass
+class RecordedRun:
+    """What a training adapter recorded: the LoRA after the change, the new release and any warnings."""
+
+    lora: dict
+    release: dict
+    lora_project: str | None
+    weights_path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---- pure decisions ------------------------------------------------------------------------------------
+def weights_reference(kind: str, *, base: str | None = None, path: str | None = None, uri: str | None = None) -> dict:
+    """A weights reference from the ``--weights-*`` flags, checked the way the schema and resolver need it.
+
+    >>> weights_reference("config_relative", base="lorasRoot", path="hero/v1.safetensors")
+    {'kind': 'config_relative', 'base': 'lorasRoot', 'path': 'hero/v1.safetensors'}
+    """
+    if kind not in WEIGHT_KINDS:
+        raise ConfigError(f"--weights-kind must be one of {', '.join(WEIGHT_KINDS)}, got {kind!r}")
+    if base is not None and base not in ROOT_NAMES:
+        raise ConfigError(f"--weights-base must be one of {', '.join(ROOT_NAMES)}, got {base!r}")
+    if kind == "config_relative":
+        if not base or not path:
+            raise ConfigError("--weights-kind config_relative needs --weights-base and --weights-path")
+    elif kind in ("repo_relative", "absolute") and not path:
+        raise ConfigError(f"--weights-kind {kind} needs --weights-path")
+    elif kind == "external" and not (uri or path):
+        raise ConfigError("--weights-kind external needs --weights-uri (or --weights-path)")
+    if path and kind in ("config_relative", "repo_relative"):
+        # Records hold POSIX paths that stay under their root, so a shared record means the same on every machine.
+        posix = PurePosixPath(path.replace("\\", "/"))
+        if posix.is_absolute() or ".." in posix.parts or re.match(r"^[A-Za-z]:", path):
+            raise ConfigError(f"--weights-path for kind {kind} must be relative and stay under its root, got {path!r}")
+        path = posix.as_posix()
+    if kind == "absolute" and path and not Path(path).is_absolute():
+        raise ConfigError(f"--weights-kind absolute needs an absolute --weights-path, got {path!r}")
+    ref: dict = {"kind": kind}
+    if base is not None and kind == "config_relative":
+        ref["base"] = base
+    if path:
+        ref["path"] = path
+    if uri:
+        ref["uri"] = uri
+    return ref
+
+
+def check_sha256(value: str | None, what: str = "--sha256") -> str | None:
+    """A sha256 given by hand, lower-cased; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if not _SHA256_RE.match(value.strip()):
+        raise ConfigError(f"{what} must be 64 hex digits, got {value!r}")
+    return value.strip().lower()
+
+
+def manual_config(config_file: dict | None = None, config: dict | None = None, flags: dict | None = None) -> dict:
+    """The config a manual release records: the config file, then ``--config``, then the flags, later winning.
+
+    Kept as given (no defaults filled in): lorakit did not run the training, so it only records what it was told.
+    Flags use the original tool's names (``--batch``) and are stored under the native trainer's (``batch_size``).
+
+    >>> manual_config({"rank": 8, "optimizer": "prodigy"}, None, {"rank": 16, "lr": None, "batch": 2})
+    {'rank': 16, 'optimizer': 'prodigy', 'batch_size': 2}
+    """
+    merged: dict = {}
+    for layer, source in ((config_file, "config file"), (config, "--config")):
+        if layer is None:
+            continue
+        if not isinstance(layer, dict):
+            raise TrainingError(f"{source}: a training config must be a JSON object, got {type(layer).__name__}")
+        merged.update(layer)
+    for flag, value in (flags or {}).items():
+        if value is not None:
+            merged[CONFIG_FLAGS.get(flag, flag)] = value
+    return merged
+
+
+def dataset_reference(manifest: dict) -> dict:
+    """The release's pointer to its dataset, in the native trainer's field names (manifest hash computed if missing).
+
+    >>> dataset_reference({"id": "d1", "scope": "project", "projectId": "demo", "manifestHash": "ab", "items": []})
+    {'datasetId': 'd1', 'datasetScope': 'project', 'datasetProjectId': 'demo', 'manifestHash': 'ab'}
+    """
+    return {
+        "datasetId": manifest["id"], "datasetScope": manifest.get("scope", "project"),
+        "datasetProjectId": manifest.get("projectId"),
+        "manifestHash": manifest.get("manifestHash") or manifest_hash(manifest.get("items", [])),
+    }
+
+
+def weights_summary(metadata: dict[str, str]) -> dict:
+    """Rank, alpha, network module and base model from kohya ``ss_*`` metadata (keys absent when unknown).
+
+    >>> weights_summary({"ss_network_dim": "16", "ss_network_alpha": "8.0", "ss_base_model_version": "sd_v1",
+    ...                  "ss_sd_model_name": "v1-5-pruned.safetensors"})
+    {'rank': 16, 'alpha': 8.0, 'baseModel': 'v1-5-pruned.safetensors', 'baseModelVersion': 'sd_v1'}
+    """
+    summary: dict = {}
+
+    def number(key: str, kind: type) -> int | float | None:
+        raw = metadata.get(key)
+        if raw in (None, "", "None"):
+            return None
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            return None
+        return int(value) if kind is int and value.is_integer() else (value if kind is float else None)
+
+    rank = number("ss_network_dim", int)
+    if rank is not None:
+        summary["rank"] = rank
+    alpha = number("ss_network_alpha", float)
+    if alpha is not None:
+        summary["alpha"] = alpha
+    for key, name in (("ss_network_module", "networkModule"), ("ss_sd_model_name", "baseModel"),
+                      ("ss_base_model_version", "baseModelVersion")):
+        if metadata.get(key) not in (None, "", "None"):
+            summary[name] = metadata[key]
+    return summary
+
+
+def training_block(adapter: dict, manifest: dict, config: dict, *, checkpoint_id: str | None = None,
+                   weights_metadata: dict | None = None) -> dict:
+    """The ``training`` object of a release: adapter, dataset reference, the dataset's selection, the config.
+
+    Field names follow the native trainer's releases (``datasetId``, ``manifestHash``, ``config`` ...), so the
+    review gate and reports read every release the same way; ``adapter.kind`` says what trained it.
+    """
+    block = {"adapter": adapter, **dataset_reference(manifest), "selection": manifest.get("selection", {})}
+    if checkpoint_id:
+        block["checkpointId"] = checkpoint_id
+    block["config"] = config
+    if weights_metadata:
+        block["weightsMetadata"] = weights_metadata
+    return block
+
+
+def release_entry(release_id: str, *, weights: dict, sha256: str | None, training: dict,
+                  notes: str | None = None) -> dict:
+    """A ``candidate`` release like every trainer writes (:func:`lorakit.loras.make_release`).
+
+    A manual release may have no hash (weights elsewhere, no ``--sha256``): then it has no ``sha256`` keys.
+    """
+    release = make_release(release_id, weights=weights, sha256=sha256 or "", training=training, notes=notes)
+    if not sha256:
+        del release["sha256"]
+        del release["weights"]["sha256"]
+    return release
+
+
+# ---- I/O -----------------------------------------------------------------------------------------------
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors file, or ``None`` when the file is not one.
+
+    Only the header is read (no tensors, no torch): 8 bytes of little-endian length, then that much JSON.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return None
+            (length,) = struct.unpack("<Q", head)
+            if length > _MAX_HEADER_BYTES or length > os.fstat(handle.fileno()).st_size - 8:
+                return None
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    metadata = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else None
+
+
+def is_manifest_path(dataset: str | Path) -> bool:
+    """A ``--dataset`` value that names a manifest file rather than a dataset id (as the original tool allowed)."""
+    text = str(dataset)
+    return text.endswith(".json") or "/" in text or os.sep in text
+
+
+def find_dataset(ws: Workspace, dataset: str | Path, project: str | None) -> dict:
+    """The manifest ``dataset``: an id (the project's own dataset first, then the shared one) or a manifest file.
+
+    A relative manifest path is tried against the data root, then the working directory.
+    """
+    text = str(dataset)
+    if is_manifest_path(text):
+        path = Path(text)
+        if not path.is_absolute():
+            path = ws.data_root / text if (ws.data_root / text).exists() else Path.cwd() / text
+        return ws.store.read_path(path, "dataset", missing=f"dataset manifest file {text} does not exist")
+    check_id(text, "dataset id")
+    if project is not None and ws.store.exists("dataset", text, project):
+        return load_manifest(ws, text, project)
+    if ws.store.exists("dataset", text, None):
+        return load_manifest(ws, text, None)
+    where = f"project {project!r} nor the shared scope" if project else "the shared scope (give --project for a project dataset)"
+    raise RecordNotFoundError(f"dataset {text!r} not found in {where}; build it with `lorakit dataset build`")
+
+
+def new_release_id(lora: dict, release_id: str | None) -> str:
+    """``release_id`` (checked, and not taken yet) or a new ULID."""
+    if release_id is None:
+        return new_ulid()
+    check_id(release_id, "release id")
+    try:
+        get_release(lora, release_id)
+    except RecordNotFoundError:
+        return release_id
+    raise RecordError(f"LoRA {lora['id']!r} already has a release {release_id!r}; pick another --release")
+
+
+def reachable_weights(ref: dict, config: Config) -> Path | None:
+    """The local file of a weights reference when it exists on this machine, else ``None``."""
+    if ref["kind"] == "external":
+        return None
+    try:
+        path = resolve_weights(ref, config, must_exist=False)
+    except ConfigError:
+        return None
+    return path if path.is_file() else None
+
+
+def inspect_weights(path: Path, given_sha256: str | None) -> tuple[str, dict]:
+    """Hash a weights file (refusing a given hash that differs) and summarize its kohya metadata."""
+    actual = file_sha256(path)
+    if given_sha256 is not None and given_sha256 != actual:
+        raise ConfigError(f"--sha256 {given_sha256} does not match {path} (its sha256 is {actual}); "
+                          "check that this is the file you meant, or leave --sha256 out")
+    metadata = read_safetensors_metadata(path) or {}
+    return actual, weights_summary(metadata)
+
+
+def record_manual_run(
+    ws: Workspace | str | Path | None,
+    lora_id: str,
+    dataset: str | Path,
+    *,
+    weights_kind: str,
+    weights_base: str | None = None,
+    weights_path: str | None = None,
+    weights_uri: str | None = None,
+    sha256: str | None = None,
+    project: str | None = None,
+    scope: str | None = None,
+    release_id: str | None = None,
+    set_active: bool = False,
+    notes: str | None = None,
+    config: dict | str | None = None,
+    config_file: str | Path | None = None,
+    flags: dict | None = None,
+    dry_run: bool = False,
+) -> RecordedRun:
+    """Append a ``candidate`` release for weights trained elsewhere (``lorakit lora train --adapter manual``).
+
+    ``dataset`` is a dataset id or a manifest file path. ``flags`` holds the original tool's ``resolution/steps/rank/lr/batch/epochs`` (``None`` = not given); they
+    win over ``config`` (a dict or JSON text), which wins over ``config_file`` (a JSON file). ``dry_run`` checks
+    and hashes everything and returns the release without recording it.
+
+    >>> run = record_manual_run(ws, "hero", "hero_v1", project="demo", weights_kind="config_relative",
+    ...                         weights_base="lorasRoot", weights_path="hero/hero_v1.safetensors",
+    ...                         flags={"rank": 16, "steps": 2000})            # doctest: +SKIP
+    >>> run.release["training"]["weightsMetadata"]                            # doctest: +SKIP
+    {'rank': 16, 'alpha': 8.0, 'baseModel': 'v1-5-pruned.safetensors', 'baseModelVersion': 'sd_v1'}
+    """
+    ws = as_workspace(ws)
+    lora, where = find_lora(ws, lora_id, project=project, scope=scope)
+    manifest = find_dataset(ws, dataset, project)
+    ref = weights_reference(weights_kind, base=weights_base, path=weights_path, uri=weights_uri)
+    given = check_sha256(sha256)
+    cfg = manual_config(read_config_file(config_file) if config_file else None,
+                        parse_config_json(config) if isinstance(config, str) else config, flags)
+    rid = new_release_id(lora, release_id)
+
+    warnings = []
+    path = reachable_weights(ref, ws.config)
+    summary: dict = {}
+    if path is not None:
+        digest, summary = inspect_weights(path, given)
+        if summary.get("rank") is not None and cfg.get("rank") not in (None, summary["rank"]):
+            warnings.append(f"config says rank {cfg['rank']} but {path.name} was trained with rank {summary['rank']}")
+    else:
+        digest = given
+        shown = ref.get("uri") or ref.get("path")
+        warnings.append(f"weights {shown} are not on this machine: recorded without checking "
+                        + ("the given sha256" if given else "a hash (pass --sha256 to record one)"))
+
+    training = training_block({"kind": ADAPTER_KIND}, manifest, cfg, checkpoint_id=lora.get("checkpointId"),
+                              weights_metadata=summary)
+    release = release_entry(rid, weights=ref, sha256=digest, training=training, notes=notes)
+    updated = lora if dry_run else add_release(ws, lora["id"], release, project=where, set_active=set_active)
+    return RecordedRun(lora=updated, release=release, lora_project=where, weights_path=path, warnings=warnings)
