@@ -69,7 +69,7 @@ from .manual import (
 ADAPTER_KIND = "kohya_ss"
 DEFAULT_REPO = "https://github.com/kohya-ss/sd-scripts.git"
 # The sd-scripts release lorakit's kohya adapter was written against; torch is pinned to what its README asks.
-DEFAULT_REF = "v0.8.7"
+DEFAULT_REF = "v0.8.4"
 DEFAULT_TORCH_PACKAGES = ("torch==2.1.2", "torchvision==0.16.2")
 TOOLS_ROOT_ENV = "LORAKIT_TOOLS_ROOT"
 MARKER_NAME = "install.json"
@@ -299,7 +299,7 @@ def setup_kohya(
     raises :class:`KohyaSetupError` naming the step and the log, and leaves the previous install as it was.
     Output goes to ``echo`` (default: stdout) and to ``logs/setup-<time>.log``.
 
-    >>> setup_kohya(ref="v0.8.7").install.commit      # doctest: +SKIP
+    >>> setup_kohya(ref="v0.8.4").install.commit      # doctest: +SKIP
     """
     echo = sys.stdout if echo is None else echo
     packages = [p for p in torch_packages if p]
