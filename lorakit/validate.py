@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LorakitError
+from .evals import canonical_prompt_problems
 from .store import CATALOG_NAMES, PROJECT_KINDS, SCOPED_KINDS, SHARED_KINDS, Store
 from .workspace import Workspace, as_workspace
 
@@ -58,6 +59,7 @@ def record_files(store: Store, project: str | None = None) -> list[tuple[str, Pa
 
 # Checks beyond the schemas, keyed by record kind; each returns a list of messages with JSON paths.
 EXTRA_CHECKS: dict = {}
+EXTRA_CHECKS.setdefault("catalog:asset-types", []).append(canonical_prompt_problems)  # 3-5 prompts per type
 
 
 def validate_records(ws: Workspace | str | Path | None = None, project: str | None = None) -> list[Problem]:

@@ -1,0 +1,934 @@
+"""Eval records and eval grids: canonical prompts, grid planning, linking, cleanup, normalize, contact sheets.
+
+An eval is one review of a LoRA release: a fixed set of prompts and the images rendered for them. An eval
+*grid* renders every prompt at several seeds and LoRA strengths, always including strength 0 (the base
+checkpoint), so a reviewer compares base against LoRA on identical seeds. Each grid cell becomes one queued
+``eval_render`` job; ``lorakit worker`` (``worker.py``) renders the jobs and appends each image to the eval.
+
+Where things live (paths relative to dataRoot):
+
+- eval record: ``shared/evals/<id>.json`` for a baseline LoRA, ``projects/<p>/evals/<id>.json`` for a
+  project LoRA (the original tool's layout);
+- jobs: ``projects/<p>/jobs/<jobId>.json`` of the project that asked for the grid (``--project``);
+- images: ``files/evals/<project or "baseline">/<evalId>/<cellKey>.png``.
+
+The decisions (prompt templates, which cells a grid has, an eval's status, the contact-sheet layout) are
+pure functions; the functions that read and write records are thin wrappers around them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import REPO_ROOT, resolve_weights
+from .errors import ConfigError, LorakitError, RecordError, RecordNotFoundError
+from .ids import check_id, new_ulid
+from .store import now_iso
+from .workspace import Workspace, as_workspace
+
+CANONICAL_MIN, CANONICAL_MAX = 3, 5
+EVAL_STATUSES = ("pending", "running", "complete")
+JOB_TYPE = "eval_render"
+DEFAULT_SEEDS = (1, 2, 3)
+DEFAULT_STRENGTHS = (0.0, 0.5, 1.0)
+DEFAULT_MAX_ATTEMPTS = 3
+# Used when neither the command line nor the checkpoint's defaultGenerationParams say otherwise.
+FAMILY_DEFAULTS = {"sd15": {"width": 512, "height": 512}, "sdxl": {"width": 1024, "height": 1024}}
+FALLBACK_PARAMS = {"width": 512, "height": 512, "steps": 20, "cfg": 7.0}
+BASELINE_FOLDER = "baseline"  # files/evals/<this>/ holds images of baseline evals
+
+
+class EvalError(LorakitError):
+    """An eval or eval grid that cannot be created, rendered or read as asked."""
+
+
+# ---- canonical prompts ---------------------------------------------------------------------------------
+def canonical_prompt_problems(record: dict) -> list[str]:
+    """``lorakit validate`` check for asset-types catalogs: each ``canonicalPrompts`` list holds 3 to 5 prompts.
+
+    An entry without ``canonicalPrompts`` is fine: a project entry inherits the shared catalog's prompts.
+
+    >>> canonical_prompt_problems({"assetTypes": [{"id": "ui_icon", "label": "UI", "canonicalPrompts": ["a", "b"]}]})
+    ["at $.assetTypes[0].canonicalPrompts: asset type 'ui_icon' has 2 canonical prompts (expected 3 to 5)"]
+    """
+    problems = []
+    for i, entry in enumerate(record.get("assetTypes") or []):
+        if not isinstance(entry, dict) or "canonicalPrompts" not in entry:
+            continue
+        prompts = entry["canonicalPrompts"]
+        where = f"at $.assetTypes[{i}].canonicalPrompts"
+        if not isinstance(prompts, list):
+            continue  # the schema reports the type
+        if not CANONICAL_MIN <= len(prompts) <= CANONICAL_MAX:
+            problems.append(
+                f"{where}: asset type {entry.get('id')!r} has {len(prompts)} canonical prompts "
+                f"(expected {CANONICAL_MIN} to {CANONICAL_MAX})"
+            )
+        for j, prompt in enumerate(prompts):
+            if isinstance(prompt, str) and not prompt.strip():
+                problems.append(f"{where}[{j}]: empty canonical prompt for asset type {entry.get('id')!r}")
+        duplicates = sorted({p for p in prompts if isinstance(p, str) and prompts.count(p) > 1})
+        if duplicates:
+            problems.append(f"{where}: asset type {entry.get('id')!r} repeats {', '.join(map(repr, duplicates))}")
+    return problems
+
+
+def merge_canonical_prompts(shared: dict | None, project: dict | None) -> dict[str, list[str]]:
+    """asset type -> canonical prompts, where a project entry that has prompts replaces the shared entry's.
+
+    >>> merge_canonical_prompts({"assetTypes": [{"id": "a", "canonicalPrompts": ["x", "y", "z"]}]},
+    ...                         {"assetTypes": [{"id": "a"}, {"id": "b", "canonicalPrompts": ["p", "q", "r"]}]})
+    {'a': ['x', 'y', 'z'], 'b': ['p', 'q', 'r']}
+    """
+    merged: dict[str, list[str]] = {}
+    for catalog in (shared, project):
+        for entry in (catalog or {}).get("assetTypes") or []:
+            prompts = entry.get("canonicalPrompts") if isinstance(entry, dict) else None
+            if isinstance(prompts, list) and prompts:
+                merged[entry["id"]] = [p for p in prompts if isinstance(p, str) and p.strip()]
+    return merged
+
+
+def load_canonical_prompts(ws: Workspace | str | Path | None, project: str | None = None) -> dict[str, list[str]]:
+    """Canonical prompts per asset type: the shared catalog, overridden entry by entry by ``project``'s."""
+    ws = as_workspace(ws)
+
+    def read(p: str | None) -> dict | None:
+        path = ws.store.catalog_path("asset-types", p)
+        return ws.store.read_path(path, "catalog:asset-types") if path.is_file() else None
+
+    return merge_canonical_prompts(read(None), read(project) if project else None)
+
+
+def canonical_prompts(ws: Workspace | str | Path | None, asset_type: str, project: str | None = None) -> list[str]:
+    """The canonical prompts of one asset type (project override, else shared default); an error when none."""
+    ws = as_workspace(ws)
+    prompts = load_canonical_prompts(ws, project).get(asset_type)
+    if not prompts:
+        raise EvalError(
+            f"asset type {asset_type!r} has no canonical prompts: add 3 to 5 under 'canonicalPrompts' of its entry "
+            f"in {ws.store.catalog_path('asset-types', None)}"
+            + (f" or {ws.store.catalog_path('asset-types', project)}" if project else "")
+            + ", or pass --prompts"
+        )
+    return list(prompts)
+
+
+def parse_prompts(text: str | None = None, file_text: str | None = None) -> list[str]:
+    """Prompts from ``"p1|p2"`` and from a file (one per line, ``|`` also splits); trimmed, de-duplicated.
+
+    >>> parse_prompts("ui icon, neon| sprite |ui icon, neon", "a\\n\\nb")
+    ['ui icon, neon', 'sprite', 'a', 'b']
+    """
+    parts: list[str] = []
+    for raw in (text, file_text):
+        if raw:
+            parts += raw.replace("\r\n", "\n").replace("\n", "|").split("|")
+    return list(dict.fromkeys(p.strip() for p in parts if p.strip()))
+
+
+# ---- prompt templates ----------------------------------------------------------------------------------
+def render_template(template: str, text: str) -> str:
+    """The original tool's rule: ``{specPrompt}`` in the template is replaced by ``text``, else they are joined.
+
+    >>> render_template("masterpiece, {specPrompt}, 4k", "a shield")
+    'masterpiece, a shield, 4k'
+    >>> render_template("game asset", "a shield")
+    'game asset, a shield'
+    """
+    if not template:
+        return text
+    if "{specPrompt}" in template:
+        return template.replace("{specPrompt}", text, 1)
+    return ", ".join(part for part in (template, text) if part)
+
+
+def apply_prompt_templates(prompt: str, templates: dict | None, asset_type: str | None, negative: str = "") -> tuple[str, str]:
+    """The positive and negative prompt a checkpoint's ``promptTemplates`` make of ``prompt``.
+
+    As in the original tool, a ``perAssetType`` template (``{"positive": ..., "negative": ...}``, or a plain
+    string for the positive side) replaces the base template of that side; it is not added to it.
+
+    >>> t = {"basePositive": "game asset", "baseNegative": "blurry",
+    ...      "perAssetType": {"ui_icon": {"positive": "flat ui icon, {specPrompt}"}}}
+    >>> apply_prompt_templates("a shield", t, "ui_icon")
+    ('flat ui icon, a shield', 'blurry')
+    >>> apply_prompt_templates("a hero", t, "character")
+    ('game asset, a hero', 'blurry')
+    """
+    templates = templates or {}
+    per = (templates.get("perAssetType") or {}).get(asset_type or "") or {}
+    if isinstance(per, str):
+        per = {"positive": per}
+    positive_t = str(per.get("positive") or templates.get("basePositive") or "")
+    negative_t = str(per.get("negative") or templates.get("baseNegative") or "")
+    return render_template(positive_t, prompt), render_template(negative_t, negative)
+
+
+# ---- grid planning (pure) ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GridCell:
+    """One image of a grid: a prompt (of an asset type) at a seed, rendered with a release at a strength."""
+
+    prompt: str
+    asset_type: str | None
+    seed: int
+    strength: float
+    release_id: str
+    prompt_index: int
+
+    @property
+    def is_base(self) -> bool:
+        return self.strength == 0
+
+    @property
+    def row_key(self) -> str:
+        return "base" if self.is_base else f"{self.release_id}__w{self.strength:g}"
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe id of the cell, unique in its grid (also the image's file name)."""
+        return f"{self.row_key}__p{self.prompt_index:02d}__s{self.seed}"
+
+    def as_record(self) -> dict:
+        return {"key": self.key, "prompt": self.prompt, "assetType": self.asset_type, "seed": self.seed,
+                "strength": self.strength, "releaseId": self.release_id}
+
+
+def plan_cells(
+    prompts: Sequence[tuple[str, str | None]],
+    seeds: Sequence[int],
+    strengths: Sequence[float],
+    release_ids: Sequence[str],
+) -> list[GridCell]:
+    """Every cell of a grid, rows (base, then release x strength) before columns (prompt x seed).
+
+    Strength 0 renders the base checkpoint, so it is always in the grid and appears once, whatever the
+    number of releases: the base row is the same image for every release.
+
+    >>> cells = plan_cells([("a shield", "ui_icon")], [1, 2], [1.0], ["r1", "r2"])
+    >>> [c.key for c in cells]
+    ['base__p00__s1', 'base__p00__s2', 'r1__w1__p00__s1', 'r1__w1__p00__s2', 'r2__w1__p00__s1', 'r2__w1__p00__s2']
+    """
+    if not prompts:
+        raise EvalError("an eval grid needs at least one prompt")
+    if not seeds:
+        raise EvalError("an eval grid needs at least one seed")
+    if not release_ids:
+        raise EvalError("an eval grid needs a release")
+    for s in strengths:
+        if not 0 <= s <= 4:
+            raise EvalError(f"LoRA strength {s:g} is out of range (0 to 4)")
+    lora_strengths = sorted({float(s) for s in strengths if s != 0})
+    rows = [(release_ids[0], 0.0)] + [(r, s) for r in dict.fromkeys(release_ids) for s in lora_strengths]
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    cells = []
+    for release_id, strength in rows:
+        for index, (prompt, asset_type) in enumerate(prompts):
+            for seed in seeds:
+                cells.append(GridCell(prompt, asset_type, seed, strength, release_id, index))
+    return cells
+
+
+def cell_settings(cell: GridCell, *, checkpoint: dict, checkpoint_hash: str | None, lora_id: str,
+                  release_sha256: str | None, params: dict) -> dict:
+    """The settings that produce one cell's image, stored on its job, its eval output and in its PNG."""
+    positive, negative = apply_prompt_templates(cell.prompt, checkpoint.get("promptTemplates"), cell.asset_type)
+    return {
+        "prompt": cell.prompt,
+        "positivePrompt": positive,
+        "negativePrompt": negative,
+        "assetType": cell.asset_type,
+        "seed": cell.seed,
+        "strength": cell.strength,
+        "checkpointId": checkpoint["id"],
+        "checkpointWeightsHash": checkpoint_hash,
+        "loraId": lora_id,
+        "releaseId": cell.release_id,
+        "releaseSha256": release_sha256,
+        "scheduler": params["scheduler"],
+        "steps": params["steps"],
+        "cfg": params["cfg"],
+        "width": params["width"],
+        "height": params["height"],
+    }
+
+
+def grid_params(checkpoint: dict, family: str | None, overrides: dict) -> dict:
+    """Size, steps, cfg and scheduler of a grid: the given values, else the checkpoint's defaults, else the family's.
+
+    >>> grid_params({"defaultGenerationParams": {"steps": 4}}, "sd15", {"cfg": 3.0, "width": None})["steps"]
+    4
+    """
+    defaults = {**FALLBACK_PARAMS, **FAMILY_DEFAULTS.get(family or "", {}),
+                **{k: v for k, v in (checkpoint.get("defaultGenerationParams") or {}).items() if v is not None}}
+    params = {k: (overrides.get(k) if overrides.get(k) is not None else defaults.get(k))
+              for k in ("width", "height", "steps", "cfg", "scheduler")}
+    for key in ("width", "height"):
+        params[key] = int(params[key])
+        if params[key] <= 0 or params[key] % 8:
+            raise EvalError(f"{key} must be a positive multiple of 8, got {params[key]}")
+    params["steps"] = int(params["steps"])
+    if params["steps"] < 1:
+        raise EvalError(f"steps must be at least 1, got {params['steps']}")
+    params["cfg"] = float(params["cfg"])
+    params["scheduler"] = params["scheduler"] or "default"
+    return params
+
+
+def expected_cells(eval_record: dict) -> list[str]:
+    """What a complete eval has an output for: its grid's cell keys, or (a plain eval) its prompts."""
+    grid = eval_record.get("grid")
+    if isinstance(grid, dict) and isinstance(grid.get("cells"), list):
+        return [c["key"] for c in grid["cells"] if isinstance(c, dict) and "key" in c]
+    return list(dict.fromkeys(p for p in eval_record.get("prompts") or [] if isinstance(p, str)))
+
+
+def eval_status(eval_record: dict) -> str:
+    """``complete`` when every grid cell (every prompt, for a plain eval) has its output, ``running`` when some
+    have, ``pending`` when none.
+
+    >>> eval_status({"prompts": ["a", "b"], "outputs": [{"prompt": "a", "images": ["x.png"]}]})
+    'running'
+    """
+    expected = expected_cells(eval_record)
+    outputs = [o for o in eval_record.get("outputs") or [] if isinstance(o, dict) and o.get("images")]
+    field_name = "cellKey" if isinstance(eval_record.get("grid"), dict) else "prompt"
+    done = {o.get(field_name) for o in outputs} & set(expected)
+    if expected and len(done) == len(expected):
+        return "complete"
+    return "running" if done else "pending"
+
+
+def upsert_output(eval_record: dict, output: dict) -> dict:
+    """The eval with ``output`` added, replacing an earlier output of the same cell (a re-rendered job)."""
+    key = output.get("cellKey")
+    outputs = [o for o in eval_record.get("outputs") or [] if key is None or o.get("cellKey") != key]
+    failures = [f for f in eval_record.get("failures") or [] if f.get("cellKey") != key]
+    new = {**eval_record, "outputs": outputs + [output]}
+    if failures or "failures" in eval_record:
+        new["failures"] = failures
+    new["status"] = eval_status(new)
+    return new
+
+
+# ---- finding records -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoraRef:
+    record: dict
+    project: str | None  # None: a baseline LoRA in data/shared/loras/
+
+    @property
+    def scope(self) -> str:
+        return "baseline" if self.project is None else "project"
+
+
+def find_lora(ws: Workspace, lora_id: str, project: str | None = None, scope: str | None = None) -> LoraRef:
+    """A LoRA by id (``loras.find_lora``: with ``scope`` only there, else the project's first, then shared)."""
+    from .loras import find_lora as locate
+
+    record, where = locate(ws, lora_id, project=project, scope=scope)
+    return LoraRef(record, where)
+
+
+def find_release(lora: dict, release_id: str) -> dict:
+    from .loras import get_release
+
+    return get_release(lora, release_id)
+
+
+def release_weights_path(ws: Workspace, lora: dict, release: dict, must_exist: bool = True) -> Path:
+    """The local ``.safetensors`` file of a release (``weights`` reference, else the deprecated ``localPath``)."""
+    what = f"LoRA {lora.get('id')} release {release.get('id')}"
+    if release.get("weights"):
+        return resolve_weights(release["weights"], ws.config, what=what, must_exist=must_exist)
+    if release.get("localPath"):
+        path = Path(release["localPath"])
+        path = path if path.is_absolute() else REPO_ROOT / path
+        if must_exist and not path.exists():
+            raise ConfigError(f"{what}: weights file not found: {path} (localPath)")
+        return path
+    raise ConfigError(f"{what} has no 'weights' reference (nor a localPath)")
+
+
+def find_eval(ws: Workspace | str | Path | None, eval_id: str, project: str | None = None) -> tuple[dict, str | None]:
+    """An eval record and the project it lives in (None: shared). With ``project``, that project and the
+    shared scope are searched; without, the shared scope and then every project."""
+    ws = as_workspace(ws)
+    check_id(eval_id, "eval id")
+    places = [project, None] if project else [None, *ws.store.list_projects()]
+    for place in places:
+        if ws.store.exists("eval", eval_id, place):
+            return ws.store.read("eval", eval_id, place), place
+    raise RecordNotFoundError(f"eval {eval_id!r} not found ({'project ' + repr(project) + ' or ' if project else ''}"
+                              "shared scope" + ("" if project else " or any project") + ")")
+
+
+# ---- hashes --------------------------------------------------------------------------------------------
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_fingerprint(path: Path, cache_dir: Path | None = None) -> str:
+    """sha256 of a weights file, or of a diffusers folder (over each file's relative path and sha256).
+
+    Real checkpoints are gigabytes, so folder hashes are cached under ``cache_dir`` and reused while every
+    file keeps its size and modification time.
+    """
+    path = Path(path)
+    if path.is_file():
+        files = [(path.name, path)]
+    else:
+        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    stamp = [[rel, p.stat().st_size, p.stat().st_mtime_ns] for rel, p in files]
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / (hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:20] + ".json")
+        try:
+            cached = json.loads(cache_file.read_text(encoding="utf-8"))
+            if cached.get("stamp") == stamp:
+                return cached["sha256"]
+        except (OSError, ValueError, AttributeError):
+            pass
+    if path.is_file():
+        value = file_sha256(path)
+    else:
+        digest = hashlib.sha256()
+        for rel, p in files:
+            digest.update(f"{rel}\t{file_sha256(p)}\n".encode())
+        value = digest.hexdigest()
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"path": str(path), "stamp": stamp, "sha256": value}), encoding="utf-8")
+        os.replace(tmp, cache_file)
+    return value
+
+
+def checkpoint_weights_hash(ws: Workspace, checkpoint: dict) -> str | None:
+    """The checkpoint's recorded ``weights.sha256``, else a fingerprint of its local weights (None if absent)."""
+    ref = checkpoint.get("weights") or {}
+    if ref.get("sha256"):
+        return ref["sha256"].lower()
+    try:
+        path = resolve_weights(ref, ws.config, what=f"checkpoint {checkpoint.get('id')}")
+    except ConfigError:
+        return None
+    return weights_fingerprint(path, ws.data_root / ".lorakit" / "hashes")
+
+
+def release_sha256(ws: Workspace, lora: dict, release: dict) -> str:
+    """The release's recorded sha256, else the sha256 of its weights file (which must exist)."""
+    recorded = release.get("sha256") or (release.get("weights") or {}).get("sha256")
+    path = release_weights_path(ws, lora, release)
+    return recorded.lower() if recorded else file_sha256(path)
+
+
+def scheduler_name(ws: Workspace, checkpoint: dict) -> str:
+    """The scheduler class a checkpoint renders with: its ``defaultGenerationParams.scheduler`` when that names
+    a diffusers class, else the one in its folder's ``scheduler/scheduler_config.json``."""
+    wanted = (checkpoint.get("defaultGenerationParams") or {}).get("scheduler")
+    if isinstance(wanted, str) and wanted.endswith("Scheduler"):
+        return wanted
+    try:
+        folder = resolve_weights(checkpoint.get("weights") or {}, ws.config, what="checkpoint")
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+        return str(config["_class_name"])
+    except (ConfigError, OSError, ValueError, KeyError, TypeError):
+        return "default"
+
+
+# ---- linking evals from releases -------------------------------------------------------------------------
+def link_eval(evaluation: dict | None, eval_id: str) -> dict:
+    """A release's ``evaluation`` block after linking eval ``eval_id``: appended to ``evalIds`` (once);
+    ``status`` is the review state the gate (``gate.py``) keeps, so it is only set, to ``pending``, when absent.
+
+    >>> link_eval({"evalIds": ["a"], "status": "approved", "reviews": []}, "b")
+    {'evalIds': ['a', 'b'], 'status': 'approved', 'reviews': []}
+    """
+    block = dict(evaluation or {})
+    ids = [i for i in block.get("evalIds") or [] if isinstance(i, str)]
+    block["evalIds"] = ids + ([eval_id] if eval_id not in ids else [])
+    block.setdefault("status", "pending")
+    return block
+
+
+def _link_release(ws: Workspace, lora: LoraRef, release_id: str, eval_id: str) -> None:
+    def change(record: dict) -> None:
+        release = find_release(record, release_id)
+        release["evaluation"] = link_eval(release.get("evaluation"), eval_id)
+
+    ws.store.update("lora", lora.record["id"], change, lora.project)
+
+
+# ---- creating evals ------------------------------------------------------------------------------------
+def _lora_prompts(ws: Workspace, lora: dict, project: str | None, asset_type: str | None) -> list[tuple[str, str]]:
+    types = [asset_type] if asset_type else list(lora.get("assetTypes") or [])
+    catalog = load_canonical_prompts(ws, project)
+    pairs: list[tuple[str, str]] = []
+    for t in types:
+        if not catalog.get(t):
+            canonical_prompts(ws, t, project)  # raises the explanatory error
+        pairs += [(p, t) for p in catalog[t]]
+    seen: set[str] = set()
+    return [(p, t) for p, t in pairs if not (p in seen or seen.add(p))]
+
+
+def new_eval_record(eval_id: str, lora: LoraRef, release_id: str, prompts: list[str], now: str, **extra) -> dict:
+    record = {
+        "id": eval_id, "loraId": lora.record["id"], "releaseId": release_id, "createdAt": now, "updatedAt": now,
+        "status": "pending", "prompts": prompts, "outputs": [], "loraScope": lora.scope,
+    }
+    if lora.project:
+        record["loraProjectId"] = lora.project
+    record.update({k: v for k, v in extra.items() if v is not None})
+    return record
+
+
+def create_eval(
+    ws: Workspace | str | Path | None,
+    lora_id: str,
+    release_id: str,
+    *,
+    project: str | None = None,
+    scope: str | None = None,
+    prompts: Sequence[str] | None = None,
+    eval_id: str | None = None,
+    notes: str | None = None,
+    dry_run: bool = False,
+) -> dict:
+    """Create a pending eval record for a release and link it from the release's ``evaluation`` block.
+
+    Without ``prompts``, the canonical prompts of the LoRA's asset types. The eval is stored in the LoRA's
+    scope (``shared/evals`` for a baseline LoRA). Returns the eval record (not written with ``dry_run``).
+
+    >>> create_eval("data", "ui_icons", "r1", project="demo")["status"]   # doctest: +SKIP
+    'pending'
+    """
+    ws = as_workspace(ws)
+    lora = find_lora(ws, lora_id, project, scope)
+    find_release(lora.record, release_id)
+    prompt_list = list(dict.fromkeys(p.strip() for p in prompts or [] if p.strip())) or \
+        [p for p, _ in _lora_prompts(ws, lora.record, project or lora.project, None)]
+    eval_id = check_id(eval_id, "eval id") if eval_id else new_ulid()
+    record = new_eval_record(eval_id, lora, release_id, prompt_list, now_iso(), notes=notes,
+                             assetTypes=list(lora.record.get("assetTypes") or []))
+    if not dry_run:
+        ws.store.write("eval", record, lora.project, create=True)
+        _link_release(ws, lora, release_id, eval_id)
+    return record
+
+
+@dataclass
+class GridPlan:
+    """What ``create_eval_grid`` wrote (or, with ``dry_run``, would write)."""
+
+    eval: dict
+    eval_project: str | None
+    jobs: list[dict] = field(default_factory=list)
+    jobs_project: str = ""
+    eval_path: Path | None = None
+    dry_run: bool = False
+
+    @property
+    def cells(self) -> list[dict]:
+        return self.eval["grid"]["cells"]
+
+
+def images_dir(eval_id: str, eval_project: str | None) -> str:
+    """The folder (relative to dataRoot) that holds an eval's images."""
+    return f"files/evals/{eval_project or BASELINE_FOLDER}/{eval_id}"
+
+
+def create_eval_grid(
+    ws: Workspace | str | Path | None,
+    project: str,
+    lora_id: str,
+    release_id: str,
+    *,
+    prompts: Sequence[str] | None = None,
+    checkpoint_id: str | None = None,
+    asset_type: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    strengths: Sequence[float] = DEFAULT_STRENGTHS,
+    compare_release: str | None = None,
+    steps: int | None = None,
+    cfg: float | None = None,
+    scope: str | None = None,
+    eval_id: str | None = None,
+    auto_cleanup: bool = False,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    dry_run: bool = False,
+) -> GridPlan:
+    """Create an eval grid: the eval record (pending) and one queued ``eval_render`` job per grid cell.
+
+    Cells are prompt x seed x strength x release, where strength 0 (the base checkpoint) is always included
+    and ``compare_release`` (e.g. the active release) adds its own rows. Prompts default to the canonical
+    prompts of ``asset_type`` (else of each of the LoRA's asset types); the checkpoint's prompt templates
+    are applied per cell. Every job carries the full settings of its image.
+
+    >>> plan = create_eval_grid("data", "demo", "ui_icons", "r2", compare_release="r1", seeds=[1, 2])  # doctest: +SKIP
+    >>> len(plan.jobs)                                                                                # doctest: +SKIP
+    """
+    from .models.registry import checkpoint_family, get_checkpoint
+
+    ws = as_workspace(ws)
+    store = ws.store
+    if not store.path("project", project).is_file():
+        raise RecordNotFoundError(f"project {project!r} does not exist (jobs of an eval grid live in a project)")
+    lora = find_lora(ws, lora_id, project, scope)
+    releases = [find_release(lora.record, release_id)]
+    if compare_release and compare_release != release_id:
+        releases.append(find_release(lora.record, compare_release))
+    checkpoint = get_checkpoint(ws, checkpoint_id or lora.record["checkpointId"])
+    try:
+        family = checkpoint_family(checkpoint)
+    except LorakitError:
+        family = None
+    params = grid_params(checkpoint, family, {"width": width, "height": height, "steps": steps, "cfg": cfg})
+    if params["scheduler"] == "default":
+        params["scheduler"] = scheduler_name(ws, checkpoint)
+
+    given = list(dict.fromkeys(p.strip() for p in prompts or [] if p.strip()))
+    if given:
+        default_type = asset_type or next(iter(lora.record.get("assetTypes") or []), None)
+        prompt_pairs = [(p, default_type) for p in given]
+    else:
+        prompt_pairs = _lora_prompts(ws, lora.record, project, asset_type)
+    cells = plan_cells(prompt_pairs, list(seeds), [0.0, *strengths], [r["id"] for r in releases])
+
+    eval_id = check_id(eval_id, "eval id") if eval_id else new_ulid()
+    if store.exists("eval", eval_id, lora.project):
+        raise RecordError(f"eval {eval_id!r} already exists ({store.path('eval', eval_id, lora.project)})")
+    ckpt_hash = checkpoint_weights_hash(ws, checkpoint)
+    weights = {r["id"]: (release_weights_path(ws, lora.record, r), release_sha256(ws, lora.record, r)) for r in releases}
+    folder = images_dir(eval_id, lora.project)
+    now = now_iso()
+    grid = {
+        "projectId": project, "checkpointId": checkpoint["id"], "checkpointWeightsHash": ckpt_hash,
+        "releaseIds": [r["id"] for r in releases], "seeds": list(dict.fromkeys(int(s) for s in seeds)),
+        "strengths": sorted({0.0, *map(float, strengths)}), **params, "imagesDir": folder,
+        "cells": [c.as_record() for c in cells],
+    }
+    record = new_eval_record(
+        eval_id, lora, release_id, list(dict.fromkeys(p for p, _ in prompt_pairs)), now,
+        autoCleanup=bool(auto_cleanup), checkpointId=checkpoint["id"], grid=grid,
+        assetTypes=list(dict.fromkeys(t for _, t in prompt_pairs if t)),
+    )
+    jobs = []
+    for cell in cells:
+        settings = cell_settings(cell, checkpoint=checkpoint, checkpoint_hash=ckpt_hash, lora_id=lora_id,
+                                 release_sha256=weights[cell.release_id][1], params=params)
+        release = next(r for r in releases if r["id"] == cell.release_id)
+        jobs.append({
+            "id": new_ulid(), "projectId": project, "type": JOB_TYPE, "status": "queued",
+            "createdAt": now, "updatedAt": now, "attempt": 0, "maxAttempts": int(max_attempts),
+            "input": {
+                "evalId": eval_id, "evalProjectId": lora.project, "cellKey": cell.key,
+                "imagePath": f"{folder}/{cell.key}.png",
+                "lora": {"id": lora_id, "scope": lora.scope, "projectId": lora.project, "releaseId": release["id"],
+                         "weights": release.get("weights"), "localPath": release.get("localPath")},
+                "settings": settings,
+            },
+        })
+    eval_path = store.path("eval", eval_id, lora.project)
+    store.check("eval", record, eval_path)
+    for job in jobs:
+        store.check("job", job, store.path("job", job["id"], project))
+    plan = GridPlan(record, lora.project, jobs, project, eval_path, dry_run)
+    if dry_run:
+        return plan
+    store.write("eval", record, lora.project, create=True)
+    for job in jobs:
+        store.write("job", job, project, create=True)
+    _link_release(ws, lora, release_id, eval_id)
+    return plan
+
+
+# ---- worker-side updates ---------------------------------------------------------------------------------
+def record_output(ws: Workspace, eval_id: str, eval_project: str | None, output: dict) -> dict:
+    """Add one rendered cell to its eval under the eval's lock; the status moves pending -> running -> complete."""
+    return ws.store.update("eval", eval_id, lambda record: upsert_output(record, output), eval_project)
+
+
+def record_failure(ws: Workspace, eval_id: str, eval_project: str | None, failure: dict) -> dict:
+    """Note a cell whose job failed on its eval (replacing an earlier failure of the same cell)."""
+
+    def change(record: dict) -> None:
+        failures = [f for f in record.get("failures") or [] if f.get("cellKey") != failure.get("cellKey")]
+        record["failures"] = failures + [failure]
+
+    return ws.store.update("eval", eval_id, change, eval_project)
+
+
+# ---- cleanup -------------------------------------------------------------------------------------------
+def job_eval_id(job: dict) -> str | None:
+    """The eval a job renders for: lorakit's ``input.evalId`` or the original tool's ``input.eval.evalId``."""
+    data = job.get("input") or {}
+    nested = data.get("eval") if isinstance(data.get("eval"), dict) else {}
+    value = data.get("evalId") or nested.get("evalId")
+    return value if isinstance(value, str) else None
+
+
+@dataclass
+class CleanupReport:
+    eval_id: str
+    jobs: list[Path] = field(default_factory=list)
+    specs: list[Path] = field(default_factory=list)
+    temp_files: list[Path] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)
+    running_jobs: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def removed(self) -> list[Path]:
+        return self.jobs + self.specs + self.temp_files + self.images
+
+
+def cleanup_eval(
+    ws: Workspace | str | Path | None,
+    project: str,
+    eval_id: str,
+    *,
+    images: bool = False,
+    dry_run: bool = False,
+) -> CleanupReport:
+    """Remove what an eval grid created besides the eval record and its images: its jobs, the original tool's
+    ``eval_<evalId>_*`` specs and half-written temporary images. ``images=True`` also removes the images; the
+    eval keeps its outputs (the settings) with empty ``images`` lists, so its status goes back to ``pending``."""
+    ws = as_workspace(ws)
+    store = ws.store
+    check_id(eval_id, "eval id")
+    report = CleanupReport(eval_id, dry_run=dry_run)
+    try:
+        eval_record, eval_project = find_eval(ws, eval_id, project)
+    except RecordNotFoundError:
+        eval_record, eval_project = None, project
+    for path, job in store.iter_records("job", project, validate=False):
+        if job_eval_id(job) == eval_id:
+            report.jobs.append(path)
+            if job.get("status") == "running":
+                report.running_jobs.append(job.get("id", path.stem))
+    for path, spec in store.iter_records("spec", project, validate=False):
+        if str(spec.get("id", "")).startswith(f"eval_{eval_id}_"):
+            report.specs.append(path)
+    folder = store.file_path(images_dir(eval_id, eval_project))
+    if eval_record and isinstance(eval_record.get("grid"), dict):
+        folder = store.file_path(eval_record["grid"].get("imagesDir") or images_dir(eval_id, eval_project))
+    if folder.is_dir():
+        report.temp_files = sorted(p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+        if images:
+            report.images = sorted(p for p in folder.iterdir() if p.suffix == ".png" and not p.name.startswith("."))
+    if dry_run:
+        return report
+    for path in report.jobs:
+        store.delete("job", path.stem, project)
+    for path in report.specs:
+        store.delete("spec", path.stem, project)
+    for path in report.temp_files + report.images:
+        path.unlink(missing_ok=True)
+    if images and eval_record is not None:
+        def drop_images(record: dict) -> None:
+            for output in record.get("outputs") or []:
+                output["images"] = []
+            record["status"] = eval_status(record)
+
+        store.update("eval", eval_id, drop_images, eval_project)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return report
+
+
+# ---- normalize -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StatusChange:
+    path: Path
+    eval_id: str
+    old: str | None
+    new: str
+
+
+def normalize_evals(
+    ws: Workspace | str | Path | None,
+    scope: str = "all",
+    project: str | None = None,
+    *,
+    dry_run: bool = False,
+) -> list[StatusChange]:
+    """Recompute each eval's status from its grid cells (or prompts) against its outputs; return the changes.
+
+    ``scope``: ``all`` (shared and every project, or only ``project``'s with one), ``baseline`` or ``project``.
+    """
+    ws = as_workspace(ws)
+    if scope not in ("all", "baseline", "project"):
+        raise EvalError(f"--scope must be all, baseline or project, got {scope!r}")
+    places: list[str | None] = []
+    if scope in ("all", "baseline"):
+        places.append(None)
+    if scope in ("all", "project"):
+        places += [project] if project else ws.store.list_projects()
+    changes = []
+    for place in places:
+        for path, record in ws.store.iter_records("eval", place):
+            status = eval_status(record)
+            if status == record.get("status") and record.get("updatedAt"):
+                continue
+            changes.append(StatusChange(path, record["id"], record.get("status"), status))
+            if not dry_run:
+                ws.store.update("eval", record["id"], lambda r: {**r, "status": eval_status(r)}, place)
+    return changes
+
+
+# ---- contact sheet -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SheetLayout:
+    """Rows (release x strength, base first) and columns (prompt x seed) of an eval's contact sheet."""
+
+    rows: list[tuple[str, str]]          # (row key, label)
+    columns: list[tuple[tuple, str]]     # ((prompt index or prompt, seed), label)
+    images: dict[tuple[str, tuple], str]  # (row key, column key) -> image path
+
+
+def sheet_layout(eval_record: dict) -> SheetLayout:
+    """Where each output of an eval goes on its contact sheet. Plain evals get one row and a column per prompt."""
+    grid = eval_record.get("grid")
+    outputs = [o for o in eval_record.get("outputs") or [] if isinstance(o, dict) and o.get("images")]
+    if isinstance(grid, dict) and isinstance(grid.get("cells"), list):
+        cells = grid["cells"]
+        rows, columns = {}, {}
+        for c in cells:
+            cell = GridCell(c["prompt"], c.get("assetType"), c["seed"], c["strength"], c["releaseId"], 0)
+            rows.setdefault(cell.row_key, "base (strength 0)" if cell.is_base else f"{c['releaseId']} @ {c['strength']:g}")
+            columns.setdefault((c["prompt"], c["seed"]), f"{c['prompt']} | seed {c['seed']}")
+        by_key = {c["key"]: c for c in cells}
+        images = {}
+        for o in outputs:
+            c = by_key.get(o.get("cellKey"))
+            if c:
+                row = GridCell(c["prompt"], None, c["seed"], c["strength"], c["releaseId"], 0).row_key
+                images[(row, (c["prompt"], c["seed"]))] = o["images"][0]
+        return SheetLayout(list(rows.items()), list(columns.items()), images)
+    prompts = list(dict.fromkeys([*(eval_record.get("prompts") or []), *(o["prompt"] for o in outputs)]))
+    row = (eval_record.get("releaseId", "release"), str(eval_record.get("releaseId", "release")))
+    images = {(row[0], (p, None)): o["images"][0] for p in prompts for o in outputs if o["prompt"] == p}
+    return SheetLayout([row], [((p, None), p) for p in prompts], images)
+
+
+def _wrap(text: str, width_chars: int, max_lines: int) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width_chars:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: max(0, width_chars - 1)] + "…"
+    return lines
+
+
+def contact_sheet(
+    ws: Workspace | str | Path | None,
+    eval_id: str,
+    project: str | None = None,
+    *,
+    cell_size: int | None = None,
+):
+    """Compose an eval's images into one labelled ``PIL.Image``: rows release x strength (base first),
+    columns prompt x seed. Missing cells are grey. Small images are scaled up (nearest) to ``cell_size``."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    ws = as_workspace(ws)
+    record, _ = find_eval(ws, eval_id, project)
+    layout = sheet_layout(record)
+    if not layout.columns:
+        raise EvalError(f"eval {eval_id!r} has no prompts to show")
+    loaded = {}
+    for key, rel in layout.images.items():
+        try:
+            with Image.open(ws.store.file_path(rel)) as im:
+                loaded[key] = im.convert("RGB")
+        except OSError:
+            continue
+    native = max((im.width for im in loaded.values()), default=128)
+    size = cell_size or max(native, 160)
+    font = ImageFont.load_default(size=12) if hasattr(ImageFont, "load_default") else None
+    label_w, pad, line_h = 150, 4, 14
+    header_h = pad + 4 * line_h
+    title_h = 2 * line_h + pad
+    width = label_w + len(layout.columns) * (size + pad) + pad
+    height = title_h + header_h + len(layout.rows) * (size + pad) + pad
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    title = f"eval {record['id']} - LoRA {record['loraId']} release {record['releaseId']} - {record.get('status')}"
+    draw.text((pad, pad), title, fill="black", font=font)
+    if record.get("checkpointId"):
+        draw.text((pad, pad + line_h), f"checkpoint {record['checkpointId']}", fill="dimgray", font=font)
+    chars = max(8, size // 7)
+    for j, (_, label) in enumerate(layout.columns):
+        x = label_w + pad + j * (size + pad)
+        for k, line in enumerate(_wrap(label, chars, 4)):
+            draw.text((x, title_h + k * line_h), line, fill="black", font=font)
+    for i, (row_key, label) in enumerate(layout.rows):
+        y = title_h + header_h + i * (size + pad)
+        for k, line in enumerate(_wrap(label, 20, 4)):
+            draw.text((pad, y + k * line_h), line, fill="black", font=font)
+        for j, (col_key, _) in enumerate(layout.columns):
+            x = label_w + pad + j * (size + pad)
+            image = loaded.get((row_key, col_key))
+            if image is None:
+                draw.rectangle([x, y, x + size - 1, y + size - 1], fill=(200, 200, 200))
+                draw.text((x + pad, y + pad), "missing", fill="black", font=font)
+            else:
+                sheet.paste(image.resize((size, size), Image.NEAREST if image.width < size else Image.LANCZOS), (x, y))
+    return sheet
+
+
+def save_contact_sheet(ws: Workspace | str | Path | None, eval_id: str, out: str | Path,
+                       project: str | None = None, *, cell_size: int | None = None) -> Path:
+    """Write :func:`contact_sheet` to ``out`` (PNG); returns the path."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(ws, eval_id, project, cell_size=cell_size).save(out, format="PNG")
+    return out
+
+
+def show_eval_grid(ws: Workspace | str | Path | None, eval_id: str, project: str | None = None, **kwargs):
+    """Display an eval's contact sheet inline in a notebook (and return it as a ``PIL.Image``)."""
+    image = contact_sheet(ws, eval_id, project, **kwargs)
+    try:
+        from IPython.display import display
+
+        display(image)
+    except ImportError:
+        pass
+    return image
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9_]")
+
+
+def adapter_name(lora_id: str, release_id: str, sha256: str | None) -> str:
+    """The peft adapter name of a release: letters, digits and ``_`` only (peft module keys forbid ``.``),
+    plus a hash so two releases never share a name.
+
+    >>> adapter_name("ui.icons", "r-1", "ab" * 32)
+    'ui_icons__r_1__abababab'
+    """
+    short = (sha256 or hashlib.sha1(f"{lora_id}/{release_id}".encode()).hexdigest())[:8]
+    return f"{_SAFE.sub('_', lora_id)}__{_SAFE.sub('_', release_id)}__{short}"

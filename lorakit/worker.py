@@ -1,0 +1,574 @@
+"""``lorakit worker``: render queued eval-grid jobs with warm pipelines.
+
+One worker process loops: claim a job, render its cell, write the PNG, add the output to the eval, mark the
+job succeeded. Several workers (``torchrun``/``accelerate launch`` ranks, plain processes, other machines on
+one shared data folder) can work on one queue because the claim is a read-decide-write under the job
+record's file lock: exactly one of them flips a job from ``queued`` to ``running``.
+
+A running job carries a lease ``{owner, expiresAt}`` that a heartbeat thread renews while the job renders.
+When a worker dies, its lease runs out (or, on the same host, its pid is gone) and the job goes back to the
+queue, up to ``maxAttempts`` claims; after that it ends ``failed``. A job whose rendering raises ends
+``failed`` with the error text at once (a missing LoRA file will not reappear on retry) and the worker goes
+on with the rest of the queue.
+
+Pipelines are cached per checkpoint and each LoRA release is loaded once per pipeline under its own adapter
+name. Switching release or strength is ``set_adapters``; strength 0 is ``disable_lora``. LoRAs are never
+fused: unfusing is not exact and unloading after fusing leaves the weights baked into the shared pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from .config import REPO_ROOT, resolve_weights
+from .errors import LorakitError, RecordNotFoundError
+from .evals import (
+    JOB_TYPE,
+    EvalError,
+    adapter_name,
+    checkpoint_weights_hash,
+    cleanup_eval,
+    file_sha256,
+    record_failure,
+    record_output,
+)
+from .store import now_iso
+from .workspace import Workspace, as_workspace
+
+DEFAULT_LEASE_S = 120.0
+DEFAULT_POLL_S = 2.0
+
+
+class LeaseLost(LorakitError):
+    """Another worker took over a job whose lease had run out."""
+
+
+# ---- identity and leases (pure) ------------------------------------------------------------------------
+def worker_identity() -> str:
+    """``host:pid`` (plus the rank under torchrun/accelerate), the owner written into a job's lease."""
+    rank = os.environ.get("LOCAL_RANK")
+    return f"{socket.gethostname()}:{os.getpid()}" + (f":rank{rank}" if rank is not None else "")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+    except (AttributeError, ValueError):
+        return None
+
+
+def iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_is_dead(owner: str | None, host: str, alive: Callable[[int], bool] = pid_alive) -> bool:
+    """Whether a lease owner is a process on this host that no longer exists (its lease need not be waited out).
+
+    >>> owner_is_dead("h1:123", "h1", alive=lambda pid: False), owner_is_dead("h2:123", "h1", alive=lambda pid: False)
+    (True, False)
+    """
+    parts = (owner or "").split(":")
+    if len(parts) < 2 or parts[0] != host or not parts[1].isdigit():
+        return False
+    return not alive(int(parts[1]))
+
+
+def lease_state(job: dict, now: datetime, host: str, alive: Callable[[int], bool] = pid_alive) -> str:
+    """What a worker may do with ``job``: ``claimable``, ``busy`` (another worker holds a live lease),
+    ``exhausted`` (its lease ran out on the last allowed attempt: fail it) or ``done``.
+
+    >>> t = datetime(2026, 1, 1, tzinfo=UTC)
+    >>> lease_state({"status": "queued"}, t, "h")
+    'claimable'
+    >>> job = {"status": "running", "attempt": 1, "maxAttempts": 3, "lease": {"owner": "x:1", "expiresAt": "2025-12-31T23:59:00.000Z"}}
+    >>> lease_state(job, t, "h"), lease_state({**job, "attempt": 3}, t, "h")
+    ('claimable', 'exhausted')
+    """
+    status = job.get("status")
+    if status == "queued":
+        return "claimable"
+    if status != "running":
+        return "done"
+    lease = job.get("lease") or {}
+    expires = parse_time(lease.get("expiresAt"))
+    expired = expires is None or now >= expires or owner_is_dead(lease.get("owner"), host, alive)
+    if not expired:
+        return "busy"
+    return "exhausted" if int(job.get("attempt") or 0) >= int(job.get("maxAttempts") or 1) else "claimable"
+
+
+# ---- claiming ------------------------------------------------------------------------------------------
+@dataclass
+class Claim:
+    job: dict
+    project: str
+
+
+def _job_projects(ws: Workspace, project: str | None) -> list[str]:
+    return [project] if project else ws.store.list_projects()
+
+
+def claim_next_job(ws: Workspace, projects: list[str], owner: str, lease_s: float,
+                   on_exhausted: Callable[[dict, str], None] | None = None) -> Claim | None:
+    """Claim the oldest claimable ``eval_render`` job of ``projects``, or None when there is none.
+
+    The unlocked read only filters; the decision is re-made on a fresh read under the job's lock, so two
+    workers never both flip one job to running.
+    """
+    store = ws.store
+    host = socket.gethostname()
+    for project in projects:
+        for job_id in store.list_ids("job", project):
+            try:
+                job = store.read("job", job_id, project, validate=False)
+            except LorakitError:
+                continue  # removed since the listing (cleanup), or not ours to judge
+            if job.get("type") != JOB_TYPE or lease_state(job, datetime.now(UTC), host) in ("busy", "done"):
+                continue
+            with store.claim("job", job_id, project) as path:
+                if not path.exists():
+                    continue
+                job = store.read_path(path, "job")
+                now = datetime.now(UTC)
+                state = lease_state(job, now, host)
+                if state == "exhausted":
+                    owner_before = (job.get("lease") or {}).get("owner")
+                    job.update(status="failed", updatedAt=iso(now), finishedAt=iso(now),
+                               error=f"lease of worker {owner_before} ran out on attempt {job.get('attempt')} of "
+                                     f"{job.get('maxAttempts')} (the worker died or hung); not retried")
+                    job.pop("lease", None)
+                    store.write_locked("job", job, path)
+                elif state == "claimable":
+                    job.update(status="running", attempt=int(job.get("attempt") or 0) + 1, updatedAt=iso(now),
+                               startedAt=iso(now),
+                               lease={"owner": owner, "claimedAt": iso(now),
+                                      "expiresAt": iso(now + timedelta(seconds=lease_s))})
+                    job.pop("error", None)
+                    store.write_locked("job", job, path)
+                    return Claim(job, project)
+                else:
+                    continue
+            if on_exhausted is not None:
+                on_exhausted(job, project)
+    return None
+
+
+def _own(job: dict, owner: str) -> bool:
+    return job.get("status") == "running" and (job.get("lease") or {}).get("owner") == owner
+
+
+def finish_job(ws: Workspace, claim: Claim, owner: str, change: Callable[[dict], None]) -> bool:
+    """Apply ``change`` to the claimed job if this worker still owns it; False when it was taken over or removed."""
+    with ws.store.claim("job", claim.job["id"], claim.project) as path:
+        if not path.exists():
+            return False
+        job = ws.store.read_path(path, "job")
+        if not _own(job, owner):
+            return False
+        change(job)
+        job.pop("lease", None)
+        job["updatedAt"] = now_iso()
+        if job["status"] in ("succeeded", "failed"):
+            job["finishedAt"] = job["updatedAt"]
+        ws.store.write_locked("job", job, path)
+        return True
+
+
+class LeaseKeeper:
+    """Renews a job's lease from a background thread while the job renders."""
+
+    def __init__(self, ws: Workspace, claim: Claim, owner: str, lease_s: float):
+        self._ws, self._claim, self._owner, self._lease_s = ws, claim, owner, lease_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="lease-keeper")
+        self.lost = False
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(0.5, self._lease_s / 3)):
+            def renew(job: dict) -> None:
+                if not _own(job, self._owner):
+                    raise LeaseLost(f"job {job.get('id')} is no longer held by {self._owner}")
+                job["lease"]["expiresAt"] = iso(datetime.now(UTC) + timedelta(seconds=self._lease_s))
+
+            try:
+                self._ws.store.update("job", self._claim.job["id"], renew, self._claim.project)
+            except (LeaseLost, RecordNotFoundError):
+                self.lost = True
+                return
+            except Exception:  # noqa: BLE001 - a failed renewal is retried at the next beat
+                continue
+
+
+# ---- pipelines -----------------------------------------------------------------------------------------
+def default_device() -> str:
+    """``cuda:<LOCAL_RANK>`` under torchrun/accelerate on GPUs, ``cuda`` alone, else ``cpu``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def share_cpu_threads(device: str) -> None:
+    """Under torchrun/accelerate on CPU, give each of the local processes its share of the cores: every
+    process using all of them oversubscribes the CPU and rendering slows down several times over."""
+    import torch
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if device.startswith("cpu") and local > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+@dataclass
+class WarmPipeline:
+    """A loaded pipeline and the LoRA releases loaded into it, by adapter name."""
+
+    checkpoint_id: str
+    pipe: object
+    weights_hash: str | None
+    default_scheduler: object
+    adapters: dict[str, str] = field(default_factory=dict)   # adapter name -> weights path
+    schedulers: dict[str, object] = field(default_factory=dict)
+
+
+class PipelineCache:
+    """One warm pipeline per checkpoint (the least recently used is dropped beyond ``max_pipelines``)."""
+
+    def __init__(self, ws: Workspace, device: str | None = None, dtype: str | None = None, max_pipelines: int = 2):
+        import torch
+
+        self.ws = ws
+        self.device = device or default_device()
+        share_cpu_threads(self.device)
+        names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        chosen = dtype or ("float16" if self.device.startswith("cuda") else "float32")
+        if chosen not in names:
+            raise EvalError(f"unknown dtype {chosen!r} (expected one of {', '.join(names)})")
+        self.dtype = names[chosen]
+        self.max_pipelines = max(1, max_pipelines)
+        self._warm: OrderedDict[str, WarmPipeline] = OrderedDict()
+        self._verified: dict[str, str] = {}   # weights path -> sha256 checked once per process
+        self.loads = 0
+        self.load_seconds = 0.0  # spent loading pipelines and LoRA releases
+
+    def get(self, checkpoint_id: str) -> WarmPipeline:
+        if checkpoint_id in self._warm:
+            self._warm.move_to_end(checkpoint_id)
+            return self._warm[checkpoint_id]
+        from .models.loading import load_pipeline
+        from .models.registry import get_checkpoint
+
+        started = time.perf_counter()
+        record = get_checkpoint(self.ws, checkpoint_id)
+        pipe = load_pipeline(self.ws, record, torch_dtype=self.dtype, device=self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self.loads += 1
+        warm = WarmPipeline(checkpoint_id, pipe, checkpoint_weights_hash(self.ws, record), pipe.scheduler)
+        self._warm[checkpoint_id] = warm
+        self.load_seconds += time.perf_counter() - started
+        while len(self._warm) > self.max_pipelines:
+            self._warm.popitem(last=False)
+            _free_memory()
+        return warm
+
+    def adapter(self, warm: WarmPipeline, lora: dict, sha256: str | None) -> str:
+        """The adapter name of a release in ``warm``, loading its weights (checked against ``sha256``) once."""
+        name = adapter_name(lora["id"], lora["releaseId"], sha256)
+        if name in warm.adapters:
+            return name
+        started = time.perf_counter()
+        path = lora_weights_path(self.ws, lora)
+        if sha256 and self._verified.get(str(path)) != sha256:
+            actual = file_sha256(path)
+            if actual.lower() != sha256.lower():
+                raise EvalError(f"LoRA {lora['id']} release {lora['releaseId']}: weights file {path} has sha256 "
+                                f"{actual}, the grid was planned with {sha256} (file replaced since?)")
+            self._verified[str(path)] = sha256
+        try:
+            with warnings.catch_warnings():
+                # peft warns whenever a model gets a second adapter; several adapters is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                warm.pipe.load_lora_weights(str(path), adapter_name=name)
+        except Exception:
+            with contextlib.suppress(Exception):
+                warm.pipe.delete_adapters(name)
+            raise
+        warm.adapters[name] = str(path)
+        self.load_seconds += time.perf_counter() - started
+        return name
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def lora_weights_path(ws: Workspace, lora: dict) -> Path:
+    what = f"LoRA {lora.get('id')} release {lora.get('releaseId')}"
+    if lora.get("weights"):
+        return resolve_weights(lora["weights"], ws.config, what=what)
+    if lora.get("localPath"):
+        path = Path(lora["localPath"])
+        path = path if path.is_absolute() else REPO_ROOT / path
+        if not path.exists():
+            raise EvalError(f"{what}: weights file not found: {path} (localPath)")
+        return path
+    raise EvalError(f"{what} has no weights reference")
+
+
+def use_scheduler(warm: WarmPipeline, name: str | None) -> str:
+    """Put scheduler class ``name`` on the pipeline (built once from the checkpoint's own config)."""
+    default_name = type(warm.default_scheduler).__name__
+    if not name or name in ("default", default_name):
+        warm.pipe.scheduler = warm.default_scheduler
+        return default_name
+    if name not in warm.schedulers:
+        import diffusers
+
+        cls = getattr(diffusers, name, None)
+        if cls is None or not name.endswith("Scheduler"):
+            raise EvalError(f"unknown scheduler {name!r} (a diffusers scheduler class name, e.g. EulerDiscreteScheduler)")
+        warm.schedulers[name] = cls.from_config(warm.default_scheduler.config)
+    warm.pipe.scheduler = warm.schedulers[name]
+    return name
+
+
+def render_cell(cache: PipelineCache, job_input: dict):
+    """Render one grid cell; returns ``(PIL image, scheduler class name)``."""
+    import torch
+
+    settings = job_input["settings"]
+    warm = cache.get(settings["checkpointId"])
+    planned = settings.get("checkpointWeightsHash")
+    if planned and warm.weights_hash and planned != warm.weights_hash:
+        raise EvalError(f"checkpoint {settings['checkpointId']}: weights changed since the grid was planned "
+                        f"(now {warm.weights_hash[:12]}, planned {planned[:12]})")
+    strength = float(settings.get("strength") or 0)
+    if strength == 0:
+        if warm.adapters:
+            warm.pipe.disable_lora()
+    else:
+        name = cache.adapter(warm, job_input["lora"], settings.get("releaseSha256"))
+        warm.pipe.enable_lora()
+        warm.pipe.set_adapters([name], adapter_weights=[strength])
+    scheduler = use_scheduler(warm, settings.get("scheduler"))
+    generator = torch.Generator("cpu").manual_seed(int(settings["seed"]))
+    with torch.inference_mode():
+        result = warm.pipe(
+            prompt=settings["positivePrompt"], negative_prompt=settings.get("negativePrompt") or None,
+            width=int(settings["width"]), height=int(settings["height"]),
+            num_inference_steps=int(settings["steps"]), guidance_scale=float(settings["cfg"]), generator=generator,
+        )
+    return result.images[0], scheduler
+
+
+# ---- images --------------------------------------------------------------------------------------------
+def a1111_parameters(settings: dict) -> str:
+    """The settings in the ``parameters`` text other tools (A1111, ComfyUI loaders) read from a PNG."""
+    lines = [settings.get("positivePrompt", "")]
+    if settings.get("negativePrompt"):
+        lines.append(f"Negative prompt: {settings['negativePrompt']}")
+    parts = [f"Steps: {settings.get('steps')}", f"Sampler: {settings.get('scheduler')}",
+             f"CFG scale: {settings.get('cfg')}", f"Seed: {settings.get('seed')}",
+             f"Size: {settings.get('width')}x{settings.get('height')}",
+             f"Model: {settings.get('checkpointId')}", f"Model hash: {(settings.get('checkpointWeightsHash') or '')[:10]}"]
+    if float(settings.get("strength") or 0):
+        parts.append(f"Lora hashes: \"{settings.get('loraId')}: {(settings.get('releaseSha256') or '')[:12]}\"")
+        parts.append(f"Lora strength: {settings.get('strength')}")
+    lines.append(", ".join(parts))
+    return "\n".join(lines)
+
+
+def write_png(image, path: Path, settings: dict) -> None:
+    """Write ``image`` with its settings in PNG text chunks, atomically (temp file, fsync, rename).
+
+    Temp files of this cell left by a killed worker are removed first: whoever holds the job's lease is
+    the only writer of its cell.
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    info = PngInfo()
+    info.add_text("lorakit", json.dumps(settings, sort_keys=True, ensure_ascii=False))
+    info.add_text("parameters", a1111_parameters(settings))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_png_settings(path: str | Path) -> dict:
+    """The settings a worker wrote into a PNG's ``lorakit`` text chunk."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return json.loads(image.text["lorakit"])
+
+
+# ---- the loop ------------------------------------------------------------------------------------------
+@dataclass
+class WorkerStats:
+    owner: str
+    rendered: list[str] = field(default_factory=list)   # job ids
+    failed: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)    # failed because their lease ran out too often
+    seconds: float = 0.0
+    pipeline_loads: int = 0
+    load_seconds: float = 0.0  # of ``seconds``: loading pipelines and LoRA releases
+
+    @property
+    def processed(self) -> int:
+        return len(self.rendered) + len(self.failed)
+
+
+def process_job(ws: Workspace, cache: PipelineCache, claim: Claim, owner: str, lease_s: float,
+                log: Callable[[str], None]) -> bool:
+    """Render one claimed job and record the result; True when it succeeded."""
+    job, data = claim.job, claim.job["input"]
+    started = time.perf_counter()
+    try:
+        with LeaseKeeper(ws, claim, owner, lease_s):
+            image, scheduler = render_cell(cache, data)
+            settings = {**data["settings"], "scheduler": scheduler}
+            image_path = ws.store.file_path(data["imagePath"])
+            write_png(image, image_path, settings)
+        output = {**settings, "images": [data["imagePath"]], "cellKey": data["cellKey"], "jobId": job["id"],
+                  "worker": owner, "renderedAt": now_iso(), "renderSeconds": round(time.perf_counter() - started, 3)}
+        eval_record = record_output(ws, data["evalId"], data.get("evalProjectId"), output)
+    except Exception as exc:  # noqa: BLE001 - any failure of one job is recorded on it; the queue goes on
+        error = f"{type(exc).__name__}: {exc}"
+        failed = finish_job(ws, claim, owner, lambda j: j.update(status="failed", error=error))
+        if failed:
+            with contextlib.suppress(LorakitError):
+                record_failure(ws, data["evalId"], data.get("evalProjectId"),
+                               {"cellKey": data.get("cellKey"), "jobId": job["id"], "error": error, "at": now_iso()})
+        log(f"[{owner}] job {job['id']} cell {data.get('cellKey')} failed: {error}")
+        return False
+    finish_job(ws, claim, owner, lambda j: j.update(status="succeeded", output={
+        "image": data["imagePath"], "evalId": data["evalId"], "scheduler": scheduler}))
+    log(f"[{owner}] job {job['id']} cell {data['cellKey']} rendered in {time.perf_counter() - started:.2f}s "
+        f"-> {data['imagePath']}")
+    if eval_record["status"] == "complete" and eval_record.get("autoCleanup"):
+        report = cleanup_eval(ws, claim.project, data["evalId"])
+        log(f"[{owner}] eval {data['evalId']} complete: auto-cleanup removed {len(report.jobs)} job(s)")
+    return True
+
+
+def _requeue(ws: Workspace, claim: Claim, owner: str) -> None:
+    with contextlib.suppress(Exception):
+        finish_job(ws, claim, owner, lambda j: j.update(status="queued", attempt=max(0, int(j.get("attempt", 1)) - 1)))
+
+
+def run_worker(
+    ws: Workspace | str | Path | None = None,
+    project: str | None = None,
+    *,
+    once: bool = False,
+    max_jobs: int | None = None,
+    lease_seconds: float = DEFAULT_LEASE_S,
+    poll_seconds: float = DEFAULT_POLL_S,
+    device: str | None = None,
+    dtype: str | None = None,
+    cache: PipelineCache | None = None,
+    log: Callable[[str], None] = print,
+) -> WorkerStats:
+    """Claim and render ``eval_render`` jobs (of ``project``, or of every project) until stopped.
+
+    ``once``: stop when no job is claimable; ``max_jobs``: stop after that many jobs. Without either, poll
+    every ``poll_seconds`` forever. Ctrl-C or SIGTERM puts the job in hand back in the queue.
+
+    >>> run_worker("data", "demo", once=True)        # doctest: +SKIP
+    """
+    ws = as_workspace(ws)
+    owner = worker_identity()
+    cache = cache or PipelineCache(ws, device=device, dtype=dtype)
+    stats = WorkerStats(owner)
+    start = time.perf_counter()
+
+    def note_expired(job: dict, job_project: str) -> None:
+        stats.expired.append(job["id"])
+        log(f"[{owner}] job {job['id']} failed: {job.get('error')}")
+        data = job.get("input") or {}
+        with contextlib.suppress(LorakitError, KeyError):
+            record_failure(ws, data["evalId"], data.get("evalProjectId"),
+                           {"cellKey": data.get("cellKey"), "jobId": job["id"], "error": job.get("error", ""),
+                            "at": now_iso()})
+
+    log(f"[{owner}] worker started: jobs of {('project ' + project) if project else 'every project'}, "
+        f"device {cache.device}")
+    restore = _sigterm_as_interrupt()
+    try:
+        while max_jobs is None or stats.processed < max_jobs:
+            claim = claim_next_job(ws, _job_projects(ws, project), owner, lease_seconds, note_expired)
+            if claim is None:
+                if once:
+                    break
+                time.sleep(poll_seconds)
+                continue
+            try:
+                ok = process_job(ws, cache, claim, owner, lease_seconds, log)
+            except KeyboardInterrupt:
+                _requeue(ws, claim, owner)
+                raise
+            (stats.rendered if ok else stats.failed).append(claim.job["id"])
+    finally:
+        restore()
+        stats.seconds = time.perf_counter() - start
+        stats.pipeline_loads = cache.loads
+        stats.load_seconds = cache.load_seconds
+    return stats
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """torchrun stops its workers with SIGTERM; treat it like Ctrl-C so the job in hand is requeued."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
