@@ -13,6 +13,7 @@ from importlib import import_module
 # public name -> module that defines it; add a line here for each new widget
 _LAZY = {
     "LoraPicker": ".picker",
+    "Wizard": ".wizard",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,439 @@
+"""Batch runs of the notebooks (papermill) and their standalone HTML (nbconvert); the facts of a release report.
+
+``run_notebook`` executes one notebook of ``notebooks/`` headless with parameters and writes two files under
+``reports/`` (not in Git): the executed ``.ipynb`` and a standalone ``.html``, named by notebook, LoRA/release
+and time. The HTML embeds every image and plot and loads no script from the network, so it opens offline. A
+failing cell still leaves both files (the HTML shows the error) and raises :class:`NotebookError`.
+
+``make_report`` runs ``04_eval_report`` for one release and records the report's path on the release's
+``evaluation.report``; :func:`release_report` gathers what that report shows, so the notebook only displays.
+
+>>> run = run_notebook("01_build_dataset", {"asset_types": ["ui_icon"]})   # doctest: +SKIP
+>>> run.html                                                                # doctest: +SKIP
+PosixPath('.../reports/01_build_dataset__20260101T120000Z.html')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .config import REPO_ROOT
+from .errors import LorakitError, RecordNotFoundError
+from .notebook_helpers import BATCH_ENV
+from .workspace import Workspace, as_workspace
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+REPORTS_DIR = REPO_ROOT / "reports"
+REPORT_NOTEBOOK = "04_eval_report"
+KERNEL_NAME = "python3"
+_NAME_PART = re.compile(r"[^A-Za-z0-9._-]+")
+_ENV_LOCK = threading.Lock()
+
+
+class NotebookError(LorakitError):
+    """A notebook run whose cell failed; ``run`` says which cell, the error, and where the files are."""
+
+    def __init__(self, run: NotebookRun):
+        super().__init__(run.describe_failure())
+        self.run = run
+
+
+@dataclass
+class NotebookRun:
+    """One executed notebook: where its files are and, when a cell failed, which and why."""
+
+    notebook: str
+    parameters: dict
+    executed: Path
+    html: Path | None
+    ok: bool = True
+    duration_s: float = 0.0
+    failed_cell: int | None = None  # execution count of the failing cell ("In [n]")
+    failed_source: str | None = None
+    error: str | None = None  # "ename: evalue"
+    traceback: list[str] = field(default_factory=list)
+
+    def describe_failure(self) -> str:
+        if self.ok:
+            return f"{self.notebook} ran without errors"
+        where = f"cell In [{self.failed_cell}]" if self.failed_cell is not None else "a cell"
+        return (f"notebook {self.notebook} failed in {where}: {self.error}\n"
+                f"--- cell source ---\n{(self.failed_source or '').rstrip()}\n--- end of cell ---\n"
+                f"executed notebook: {self.executed}" + (f"\nHTML: {self.html}" if self.html else ""))
+
+
+# ---- notebooks and names (pure) --------------------------------------------------------------------------------
+def list_notebooks(folder: Path = NOTEBOOKS_DIR) -> list[str]:
+    """The notebooks a batch run can execute, by name (``00_wizard``, ``01_build_dataset``, ...)."""
+    return sorted(p.stem for p in folder.glob("*.ipynb"))
+
+
+def find_notebook(name: str | Path, folder: Path = NOTEBOOKS_DIR) -> Path:
+    """A notebook by name (``01_build_dataset``), unique prefix (``01``), file name, or path.
+
+    >>> find_notebook("01").name                # doctest: +SKIP
+    '01_build_dataset.ipynb'
+    """
+    path = Path(name)
+    if path.suffix == ".ipynb" and path.is_file():
+        return path.resolve()
+    stem = path.name.removesuffix(".ipynb")
+    names = list_notebooks(folder)
+    if stem in names:
+        return folder / f"{stem}.ipynb"
+    matches = [n for n in names if n.startswith(stem)]
+    if len(matches) == 1:
+        return folder / f"{matches[0]}.ipynb"
+    known = ", ".join(names) or "none"
+    what = "is ambiguous" if matches else "does not exist"
+    raise RecordNotFoundError(f"notebook {str(name)!r} {what} (notebooks: {known})")
+
+
+def report_stem(notebook: str, parameters: Mapping, when: datetime) -> str:
+    """The file name (without suffix) of a batch run: notebook, LoRA and release when given, UTC time.
+
+    >>> report_stem("02_train_lora", {"lora": "icons", "release": "r1"}, datetime(2026, 1, 2, 3, 4, 5))
+    '02_train_lora__icons__r1__20260102T030405Z'
+    """
+    parts = [notebook]
+    for key in ("lora", "release"):
+        value = parameters.get(key)
+        if value:
+            parts.append(_NAME_PART.sub("_", str(value)))
+    parts.append(when.strftime("%Y%m%dT%H%M%SZ"))
+    return "__".join(parts)
+
+
+def parse_parameter(value: str):
+    """A ``-p key value`` value: JSON when it parses (numbers, true/false/null, lists, objects), else text.
+    Python's ``True``/``False``/``None`` are accepted too.
+
+    >>> parse_parameter("3"), parse_parameter("[1, 2]"), parse_parameter("True"), parse_parameter("ui_icon")
+    (3, [1, 2], True, 'ui_icon')
+    """
+    import json
+
+    python_words = {"True": True, "False": False, "None": None}
+    if value in python_words:
+        return python_words[value]
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+# ---- running -----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _environment(changes: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for a kernel started inside (kernels inherit the environment), then restore."""
+    with _ENV_LOCK:
+        old = {k: os.environ.get(k) for k in changes}
+        os.environ.update(changes)
+        try:
+            yield
+        finally:
+            for key, value in old.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _kernel_manager_class():
+    """A kernel manager that always starts ``python3`` as *this* interpreter's ipykernel.
+
+    The ``python3`` spec in ``<venv>/share/jupyter/kernels`` already says "python" (which jupyter_client maps
+    to ``sys.executable``), but a ``python3`` spec installed with ``--user`` for another interpreter would
+    win over it; looking in no kernel folder leaves ipykernel's own spec for the running interpreter.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class ThisPythonKernelManager(AsyncKernelManager):
+        @default("kernel_spec_manager")
+        def _default_kernel_spec_manager(self):
+            return KernelSpecManager(parent=self, kernel_dirs=[])
+
+        @default("transport")
+        def _default_transport(self):
+            # Local sockets: nothing listens on TCP ports (and ipykernel has no plain-text TCP to warn about).
+            return "tcp" if os.name == "nt" else "ipc"
+
+    return ThisPythonKernelManager
+
+
+def run_notebook(
+    name: str | Path,
+    parameters: Mapping | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
+    config: str | Path | None = None,
+    html: bool = True,
+    timeout: float | None = None,
+    check: bool = True,
+    log_output: bool = False,
+) -> NotebookRun:
+    """Execute a notebook with papermill and write ``<stem>.ipynb`` and ``<stem>.html`` under ``out_dir``
+    (default ``reports/``); ``lorakit notebook run NAME -p key value ... [--out DIR]``.
+
+    ``data_root`` (also passed as the ``data_root`` parameter) and ``config`` are given to the kernel as
+    ``LORAKIT_DATA_ROOT`` / ``LORAKIT_CONFIG``; the kernel also gets ``LORAKIT_BATCH=1`` (text progress bars,
+    no one to click). ``timeout`` limits each cell (seconds). A failing cell raises :class:`NotebookError`
+    (``check=False``: returns the run with ``ok=False``) after both files are written.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    source = find_notebook(name)
+    notebook = source.stem
+    params = dict(parameters or {})
+    if data_root is not None:
+        params["data_root"] = str(Path(data_root).resolve())
+    out = Path(out_dir) if out_dir is not None else REPORTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    stem = report_stem(notebook, {**_default_parameters(source), **params}, datetime.now(UTC))
+    executed = out / f"{stem}.ipynb"
+    n = 1
+    while executed.exists() or executed.with_suffix(".html").exists():
+        n += 1
+        executed = out / f"{stem}_{n}.ipynb"
+    env = {BATCH_ENV: "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    if data_root is not None:
+        env["LORAKIT_DATA_ROOT"] = str(Path(data_root).resolve())
+    if config is not None:
+        env["LORAKIT_CONFIG"] = str(Path(config).resolve())
+
+    run = NotebookRun(notebook=notebook, parameters=params, executed=executed, html=None)
+    start = time.perf_counter()
+    try:
+        with _environment(env):
+            papermill.execute_notebook(
+                str(source), str(executed), parameters=params, kernel_name=KERNEL_NAME, cwd=str(source.parent),
+                progress_bar=False, log_output=log_output, execution_timeout=timeout,
+                kernel_manager_class=_kernel_manager_class(),
+            )
+    except PapermillExecutionError as exc:
+        run.ok = False
+        run.failed_cell = exc.exec_count
+        run.failed_source = exc.source
+        run.error = f"{exc.ename}: {exc.evalue}"
+        run.traceback = list(exc.traceback or [])
+    run.duration_s = time.perf_counter() - start
+    if html and executed.exists():
+        run.html = export_html(executed, hide_code=_hides_code(source))
+    if not run.ok and check:
+        raise NotebookError(run)
+    return run
+
+
+def _default_parameters(notebook: Path) -> dict:
+    """The literal defaults of a notebook's ``parameters`` cell (for naming a run by its LoRA when not given)."""
+    import ast
+
+    import papermill
+
+    defaults = {}
+    for name, info in papermill.inspect_notebook(str(notebook)).items():
+        with contextlib.suppress(ValueError, SyntaxError, TypeError):
+            defaults[name] = ast.literal_eval(info.get("default") or "")
+    return defaults
+
+
+def _hides_code(notebook: Path) -> bool:
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    return bool(nb.metadata.get("lorakit", {}).get("hide_code"))
+
+
+# The lab template with every script from the network left out: the page is static (plots and images are
+# embedded), and a blocked CDN must not stall opening it.
+_OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{% block jupyter_widgets %}{% endblock jupyter_widgets %}
+"""
+
+
+def export_html(notebook: str | Path, out: str | Path | None = None, *, hide_code: bool = False) -> Path:
+    """Write an executed notebook as one standalone HTML file (images inline, no network scripts).
+
+    Stream outputs are coalesced and ``\\r`` redraws folded, so a text progress bar shows its final state.
+    ``hide_code`` leaves the code cells' input out (a report for readers, not programmers).
+    """
+    import jinja2
+    import nbformat
+    from nbconvert import HTMLExporter
+    from traitlets.config import Config
+
+    path = Path(notebook)
+    target = Path(out) if out is not None else path.with_suffix(".html")
+    config = Config({"CoalesceStreamsPreprocessor": {"enabled": True}})
+    exporter = HTMLExporter(
+        config=config, template_name="lab", template_file="lorakit_offline.html.j2", embed_images=True,
+        exclude_input=hide_code, exclude_input_prompt=hide_code, exclude_output_prompt=hide_code,
+        extra_loaders=[jinja2.DictLoader({"lorakit_offline.html.j2": _OFFLINE_TEMPLATE})],
+    )
+    nb = nbformat.read(path, as_version=4)
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": path.stem}})
+    target.write_text(body, encoding="utf-8")
+    return target
+
+
+# ---- the release report -------------------------------------------------------------------------------------------
+@dataclass
+class ReleaseReport:
+    """Everything ``04_eval_report`` shows about one release, read from the records (no decisions added)."""
+
+    lora: dict
+    release: dict
+    lora_project: str | None  # where the LoRA record lives (None: a baseline LoRA)
+    checkpoint: dict | None
+    manifest: dict | None
+    manifest_problem: str | None
+    loss_log: Path | None
+    samples: list[Path]
+    evals: list[dict]  # of this release, newest first
+    grid_eval: dict | None  # the eval to show: the newest complete grid, else the newest eval
+    status: dict
+
+    @property
+    def reviews(self) -> list[dict]:
+        from .gate import reviews_of
+
+        return reviews_of(self.release)
+
+
+def pick_release_id(lora: dict, release_id: str | None = None) -> str:
+    """The release a report is about: the one asked for, else the active one, else the newest."""
+    if release_id:
+        return release_id
+    if lora.get("activeReleaseId"):
+        return lora["activeReleaseId"]
+    releases = lora.get("releases") or []
+    if not releases:
+        raise RecordNotFoundError(f"LoRA {lora.get('id')!r} has no releases yet (train one first)")
+    return releases[-1]["id"]
+
+
+def release_report(ws: Workspace | str | Path | None, lora_id: str, release_id: str | None = None,
+                   project: str | None = None) -> ReleaseReport:
+    """Read what a release report shows: checkpoint, dataset manifest, training files, evals, review state."""
+    from .config import resolve_weights
+    from .datasets import load_manifest
+    from .errors import ConfigError
+    from .gate import eval_scopes, eval_state, evals_of_release, find_release, locate_lora, recommendation_problems
+    from .gate import review_state as gate_review_state
+    from .models import get_checkpoint
+
+    ws = as_workspace(ws)
+    location = locate_lora(ws.store, lora_id, project)
+    lora = ws.store.read("lora", lora_id, location.project)
+    release = find_release(lora, pick_release_id(lora, release_id))
+    training = release.get("training") or {}
+
+    checkpoint = None
+    with contextlib.suppress(LorakitError):
+        checkpoint = get_checkpoint(ws, training.get("checkpointId") or lora["checkpointId"])
+
+    manifest, manifest_problem = None, None
+    dataset_id = training.get("datasetId")
+    if dataset_id:
+        dataset_project = training.get("datasetProjectId") if training.get("datasetScope", "project") == "project" else None
+        try:
+            manifest = load_manifest(ws, dataset_id, dataset_project)
+            if training.get("manifestHash") and manifest.get("manifestHash") != training["manifestHash"]:
+                manifest_problem = (f"dataset {dataset_id!r} changed since training (manifest hash "
+                                    f"{manifest.get('manifestHash', '?')[:12]} != {training['manifestHash'][:12]})")
+        except LorakitError as exc:
+            manifest_problem = f"dataset {dataset_id!r}: {exc}"
+    else:
+        manifest_problem = "the release names no dataset"
+
+    loss_log = None
+    if training.get("lossLog"):
+        candidate = ws.config.loras_root / training["lossLog"]
+        loss_log = candidate if candidate.is_file() else None
+    samples: list[Path] = []
+    if release.get("weights"):
+        with contextlib.suppress(ConfigError):
+            weights = resolve_weights(release["weights"], ws.config, must_exist=False)
+            samples = sorted((weights.parent / "samples").glob("*.png"))
+
+    scopes = eval_scopes(location, project)
+    evals = sorted(evals_of_release(ws.store, lora_id, release, scopes), key=lambda e: e.get("createdAt", ""),
+                   reverse=True)
+    complete_grids = [e for e in evals if e.get("status") == "complete" and isinstance(e.get("grid"), dict)]
+    grid_eval = (complete_grids or evals or [None])[0]
+    active_evals = evals if lora.get("activeReleaseId") == release["id"] else []
+    status = {
+        "release status": release.get("status"), "review": gate_review_state(release),
+        "active release of the LoRA": lora.get("activeReleaseId") == release["id"],
+        "LoRA recommended": bool(lora.get("recommended")), "evals": eval_state(evals),
+        "can be recommended": not recommendation_problems(lora, active_evals) if active_evals else False,
+    }
+    return ReleaseReport(lora, release, location.project, checkpoint, manifest, manifest_problem, loss_log, samples,
+                         evals, grid_eval, status)
+
+
+def _report_path_text(path: Path) -> str:
+    """A report path as recorded: relative to the repository when inside it (POSIX), else absolute."""
+    resolved = path.resolve()
+    try:
+        return resolved.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return resolved.as_posix()
+
+
+def make_report(
+    ws: Workspace | str | Path | None,
+    lora_id: str,
+    release_id: str | None = None,
+    *,
+    project: str | None = None,
+    out_dir: str | Path | None = None,
+    parameters: Mapping | None = None,
+    timeout: float | None = None,
+) -> NotebookRun:
+    """Run ``04_eval_report`` for one release (``lorakit report --lora L --release R``) and record the report's
+    path on the release: ``evaluation.report = {html, notebook, createdAt}``.
+
+    ``release_id`` defaults to the active release, else the newest. A failing report records nothing.
+    """
+    from .loras import update_release
+    from .store import now_iso
+
+    ws = as_workspace(ws)
+    report = release_report(ws, lora_id, release_id, project)
+    release_id = report.release["id"]
+    params = {**(parameters or {}), "project": project or report.lora_project, "lora": lora_id, "release": release_id}
+    config = os.environ.get("LORAKIT_CONFIG")
+    run = run_notebook(REPORT_NOTEBOOK, params, out_dir=out_dir, data_root=ws.data_root, config=config,
+                       timeout=timeout)
+
+    def record(release: dict) -> None:
+        evaluation = release.get("evaluation") if isinstance(release.get("evaluation"), dict) else {}
+        evaluation["report"] = {"html": _report_path_text(run.html) if run.html else None,
+                                "notebook": _report_path_text(run.executed), "createdAt": now_iso()}
+        release["evaluation"] = evaluation
+
+    update_release(ws, lora_id, release_id, record, project=report.lora_project)
+    return run
+
+
+__all__ = [
+    "NOTEBOOKS_DIR", "REPORTS_DIR", "NotebookError", "NotebookRun", "ReleaseReport", "export_html", "find_notebook",
+    "list_notebooks", "make_report", "parse_parameter", "pick_release_id", "release_report", "report_stem",
+    "run_notebook",
+]

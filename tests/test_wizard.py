@@ -1,0 +1,223 @@
+"""The beginner wizard, driven like a user would in pytest: set the page widgets, click the buttons, wait for the
+background work, on a temporary copy of the demo data; then the records it produced, and its refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import lorakit
+from lorakit.datasets import build_manifest
+from lorakit.validate import validate_records
+from lorakit.widgets import Wizard
+from lorakit.widgets.wizard import STEPS, ReviewPanel, preset_options, suggest_lora_id
+from lorakit.workspace import open_workspace
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+PROJECT = "demo"
+
+
+def demo_copy(root: Path, mp: pytest.MonkeyPatch, models: Path):
+    data = root / "data"
+    shutil.copytree(REPO / "data", data, ignore=shutil.ignore_patterns(".lorakit"))
+    config = root / "local.json"
+    config.write_text(json.dumps({"paths": {"modelsRoot": str(models), "checkpointsRoot": str(models / "checkpoints"),
+                                            "lorasRoot": str(root / "loras")}}), encoding="utf-8")
+    for key, value in {"LORAKIT_DATA_ROOT": str(data), "LORAKIT_CONFIG": str(config), "HF_HUB_OFFLINE": "1",
+                       "TRANSFORMERS_OFFLINE": "1", "LORAKIT_USER": "tester"}.items():
+        mp.setenv(key, value)
+    return open_workspace()
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    return demo_copy(tmp_path, monkeypatch, tmp_path / "models")
+
+
+def small_wizard(ws) -> Wizard:
+    return Wizard(ws, project=PROJECT, eval_seeds=[1], eval_prompts=["ui icon of a shield"], eval_steps=2,
+                  poll_seconds=0.1)
+
+
+def test_six_steps_make_a_trained_evaluated_active_release(ws):
+    w = small_wizard(ws)
+    assert w.step == 0 and w.checkpoint.value == "tiny-sd15"  # the project's default checkpoint
+
+    # 1. checkpoint: its weights are not built yet, so Next refuses until the build button has run.
+    assert not w.next() and "not on this machine" in w.refusal and w.step == 0
+    assert w.build_button.layout.display != "none"
+    w.build_button.click()
+    assert w.busy and w.next_button.disabled and w.build_button.disabled
+    assert w.wait() is None and not w.busy
+    assert "weights found" in w.checkpoint_info.value and w.build_button.layout.display == "none"
+    w.next_button.click()
+    assert w.step == 1
+
+    # 2. dataset: pick an asset type; the live count and thumbnails follow the filters.
+    assert list(w.type_boxes) == ["ui_icon", "character", "vfx", "texture"]
+    assert w.approved_only.value and w.approved_only.disabled
+    w.type_boxes["ui_icon"].value = True
+    expected = build_manifest(ws, project=PROJECT, asset_types=["ui_icon"], caption="tags+spec", with_tokens=True,
+                              dry_run=True).manifest["items"]
+    assert w.state.matching == len(expected) > 0
+    assert f">{len(expected)}</b> matching images" in w.match_count.value
+    assert w.match_preview.value.count("<img") == min(6, len(expected))
+    w.required_tags.value = ["color:neon"]
+    neon = [i for i in expected if "color:neon" in (i.get("tags") or [])]
+    assert w.state.matching == len(neon) < len(expected)
+    w.required_tags.value = []
+    w.next_button.click()
+    assert w.step == 2
+
+    # 3. captions: the preview shows the real captions of the strategy chosen.
+    w.caption.value = "tags+spec+title"
+    w.with_tokens.value = False
+    first = build_manifest(ws, project=PROJECT, asset_types=["ui_icon"], caption="tags+spec+title",
+                           dry_run=True).manifest["items"][0]["caption"]
+    assert first in w.caption_preview.value.replace("&#x27;", "'")
+    w.next_button.click()
+    assert w.step == 3
+
+    # 4. preset: only the tiny preset and the sd15 ones for a tiny sd15 checkpoint; advanced shows the numbers.
+    assert [n for _, n in w.preset.options] == ["tiny-demo", "sd15-character", "sd15-style"]
+    assert "Seconds on a CPU" in w.preset_info.value
+    assert w.advanced_box.layout.display == "none"
+    w.advanced.value = True
+    assert w.advanced_box.layout.display != "none" and w.advanced_fields["rank"].value == 4
+    w.advanced_fields["steps"].value = 3
+    assert w.state.overrides == {"steps": 3} and w.state.config["steps"] == 3
+    w.next_button.click()
+    assert w.step == 4
+
+    # 5. train: Next refuses before a release exists; Train runs in the background with the buttons disabled.
+    assert not w.next() and "train first" in w.refusal
+    assert w.lora_id.value == suggest_lora_id(PROJECT, ["ui_icon"], "tiny-sd15")
+    w.lora_id.value = "wiz_icons"
+    w.notes.value = "made by the wizard test"
+    w.train_button.click()
+    assert w.busy and w.next_button.disabled and w.back_button.disabled and w.train_button.disabled
+    assert w.checkpoint.disabled and w.type_boxes["ui_icon"].disabled
+    assert not w.go_to(0) and "wait" in w.refusal
+    assert w.wait() is None, w.message.value
+    assert w.train_progress.value == w.train_progress.max == 3
+    assert "trained" in w.train_status.value and w.loss_image.value
+    assert w.train_button.disabled and w.checkpoint.disabled  # locked: the release was trained on these choices
+    lora = lorakit.get_lora(ws, "wiz_icons", project=PROJECT)
+    (release,) = lora["releases"]
+    assert release["id"] == w.state.release_id and release["status"] == "candidate"
+    assert release["notes"] == "made by the wizard test" and release["training"]["steps"] == 3
+    assert release["training"]["preset"] == "tiny-demo"
+    manifest = lorakit.load_manifest(ws, w.state.dataset_id, PROJECT)
+    assert manifest["selection"]["caption"] == "tags+spec+title" and manifest["selection"]["assetTypes"] == ["ui_icon"]
+    assert lora["checkpointId"] == "tiny-sd15" and lora["assetTypes"] == ["ui_icon"]
+    w.next_button.click()
+
+    # 6. evaluate: the grid starts by itself; approve makes the release active and (gate allowing) recommended.
+    assert w.step == 5 and w.busy
+    assert w.wait() is None, w.message.value
+    assert w.grid_image.value and w.grid_progress.value == 2  # base and LoRA, one prompt, one seed
+    record = ws.store.read("eval", w.state.eval_id, PROJECT)
+    assert record["status"] == "complete" and record["releaseId"] == w.state.release_id
+    assert isinstance(w.review, ReviewPanel) and w.review.approve_button.description == "Approve and make active"
+    w.review.notes.value = "crisp enough"
+    w.review.approve_button.click()
+    lora = lorakit.get_lora(ws, "wiz_icons", project=PROJECT)
+    assert lora["activeReleaseId"] == w.state.release_id and lora["recommended"] is True
+    assert lora["releases"][0]["status"] == "approved"
+    assert lora["releases"][0]["evaluation"]["reviews"][-1]["notes"] == "crisp enough"
+    assert w.state.review == "approved" and all(w.done)
+    assert "recommended" in w.review.result.value
+    assert not validate_records(ws)
+
+
+def test_refusals_no_matching_images_and_skipped_steps(ws):
+    lorakit.make_tiny_checkpoint(ws, "tiny-sd15", "sd15")
+    w = small_wizard(ws)
+    # A later page cannot be reached before the earlier ones are done: by the step buttons or by code.
+    w.crumbs.value = 3
+    assert w.step == 0 and w.crumbs.value == 0 and "finish step 1 (Checkpoint) first" in w.refusal
+    assert "steps cannot be skipped" in w.message.value
+    assert not w.go_to(4) and w.step == 0
+    assert not w.start_training() and "finish step 1" in w.refusal
+    assert w.next() and w.step == 1
+    # No asset type, then filters no approved image matches: Next refuses and says why.
+    assert not w.next() and "at least one asset type" in w.refusal
+    w.type_boxes["ui_icon"].value = True
+    w.required_tags.value = ["character:astroduck"]
+    assert w.state.matching == 0 and ">0</b> matching images" in w.match_count.value
+    assert "filtered by tag" in w.match_count.value
+    assert not w.next() and "no approved image matches" in w.refusal and w.step == 1
+    w.required_tags.value = []
+    assert w.next() and w.step == 2
+    # Going back and changing a choice makes the later pages be confirmed again.
+    assert w.back() and w.step == 1
+    w.type_boxes["vfx"].value = True
+    w.crumbs.value = 2
+    assert w.step == 1 and "finish step 2 (Dataset) first" in w.refusal
+    # A bad number in the advanced settings.
+    assert w.next() and w.next() and w.step == 3
+    w.advanced.value = True
+    w.advanced_fields["rank"].value = 0
+    assert "rank must be a positive integer" in w.config_error.value
+    assert not w.next() and "not valid" in w.refusal
+    w.advanced_fields["rank"].value = 4
+    assert w.next() and w.step == 4
+    # A LoRA id that belongs to another checkpoint.
+    lorakit.make_tiny_checkpoint(ws, "tiny-other", "sd15", asset_types=["ui_icon"])
+    lorakit.create_lora(ws, "taken", name="Taken", scope="project", project=PROJECT, checkpoint="tiny-other",
+                        asset_types=["ui_icon"])
+    w.lora_id.value = "taken"
+    assert "choose another id" in w.train_summary.value
+    assert not w.start_training() and "is for checkpoint tiny-other" in w.refusal
+    assert not w.busy and lorakit.get_lora(ws, "taken", project=PROJECT)["releases"] == []
+
+
+def test_an_error_in_background_work_is_shown_on_the_page(ws):
+    lorakit.make_tiny_checkpoint(ws, "tiny-sd15", "sd15")
+    w = small_wizard(ws)
+    w.next()
+    w.type_boxes["texture"].value = True
+    assert w.next() and w.next() and w.next() and w.step == 4
+    # The images go away between the preview and the run: the dataset build inside the thread fails.
+    for path in (ws.data_root / "files" / "demo" / "texture").glob("*.png"):
+        path.unlink()
+    w.train_button.click()
+    error = w.wait()
+    assert isinstance(error, lorakit.DatasetError)
+    assert "training failed" in w.message.value and "DatasetError" in w.message.value
+    assert not w.busy and not w.train_button.disabled and not w.next_button.disabled  # can fix and retry
+    assert w.state.release_id is None and not w.checkpoint.disabled
+
+
+def test_review_panel_buttons_call_the_gate(ws):
+    """The panel 03_eval_grid shows: reject with notes, and the gate's refusals shown instead of raised."""
+    lorakit.make_tiny_checkpoint(ws, "tiny-sd15", "sd15")
+    lorakit.create_lora(ws, "panel", name="Panel", scope="project", project=PROJECT, checkpoint="tiny-sd15",
+                        asset_types=["ui_icon"])
+    release = lorakit.loras.make_release("r1", weights={"kind": "absolute", "path": "/nonexistent.safetensors"},
+                                         sha256="0" * 64, training={})
+    lorakit.add_release(ws, "panel", release, project=PROJECT)
+    panel = ReviewPanel(ws, "panel", "r1", project=PROJECT)
+    assert [b.description for b in panel.children[2].children] == ["Approve", "Reject", "Activate", "Recommend"]
+    panel.approve_button.click()  # no complete eval: the gate refuses, the panel says so
+    assert "cannot review" in panel.result.value and "lorakit-error" in panel.result.value
+    panel.recommend_button.click()
+    assert "no active release" in panel.result.value
+    panel.notes.value = "not reviewable"
+    panel.activate_button.click()
+    assert "candidate" in panel.result.value
+    assert lorakit.get_lora(ws, "panel", project=PROJECT)["releases"][0]["status"] == "candidate"
+    assert "not reviewed yet" in panel.history.value and "review <b>unreviewed</b>" in panel.status.value
+
+
+def test_preset_options_and_ids():
+    presets = lorakit.list_presets()
+    assert [n for _, n in preset_options(presets, "sdxl", tiny=False)] == ["sdxl-character", "sdxl-style"]
+    assert "tiny-demo" not in [n for _, n in preset_options(presets, "sd15", tiny=False)]
+    assert suggest_lora_id("p", ["a b", "c"], "x..y") == "p_a_b_c_x_y"
+    assert len(STEPS) == 6
