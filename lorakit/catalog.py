@@ -8,7 +8,6 @@ names the file and each failing JSON path. Catalogs are small and are schema-che
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from .errors import RecordError, RecordNotFoundError
 from .ids import check_id
-from .store import Store
+from .store import Store, loads_json
 from .workspace import Workspace, as_workspace
 
 VERSION_STATUSES = ("draft", "review", "approved", "rejected", "deprecated")
@@ -107,12 +106,7 @@ def spec_looks_valid(record: object) -> bool:
 
 
 def _parse(path: str, data: bytes) -> object:
-    try:
-        return json.loads(data)
-    except UnicodeDecodeError as exc:
-        raise RecordError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise RecordError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    return loads_json(data, path)
 
 
 def _read_raw(path: str) -> object:
