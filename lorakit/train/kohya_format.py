@@ -1,0 +1,348 @@
+"""The kohya LoRA file format: key names, header metadata and the hashes tools precompute.
+
+kohya sd-scripts' layout is the one every consumer reads (ComfyUI, A1111/Forge, ``diffusers.load_lora_weights``):
+
+- one entry per adapted module, named ``lora_unet_<module path with _>`` or ``lora_te_…`` (SDXL: ``lora_te1_…``
+  and ``lora_te2_…`` for its two encoders), each with ``.lora_down.weight`` (rank x in), ``.lora_up.weight``
+  (out x rank) and a scalar ``.alpha``; the update is ``up @ down * alpha / rank``, as in peft;
+- SD1.5 module paths are the diffusers UNet's (kohya trains SD1.5 on a diffusers-layout UNet), SDXL paths are
+  the original Stability (sgm) UNet's ``input_blocks.N.M`` / ``middle_block.N`` / ``output_blocks.N.M``
+  (kohya trains SDXL on that UNet), so :func:`diffusers_to_sgm` maps them;
+- header metadata is strings only: ``ss_*`` training facts, ``sshs_model_hash``/``sshs_legacy_hash`` (the
+  hashes sd-webui-additional-networks shows, computed over the tensors plus the ``ss_*`` keys only, so editing
+  other metadata keeps them), a ``modelspec.*`` block (Stability's model spec) and our own ``lorakit.*`` keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from datetime import UTC
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save, save_file
+
+BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+# kohya writes "diffusers" for SD1.x LoRAs and Stability's repository for SDXL ones.
+MODELSPEC_IMPLEMENTATION = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
+TEXT_ENCODER_PREFIXES = {"sd15": ("lora_te",), "sdxl": ("lora_te1", "lora_te2")}
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Metadata keys that change from run to run even when the weights are identical.
+VOLATILE_METADATA_KEYS = ("ss_training_started_at", "ss_training_finished_at", "ss_session_id", "modelspec.date",
+                          "lorakit.release_id", "lorakit.duration_s")
+
+_RESNET_TO_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_TOP_LEVEL_TO_SGM = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+                     "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                     "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
+# ---- names -------------------------------------------------------------------------------------------------
+def diffusers_to_sgm(path: str, layers_per_block: int, up_block_has_attention: Sequence[bool]) -> str:
+    """A diffusers UNet module path in the original SDXL (sgm) UNet's layout.
+
+    Each down level has ``layers_per_block`` (resnet, attention) pairs then a downsampler, each up level one
+    more pair then an upsampler; sgm numbers them all in one ``input_blocks`` / ``output_blocks`` list, with
+    the resnet at ``.0`` and the attention at ``.1``.
+
+    >>> diffusers_to_sgm("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 2, [True, True, False])
+    'input_blocks.4.1.transformer_blocks.0.attn1.to_q'
+    >>> diffusers_to_sgm("up_blocks.0.attentions.2.proj_out", 2, [True, True, False])
+    'output_blocks.2.1.proj_out'
+    >>> diffusers_to_sgm("mid_block.resnets.1.conv2", 2, [True, True, False])
+    'middle_block.2.out_layers.3'
+    """
+    for name, sgm in _TOP_LEVEL_TO_SGM.items():
+        if path == name or path.startswith(name + "."):
+            return sgm + path[len(name):]
+    parts = path.split(".")
+    n = layers_per_block
+
+    def resnet(rest: list[str]) -> str:
+        head = _RESNET_TO_SGM.get(rest[0], rest[0])
+        return ".".join([head, *rest[1:]])
+
+    if parts[0] == "down_blocks":
+        block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "downsamplers":
+            return ".".join(["input_blocks", str((block + 1) * (n + 1)), "0", "op", *rest[1:]])
+        layer = 1 + block * (n + 1) + index
+        if kind == "resnets":
+            return f"input_blocks.{layer}.0.{resnet(rest)}"
+        if kind == "attentions":
+            return ".".join(["input_blocks", str(layer), "1", *rest])
+    elif parts[0] == "mid_block":
+        kind, index, rest = parts[1], int(parts[2]), parts[3:]
+        if kind == "attentions":
+            return ".".join(["middle_block", "1", *rest])
+        if kind == "resnets":
+            return f"middle_block.{0 if index == 0 else 2}.{resnet(rest)}"
+    elif parts[0] == "up_blocks":
+        block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "upsamplers":
+            slot = 2 if up_block_has_attention[block] else 1
+            return ".".join(["output_blocks", str(block * (n + 1) + n), str(slot), *rest])
+        layer = block * (n + 1) + index
+        if kind == "resnets":
+            return f"output_blocks.{layer}.0.{resnet(rest)}"
+        if kind == "attentions":
+            return ".".join(["output_blocks", str(layer), "1", *rest])
+    raise ValueError(f"no sgm name for UNet module {path!r}")
+
+
+def kohya_name(prefix: str, module_path: str) -> str:
+    """``("lora_unet", "down_blocks.0.attentions.0.proj_in")`` -> ``"lora_unet_down_blocks_0_attentions_0_proj_in"``."""
+    return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+def unet_module_name(module_path: str, family: str, unet_config: dict | None = None) -> str:
+    """The kohya name of a UNet module of a ``family`` checkpoint (SDXL needs the UNet's config)."""
+    if family == "sdxl":
+        cfg = unet_config or {}
+        layers = cfg.get("layers_per_block", 2)
+        if not isinstance(layers, int):
+            raise ValueError("SDXL UNets with per-block layer counts have no kohya layout")
+        has_attention = ["CrossAttn" in t for t in cfg.get("up_block_types", ())]
+        module_path = diffusers_to_sgm(module_path, layers, has_attention)
+    return kohya_name("lora_unet", module_path)
+
+
+def text_encoder_module_name(prefix: str, encoder: torch.nn.Module, module_path: str) -> str:
+    """The kohya name of a text-encoder module: always under ``text_model.`` as in CLIP's original layout.
+
+    transformers 5 flattened ``CLIPTextModel`` (its modules are ``encoder.layers...``, no ``text_model.``),
+    but kohya files, A1111 and ComfyUI name them ``lora_te_text_model_encoder_...`` (diffusers accepts both).
+    """
+    if not hasattr(encoder, "text_model") and not module_path.startswith("text_model."):
+        module_path = "text_model." + module_path
+    return kohya_name(prefix, module_path)
+
+
+# ---- tensors -----------------------------------------------------------------------------------------------
+def lora_layers(model: torch.nn.Module, adapter: str = "default") -> Iterable[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """``(module path, down weight, up weight, alpha)`` for every peft LoRA layer of ``model``, in module order."""
+    for path, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or not isinstance(lora_a, torch.nn.ModuleDict) or adapter not in lora_a:
+            continue
+        alpha = float(module.lora_alpha[adapter])
+        # peft may wrap the model (PeftModel, DDP): keep the path relative to the original model.
+        for wrapper in ("module.", "base_model.model."):
+            if path.startswith(wrapper):
+                path = path[len(wrapper):]
+        yield path, module.lora_A[adapter].weight, module.lora_B[adapter].weight, alpha
+
+
+def to_kohya_tensors(named_layers: Iterable[tuple[str, str, torch.Tensor, torch.Tensor, float]],
+                     dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """kohya tensors from ``(kohya name, _, down, up, alpha)`` entries, cast to ``dtype`` on the CPU."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, _path, down, up, alpha in named_layers:
+        tensors[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
+        tensors[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    return tensors
+
+
+def kohya_state_dict(family: str, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] = (),
+                     dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The kohya tensors of a peft-adapted UNet (and text encoders, when they were trained)."""
+    config = dict(getattr(unet, "config", {}) or {})
+    entries = [(unet_module_name(p, family, config), p, d, u, a) for p, d, u, a in lora_layers(unet)]
+    for prefix, encoder in zip(TEXT_ENCODER_PREFIXES[family], text_encoders, strict=False):
+        entries += [(text_encoder_module_name(prefix, encoder, p), p, d, u, a) for p, d, u, a in lora_layers(encoder)]
+    names = [e[0] for e in entries]
+    if len(set(names)) != len(names):
+        raise ValueError("two LoRA modules map to the same kohya name")
+    return to_kohya_tensors(entries, dtype)
+
+
+# ---- hashes ------------------------------------------------------------------------------------------------
+def addnet_hash_safetensors(data: bytes) -> str:
+    """sha256 of everything after the safetensors header (sd-webui-additional-networks' "new" hash)."""
+    n = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + n:]).hexdigest()
+
+
+def addnet_hash_legacy(data: bytes) -> str:
+    """First 8 hex digits of sha256 of the 64 KiB at offset 1 MiB (A1111's old model hash)."""
+    return hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def sshs_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """``(sshs_model_hash, sshs_legacy_hash)`` as kohya's ``precalculate_safetensors_hashes`` computes them:
+    over the file the tensors make with only the ``ss_*`` metadata, so other keys can change freely."""
+    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    return addnet_hash_safetensors(data), addnet_hash_legacy(data)
+
+
+def modelspec_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """``modelspec.hash_sha256``: sha256 over each tensor's bytes, in key order (kohya's way), ``0x``-prefixed."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(_tensor_bytes(save({"tensor": tensors[name]})))
+    return "0x" + digest.hexdigest()
+
+
+def _tensor_bytes(data: bytes) -> bytes:
+    n = int.from_bytes(data[:8], "little")
+    return data[8 + n:]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- metadata ----------------------------------------------------------------------------------------------
+def tag_frequency(captions: Iterable[str]) -> dict[str, int]:
+    """How often each comma-separated tag occurs in ``captions`` (kohya's ``ss_tag_frequency`` counts).
+
+    >>> tag_frequency(["a, b", "b,c", ""])
+    {'a': 1, 'b': 2, 'c': 1}
+    """
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in (t.strip() for t in caption.split(",")):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
+def build_metadata(*, family: str, cfg: dict, title: str, output_name: str, dataset_name: str, captions: Sequence[str],
+                   num_images: int, steps: int, epoch: int, num_epochs: int, batches_per_epoch: int, world_size: int,
+                   optimizer_name: str, mixed_precision: str, started_at: float, finished_at: float,
+                   bucket_info: dict, session_id: int, checkpoint_name: str, checkpoint_sha256: str | None,
+                   prediction_type: str, lorakit: dict[str, object]) -> dict[str, str]:
+    """All header metadata of a LoRA file except the hashes (see :func:`finish_metadata`); every value a string."""
+    resolution = cfg["resolution"]
+    network_args = {"conv_dim": cfg["conv_rank"], "conv_alpha": cfg["conv_alpha"]} if cfg["train_conv"] else None
+    ss: dict[str, object] = {
+        "ss_session_id": session_id,
+        "ss_training_started_at": started_at,
+        "ss_training_finished_at": finished_at,
+        "ss_output_name": output_name,
+        "ss_learning_rate": cfg["lr"],
+        "ss_unet_lr": cfg["lr"],
+        "ss_text_encoder_lr": cfg["text_encoder_lr"] if cfg["train_text_encoder"] else None,
+        "ss_num_train_images": num_images * cfg["repeats"],
+        "ss_num_reg_images": 0,
+        "ss_num_batches_per_epoch": batches_per_epoch,
+        "ss_num_epochs": num_epochs,
+        "ss_epoch": epoch,
+        "ss_steps": steps,
+        "ss_max_train_steps": steps,
+        "ss_batch_size_per_device": cfg["batch_size"],
+        "ss_total_batch_size": cfg["batch_size"] * cfg["gradient_accumulation_steps"] * world_size,
+        "ss_gradient_checkpointing": cfg["gradient_checkpointing"],
+        "ss_gradient_accumulation_steps": cfg["gradient_accumulation_steps"],
+        "ss_lr_warmup_steps": cfg["lr_warmup_steps"],
+        "ss_lr_scheduler": cfg["lr_scheduler"],
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": cfg["rank"],
+        "ss_network_alpha": cfg["alpha"],
+        "ss_network_dropout": cfg["lora_dropout"],
+        "ss_mixed_precision": mixed_precision,
+        "ss_v2": False,
+        "ss_base_model_version": BASE_MODEL_VERSION[family],
+        "ss_clip_skip": cfg["clip_skip"] if family == "sd15" else None,
+        "ss_cache_latents": cfg["cache_latents"],
+        "ss_seed": cfg["seed"],
+        "ss_noise_offset": cfg["noise_offset"] or None,
+        "ss_min_snr_gamma": cfg["min_snr_gamma"],
+        "ss_optimizer": optimizer_name,
+        "ss_max_grad_norm": cfg["max_grad_norm"],
+        "ss_caption_dropout_rate": cfg["caption_dropout"],
+        "ss_shuffle_caption": cfg["shuffle_tags"],
+        "ss_keep_tokens": cfg["keep_tokens"],
+        "ss_resolution": (resolution, resolution),
+        "ss_enable_bucket": True,
+        "ss_bucket_no_upscale": cfg["bucket_no_upscale"],
+        "ss_min_bucket_reso": cfg["bucket_min_side"],
+        "ss_max_bucket_reso": cfg["bucket_max_side"],
+        "ss_bucket_info": json.dumps(bucket_info),
+        "ss_dataset_dirs": json.dumps({dataset_name: {"n_repeats": cfg["repeats"], "img_count": num_images}}),
+        "ss_tag_frequency": json.dumps({dataset_name: tag_frequency(captions)}),
+        "ss_sd_model_name": checkpoint_name,
+        "ss_new_sd_model_hash": checkpoint_sha256,
+        "ss_training_comment": lorakit.get("notes") or None,
+    }
+    if network_args:
+        ss["ss_network_args"] = json.dumps(network_args)
+    # kohya stores str(value) for everything, so None is "None" and booleans are "True"/"False".
+    metadata = {k: str(v) for k, v in ss.items()}
+    metadata.update({
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE[family],
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION[family],
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": _iso_seconds(finished_at),
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+    })
+    for key, value in lorakit.items():
+        if value is not None:
+            metadata[f"lorakit.{key}"] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return metadata
+
+
+def finish_metadata(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """``metadata`` plus the hashes computed from the tensors (and its ``ss_*`` keys)."""
+    model_hash, legacy_hash = sshs_hashes(tensors, metadata)
+    return {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash,
+            "modelspec.hash_sha256": modelspec_hash(tensors)}
+
+
+def _iso_seconds(timestamp: float) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(int(timestamp), UTC).isoformat()
+
+
+# ---- files -------------------------------------------------------------------------------------------------
+def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write the file atomically (a temporary file renamed into place) and return its sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return file_sha256(path)
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header metadata of a LoRA file."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    return tensors, metadata
+
+
+def read_lora_bytes_hashes(path: str | Path) -> tuple[str, str]:
+    """Recompute the sshs hashes of a written file from its tensors and ``ss_*`` keys (for checks)."""
+    tensors, metadata = read_lora_file(path)
+    return sshs_hashes(tensors, metadata)
+
+
+__all__ = [
+    "BASE_MODEL_VERSION", "VOLATILE_METADATA_KEYS", "build_metadata", "diffusers_to_sgm", "file_sha256",
+    "finish_metadata", "kohya_name", "kohya_state_dict", "lora_layers", "read_lora_file", "save_lora_file",
+    "sshs_hashes", "tag_frequency", "text_encoder_module_name", "unet_module_name",
+]
