@@ -1,17 +1,61 @@
 """lorakit: train LoRAs per Stable Diffusion checkpoint on a studio's curated, tagged game assets.
 
-The Python API mirrors the command line: every ``lorakit X Y`` command is one function here.
+The Python API mirrors the command line: every ``lorakit X Y`` command is one function here, e.g.
+``lorakit dataset build`` is :func:`build_manifest` and ``lorakit lora train`` is :func:`train_lora`.
+
+    >>> import lorakit
+    >>> ws = lorakit.open_workspace()                     # doctest: +SKIP
+    >>> lorakit.build_manifest(ws, project="demo", asset_types=["ui_icon"])  # doctest: +SKIP
+
+Names are imported on first use, so ``import lorakit`` (and every command that needs no model) starts
+without loading torch and diffusers.
 """
 
-from .config import Config, load_config, resolve_weights
-from .errors import ConfigError, DatasetError, InvalidIdError, LorakitError, RecordError, RecordNotFoundError
-from .ids import check_id, new_ulid
-from .store import Store
-from .validate import validate_records
-from .workspace import Workspace, open_workspace
+from __future__ import annotations
 
-__all__ = [
-    "Config", "ConfigError", "DatasetError", "InvalidIdError", "LorakitError", "RecordError", "RecordNotFoundError",
-    "Store", "Workspace", "check_id", "load_config", "new_ulid", "open_workspace", "resolve_weights",
-    "validate_records",
-]
+from importlib import import_module
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "find_duplicates": ".assets", "import_assets": ".assets", "set_asset_status": ".assets",
+    "tag_assets": ".assets", "tag_frequencies": ".assets",
+    "build_manifest": ".datasets", "dataset_summary": ".datasets", "export_dataset": ".datasets",
+    "load_manifest": ".datasets", "manifest_items_frame": ".datasets",
+    "canonical_prompts": ".evals", "cleanup_eval": ".evals", "contact_sheet": ".evals", "create_eval": ".evals",
+    "create_eval_grid": ".evals", "normalize_evals": ".evals", "save_contact_sheet": ".evals",
+    "show_eval_grid": ".evals",
+    "add_checkpoint": ".models", "checkpoint_family": ".models", "get_checkpoint": ".models",
+    "list_checkpoints": ".models", "load_pipeline": ".models", "make_tiny_checkpoint": ".models",
+    "verify_checkpoint": ".models",
+    "load_catalogs": ".catalog", "load_project": ".catalog", "load_specs": ".catalog",
+    "Config": ".config", "load_config": ".config", "resolve_weights": ".config",
+    "ConfigError": ".errors", "DatasetError": ".errors", "InvalidIdError": ".errors", "LorakitError": ".errors",
+    "RecordError": ".errors", "RecordNotFoundError": ".errors",
+    "activate_release": ".gate", "deprecate_release": ".gate", "review_release": ".gate",
+    "set_recommended": ".gate",
+    "check_id": ".ids", "new_ulid": ".ids",
+    "add_release": ".loras", "create_lora": ".loras", "get_lora": ".loras",
+    "export_html": ".reports", "make_report": ".reports", "release_report": ".reports", "run_notebook": ".reports",
+    "apply_loras": ".select", "list_loras": ".select", "resolve_loras": ".select", "select_loras": ".select",
+    "Store": ".store",
+    "list_presets": ".train", "plot_loss": ".train", "resolve_config": ".train", "train_lora": ".train",
+    "setup_kohya": ".train.kohya", "train_kohya": ".train.kohya",
+    "record_manual_run": ".train.manual",
+    "validate_records": ".validate",
+    "run_worker": ".worker",
+    "Workspace": ".workspace", "open_workspace": ".workspace",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -51,6 +51,7 @@ from .datasets import (
     spec_tags,
 )
 from .errors import LorakitError, RecordNotFoundError
+from .hashing import file_sha256
 from .ids import check_id, new_ulid
 from .imagehash import DEFAULT_THRESHOLD, dhash, has_alpha, hash_hex, near_pairs
 from .store import Store, now_iso
@@ -587,7 +588,7 @@ def _known_images(ws: Workspace, project: str) -> dict[str, str]:
 
 def _file_sha256(store: Store, rel: str) -> str | None:
     try:
-        return hashlib.sha256(store.file_path(rel).read_bytes()).hexdigest()
+        return file_sha256(store.file_path(rel))
     except (OSError, LorakitError):
         return None
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .config import REPO_ROOT, resolve_weights
 from .errors import ConfigError, LorakitError, RecordError, RecordNotFoundError
+from .hashing import file_sha256
 from .ids import check_id, new_ulid
 from .store import now_iso
 from .workspace import Workspace, as_workspace
@@ -371,12 +372,6 @@ def find_eval(ws: Workspace | str | Path | None, eval_id: str, project: str | No
 
 
 # ---- hashes --------------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_fingerprint(path: Path, cache_dir: Path | None = None) -> str:

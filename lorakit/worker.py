@@ -40,10 +40,10 @@ from .evals import (
     adapter_name,
     checkpoint_weights_hash,
     cleanup_eval,
-    file_sha256,
     record_failure,
     record_output,
 )
+from .hashing import file_sha256
 from .store import now_iso
 from .workspace import Workspace, as_workspace
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -26,12 +25,8 @@ from lorakit.workspace import open_workspace
 
 
 @pytest.fixture
-def ws(tmp_path, monkeypatch):
-    config = tmp_path / "local.json"
-    config.write_text(json.dumps({"paths": {"modelsRoot": str(tmp_path / "models")}}), encoding="utf-8")
-    monkeypatch.setenv("LORAKIT_CONFIG", str(config))
-    monkeypatch.setenv("LORAKIT_DATA_ROOT", str(tmp_path / "data"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def ws(tmp_data_root):
+    """A workspace on an empty temporary data root with its own config (see conftest.py)."""
     return open_workspace()
 
 

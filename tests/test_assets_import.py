@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -32,13 +31,8 @@ from lorakit.workspace import open_workspace
 
 # ---- fixtures -----------------------------------------------------------------------------------------
 @pytest.fixture
-def ws(tmp_path, monkeypatch):
-    """A workspace on an empty temporary data root, with its own config file."""
-    config = tmp_path / "local.json"
-    config.write_text(json.dumps({"paths": {"modelsRoot": str(tmp_path / "models")}}), encoding="utf-8")
-    monkeypatch.setenv("LORAKIT_CONFIG", str(config))
-    monkeypatch.setenv("LORAKIT_DATA_ROOT", str(tmp_path / "data"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def ws(tmp_data_root):
+    """A workspace on an empty temporary data root with its own config (see conftest.py)."""
     return open_workspace()
 
 

@@ -58,16 +58,10 @@ def asset_types_catalog(prompts: dict[str, list[str]]) -> dict:
 
 
 @pytest.fixture
-def ws(tmp_path, monkeypatch):
+def ws(tmp_path, monkeypatch, tmp_data_root):
     """A data root with a project, a shared asset-types catalog, a checkpoint record and a LoRA with two releases
     whose weights files are small stand-ins (grid planning only hashes them)."""
-    data, models = tmp_path / "data", tmp_path / "models"
-    config = tmp_path / "local.json"
-    config.write_text(json.dumps({"paths": {"modelsRoot": str(models), "checkpointsRoot": str(models / "checkpoints"),
-                                            "lorasRoot": str(models / "loras")}}), encoding="utf-8")
-    monkeypatch.setenv("LORAKIT_DATA_ROOT", str(data))
-    monkeypatch.setenv("LORAKIT_CONFIG", str(config))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data, models = tmp_data_root, tmp_path / "models"  # see conftest.py
     workspace = open_workspace()
     now = now_iso()
     workspace.store.write("project", {"id": PROJECT, "name": "Project", "createdAt": now, "updatedAt": now})

@@ -24,14 +24,7 @@ TS = "2026-01-01T00:00:00.000Z"
 
 
 @pytest.fixture
-def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
-    data, models = tmp_path / "data", tmp_path / "models"
-    config = tmp_path / "local.json"
-    config.write_text(json.dumps({"paths": {"modelsRoot": str(models), "checkpointsRoot": str(models / "checkpoints"),
-                                            "lorasRoot": str(models / "loras")}}), encoding="utf-8")
-    monkeypatch.setenv("LORAKIT_DATA_ROOT", str(data))
-    monkeypatch.setenv("LORAKIT_CONFIG", str(config))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_data_root: Path) -> Workspace:
     monkeypatch.setenv("LORAKIT_USER", "tester")
     workspace = open_workspace()
     store = workspace.store

@@ -224,14 +224,7 @@ def test_pick_release_newest_approved_uses_created_at_then_list_order() -> None:
 
 # ---- on real records and files ------------------------------------------------------------------------------
 @pytest.fixture
-def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
-    data, models = tmp_path / "data", tmp_path / "models"
-    config = tmp_path / "local.json"
-    config.write_text(json.dumps({"paths": {"modelsRoot": str(models), "checkpointsRoot": str(models / "checkpoints"),
-                                            "lorasRoot": str(models / "loras")}}), encoding="utf-8")
-    monkeypatch.setenv("LORAKIT_DATA_ROOT", str(data))
-    monkeypatch.setenv("LORAKIT_CONFIG", str(config))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_data_root: Path) -> Workspace:
     workspace = open_workspace()
     workspace.store.write("project", project(maxActiveLoras=3))
     return workspace

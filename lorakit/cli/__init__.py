@@ -13,7 +13,7 @@ from importlib import import_module
 from ..errors import LorakitError
 
 # Each module registers its sub-commands with ``register(subparsers, common)``.
-COMMAND_MODULES = ["records", "dataset", "assets", "gate", "checkpoint", "evals", "lora", "adapters"]
+COMMAND_MODULES = ["records", "dataset", "assets", "gate", "checkpoint", "evals", "lora", "adapters", "notebooks"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import ROOT_NAMES, resolve_weights
 from ..errors import LorakitError
-from ..models import FAMILIES, add_checkpoint, list_checkpoints, make_tiny_checkpoint, verify_checkpoint
+from ..models import FAMILIES, add_checkpoint, list_checkpoints, make_tiny_checkpoint
 from .common import split_list, workspace
 
 
@@ -105,6 +105,8 @@ def cmd_list(args) -> int:
 
 def cmd_verify(args) -> int:
     ws = workspace(args)
+    from ..models import verify_checkpoint  # loads torch: only for this command
+
     report = verify_checkpoint(ws, args.checkpoint_id, allow_pickle=True if args.allow_pickle else None)
     if args.json:
         print(json.dumps(report, indent=2))

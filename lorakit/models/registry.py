@@ -18,6 +18,7 @@ from filelock import FileLock
 
 from ..config import ROOT_NAMES, resolve_weights
 from ..errors import ConfigError, RecordError, RecordNotFoundError
+from ..hashing import file_sha256
 from ..ids import check_id
 from ..store import now_iso
 from ..workspace import Workspace, as_workspace
@@ -68,12 +69,6 @@ def check_pickle_allowed(path: Path, allow_pickle: bool, what: str) -> None:
 
 
 # ---- hashing -------------------------------------------------------------------------------------------
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_sha256(path: Path) -> str:

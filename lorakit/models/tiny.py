@@ -11,8 +11,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import torch
-
 from .tokenizer import VOCAB_SIZE, write_clip_tokenizer
 
 FAMILIES = ("sd15", "sdxl")
@@ -46,8 +44,13 @@ def build_tiny_pipeline(family: str, seed: int = 0):
 
     The same ``family`` and ``seed`` always give the same weights.
     """
+    import torch
     from diffusers import (
-        EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from ..hashing import file_sha256
 from ..store import Store
 from .config import TrainingError, parse_color
 
@@ -39,12 +40,6 @@ class TrainItem:
 
 
 # ---- checking the files ------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_items(store: Store, items: list[dict]) -> list[TrainItem]:

@@ -27,6 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
+from ..hashing import file_sha256
+
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
 # kohya writes "diffusers" for SD1.x LoRAs and Stability's repository for SDXL ones.
@@ -196,12 +198,6 @@ def _tensor_bytes(data: bytes) -> bytes:
     return data[8 + n:]
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---- metadata ----------------------------------------------------------------------------------------------
@@ -342,7 +338,7 @@ def read_lora_bytes_hashes(path: str | Path) -> tuple[str, str]:
 
 
 __all__ = [
-    "BASE_MODEL_VERSION", "VOLATILE_METADATA_KEYS", "build_metadata", "diffusers_to_sgm", "file_sha256",
+    "BASE_MODEL_VERSION", "VOLATILE_METADATA_KEYS", "build_metadata", "diffusers_to_sgm",
     "finish_metadata", "kohya_name", "kohya_state_dict", "lora_layers", "read_lora_file", "save_lora_file",
     "sshs_hashes", "tag_frequency", "text_encoder_module_name", "unet_module_name",
 ]

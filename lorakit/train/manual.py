@@ -14,7 +14,6 @@ safetensors header, and turning a weights file into a release.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from ..config import ROOT_NAMES, WEIGHT_KINDS, Config, resolve_weights
 from ..datasets import load_manifest, manifest_hash
 from ..errors import ConfigError, RecordError, RecordNotFoundError
+from ..hashing import file_sha256
 from ..ids import check_id, new_ulid
 from ..loras import add_release, find_lora, get_release, make_release
 from ..workspace import Workspace, as_workspace
@@ -192,12 +192,6 @@ def release_entry(release_id: str, *, weights: dict, sha256: str | None, trainin
 
 
 # ---- I/O -----------------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str] | None:
