@@ -28,5 +28,9 @@ test: install
 lint: install
 	$(BIN)/ruff check lorakit tests benchmarks scripts
 
+# Speed and memory figures for the README (minutes; run on a quiet machine).
 bench: install
 	$(BIN)/python benchmarks/bench_dataset_build.py
+	$(BIN)/python benchmarks/bench_import.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_eval_grid.py --threads 1
