@@ -8,12 +8,13 @@ repository). Without ``--root`` it is generated into a temporary folder and remo
 ``--root`` an existing library there is reused (generated first if it has no ``data/`` folder).
 
 Each measurement runs in a fresh Python process, so its peak RSS is that build's own and nothing is warm in
-the interpreter. "Cold" is a first build: lorakit's hash cache is removed, so every selected image is read,
-verified and hashed (the target applies here). "Cold disk" also asks the kernel to drop the library's files
-from the page cache (``/proc/sys/vm/drop_caches`` when writable, else ``posix_fadvise(DONTNEED)`` on every
-file): that measures the disk as much as lorakit, so it is reported without a target. "Warm" re-runs with
-the hash cache the cold build left. Build time is measured around the ``build_manifest``
-call (imports and interpreter start-up are reported separately) and includes the manifest write.
+the interpreter. "Cold" is a first build: lorakit's caches (image hashes, parsed records) are removed, so
+every record is read and every selected image is read, verified and hashed (the target applies here).
+"Cold disk" also asks the kernel to drop the library's files from the page cache
+(``/proc/sys/vm/drop_caches`` when writable, else ``posix_fadvise(DONTNEED)`` on every file): that measures
+the disk as much as lorakit, so it is reported without a target. "Warm" re-runs with the caches the cold
+build left. Build time is measured around the ``build_manifest`` call (imports and interpreter start-up are
+reported separately) and includes the manifest write.
 """
 
 from __future__ import annotations
@@ -144,10 +145,10 @@ def main() -> int:
 
         shutil.rmtree(data_root / ".lorakit" / "cache", ignore_errors=True)
         how = drop_page_cache(data_root)
-        print(f"cold disk: lorakit hash cache removed; page cache dropped with {how} (no target: disk-bound)")
+        print(f"cold disk: lorakit caches (image hashes, parsed records) removed; page cache dropped with {how} (no target: disk-bound)")
         cold_disk = measure(data_root)
         shutil.rmtree(data_root / ".lorakit" / "cache", ignore_errors=True)
-        print("cold: lorakit hash cache removed; files in the page cache")
+        print("cold: lorakit caches (image hashes, parsed records) removed; files in the page cache")
         cold = measure(data_root)
         warm = measure(data_root)
         report("cold disk", cold_disk, None)

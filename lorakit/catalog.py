@@ -8,13 +8,18 @@ names the file and each failing JSON path. Catalogs are small and are schema-che
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import orjson
 
 from .errors import RecordError, RecordNotFoundError
 from .ids import check_id
@@ -183,6 +188,120 @@ class FileReader:
         self.close()
 
 
+# Why: a warm dataset build otherwise opens and reads every asset and spec file (~12,500 small files for a
+# 10,000-asset library), which was most of its time. One stat per file plus one read of this cache is
+# cheaper. It is JSON (orjson), never pickle, so reading it cannot run code.
+RECORD_CACHE_VERSION = 1  # bump when the quick checks change: cached records skip them
+RACY_WINDOW_NS = 2_000_000_000
+
+
+class RecordCache:
+    """Checked records of one project's record folder (``assets`` or ``specs``), keyed by file name.
+
+    Stored in ``<dataRoot>/.lorakit/cache/records-<project>-<kind>.json`` as ``name -> [size, mtime_ns,
+    record as compact JSON text]``; an entry is used only while a fresh stat of the file still shows that
+    size and mtime. Only records that passed the quick checks (and whose id matched the file name) are put
+    in, so a hit needs no check. A corrupt or foreign cache file is ignored; :meth:`save` writes atomically,
+    and only when something changed. Readers never save: the caller decides (a dry run does not).
+
+    Each record stays a string until it is asked for: loading the cache then makes ten thousand strings,
+    not a million objects that would all stay alive (and be walked by the garbage collector) while the
+    build streams through the assets chunk by chunk. Parsing one compact string costs what parsing it as
+    part of one big document would.
+    """
+
+    def __init__(self, store: Store, project: str, kind: str):
+        self.path = os.path.join(os.fspath(store.root), ".lorakit", "cache", f"records-{project}-{kind}.json")
+        self.entries: dict[str, list] = {}
+        self.dirty = False
+        try:
+            with open(self.path, "rb") as handle:
+                raw = orjson.loads(handle.read())
+            if type(raw) is dict and raw.get("version") == RECORD_CACHE_VERSION and type(raw.get("entries")) is dict:
+                self.entries = raw["entries"]
+        except (OSError, ValueError):
+            pass  # no cache yet, or a broken one: start empty (and rewrite it on save)
+
+    def get(self, name: str, st: os.stat_result | None) -> dict | None:
+        """The cached record of file ``name`` if ``st`` (its fresh stat) still matches, else ``None``."""
+        entry = self.entries.get(name)
+        if (st is None or type(entry) is not list or len(entry) != 3 or entry[0] != st.st_size
+                or entry[1] != st.st_mtime_ns or type(entry[2]) is not str):
+            return None
+        try:
+            record = orjson.loads(entry[2])
+        except orjson.JSONDecodeError:
+            return None
+        return record if type(record) is dict else None
+
+    def put(self, name: str, st: os.stat_result | None, record: dict) -> None:
+        """Remember a checked ``record`` read from file ``name`` (stat taken before the read)."""
+        # A file modified in the last moments could change again within the same mtime tick and keep its
+        # size; caching it would then hide the change ("racily clean", as git calls it), so it waits.
+        if st is None or time.time_ns() - st.st_mtime_ns < RACY_WINDOW_NS:
+            self.drop(name)
+            return
+        self.entries[name] = [st.st_size, st.st_mtime_ns, orjson.dumps(record).decode("utf-8")]
+        self.dirty = True
+
+    def drop(self, name: str) -> None:
+        if self.entries.pop(name, None) is not None:
+            self.dirty = True
+
+    def keep_only(self, names: Iterable[str]) -> None:
+        """Forget files that are gone (``names``: every file the folder has now)."""
+        gone = self.entries.keys() - set(names)
+        for name in gone:
+            del self.entries[name]
+        self.dirty = self.dirty or bool(gone)
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        folder = os.path.dirname(self.path)
+        os.makedirs(folder, exist_ok=True)
+        data = orjson.dumps({"version": RECORD_CACHE_VERSION, "entries": self.entries})
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".records.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self.dirty = False
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cycle collector while JSON is parsed: parsing makes no cycles, but each of the collector's
+    passes while tens of thousands of new objects appear walks them all again (it doubled the parse time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _parse_checked(path: str, data: bytes) -> tuple[object, bool]:
+    """The parsed record and whether it may be cached: only what orjson parsed survives its round trip
+    (the standard library fallback also accepts NaN and Infinity, which orjson would write as null)."""
+    try:
+        return orjson.loads(data), True
+    except orjson.JSONDecodeError:
+        return _parse(path, data), False
+
+
 def explain_invalid(store: Store, kind: str, record: object, path: str, fallback: str) -> RecordError:
     """The schema's own message for a record that failed the quick check (``fallback`` if the schema passes)."""
     try:
@@ -210,25 +329,39 @@ def read_asset_file(store: Store, path: str) -> dict:
 ASSET_CHUNK = 512
 
 
-def iter_asset_chunks(ws: Workspace | str | Path | None, project: str,
-                      reader: FileReader | None = None) -> Iterator[list[dict]]:
-    """The project's asset records in id order, in lists of up to 512 (so callers can prefetch per chunk)."""
+def iter_asset_chunks(ws: Workspace | str | Path | None, project: str, reader: FileReader | None = None,
+                      *, records: RecordCache | None = None) -> Iterator[list[dict]]:
+    """The project's asset records in id order, in lists of up to 512 (so callers can prefetch per chunk).
+
+    Unchanged files come from ``records`` (default: the project's record cache, read but never saved
+    here); the rest are read and checked, and put in ``records`` for the caller to save.
+    """
     ws = as_workspace(ws)
     folder = os.fspath(require_project(ws.store, project) / "assets")
     try:
         names = sorted(n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith("."))
     except FileNotFoundError:
         return
+    if records is None:
+        records = RecordCache(ws.store, project, "assets")
+    records.keep_only(names)
     own = reader is None
     reader = reader or FileReader()
     try:
         for start in range(0, len(names), ASSET_CHUNK):
-            paths = [folder + os.sep + name for name in names[start:start + ASSET_CHUNK]]
-            chunk = []
-            for path, data in zip(paths, reader.read_many(paths), strict=True):
+            chunk_names = names[start:start + ASSET_CHUNK]
+            stats = [_stat(folder + os.sep + name) for name in chunk_names]
+            with _gc_paused():
+                chunk = [records.get(name, st) for name, st in zip(chunk_names, stats, strict=True)]
+            misses = [i for i, record in enumerate(chunk) if record is None]
+            paths = [folder + os.sep + chunk_names[i] for i in misses]
+            for i, path, data in zip(misses, paths, reader.read_many(paths), strict=True):
                 if isinstance(data, OSError):
                     raise RecordError(f"{path}: cannot be read ({data.strerror})")
-                chunk.append(check_asset(ws.store, path, _parse(path, data)))
+                record, cacheable = _parse_checked(path, data)
+                chunk[i] = check_asset(ws.store, path, record)
+                if cacheable:
+                    records.put(chunk_names[i], stats[i], chunk[i])
             yield chunk
     finally:
         if own:
@@ -249,36 +382,51 @@ class SpecIndex:
     """Specs of one project, read on first use (a build only reads the specs its candidates point at).
 
     ``get`` returns ``None`` for a spec whose file does not exist; a malformed spec is a :class:`RecordError`.
+    Unchanged spec files come from ``records`` (default: the project's record cache, read but never saved
+    here); the specs read are put in it for the caller to save.
     """
 
-    def __init__(self, store: Store, project: str):
+    def __init__(self, store: Store, project: str, *, records: RecordCache | None = None):
         self._store = store
         self._folder = os.fspath(store.project_dir(project) / "specs")
         self._cache: dict[str, dict | None] = {}
+        self._records = records if records is not None else RecordCache(store, project, "specs")
 
     def get(self, spec_id: str) -> dict | None:
         try:
             return self._cache[spec_id]
         except KeyError:
             pass
-        path = self._path(spec_id)
-        try:
-            record = _read_raw(path)
-        except FileNotFoundError:
-            record = None
-        return self._keep(spec_id, path, record)
+        self.prefetch([spec_id], None)
+        return self._cache[spec_id]
 
-    def prefetch(self, spec_ids: Iterable[str], reader: FileReader) -> None:
+    def prefetch(self, spec_ids: Iterable[str], reader: FileReader | None) -> None:
         """Read the specs not read yet in one batch (so a cold disk serves them in parallel)."""
-        wanted = [s for s in dict.fromkeys(spec_ids) if s not in self._cache]
-        paths = [self._path(s) for s in wanted]
-        for spec_id, path, data in zip(wanted, paths, reader.read_many(paths), strict=True):
+        wanted = []
+        with _gc_paused():
+            for spec_id in dict.fromkeys(spec_ids):
+                if spec_id in self._cache:
+                    continue
+                path = self._path(spec_id)
+                st = _stat(path)
+                record = self._records.get(spec_id + ".json", st)
+                if record is not None:
+                    self._cache[spec_id] = record
+                else:
+                    wanted.append((spec_id, path, st))
+        paths = [path for _, path, _ in wanted]
+        datas = reader.read_many(paths) if reader is not None else [_read_bytes(p) for p in paths]
+        for (spec_id, path, st), data in zip(wanted, datas, strict=True):
             if isinstance(data, FileNotFoundError):
-                self._keep(spec_id, path, None)
+                self._records.drop(spec_id + ".json")
+                self._cache[spec_id] = None
             elif isinstance(data, OSError):
                 raise RecordError(f"{path}: cannot be read ({data.strerror})")
             else:
-                self._keep(spec_id, path, _parse(path, data))
+                record, cacheable = _parse_checked(path, data)
+                self._keep(spec_id, path, record)
+                if cacheable and record is not None:
+                    self._records.put(spec_id + ".json", st, record)  # type: ignore[arg-type]
 
     def _path(self, spec_id: str) -> str:
         return self._folder + os.sep + check_id(spec_id, "spec id") + ".json"
@@ -291,12 +439,14 @@ class SpecIndex:
 
 
 def load_specs(ws: Workspace | str | Path | None, project: str) -> dict[str, dict]:
-    """Every spec of ``project`` by id (read raw and quickly checked, like assets)."""
+    """Every spec of ``project`` by id (read raw and quickly checked, like assets; unchanged ones from the cache)."""
     ws = as_workspace(ws)
     require_project(ws.store, project)
     index = SpecIndex(ws.store, project)
+    spec_ids = ws.store.list_ids("spec", project)
+    index.prefetch(spec_ids, None)
     specs = {}
-    for spec_id in ws.store.list_ids("spec", project):
+    for spec_id in spec_ids:
         spec = index.get(spec_id)
         if spec is not None:
             specs[spec_id] = spec

@@ -33,6 +33,7 @@ from .catalog import (
     Catalogs,
     CatalogsByCheckpoint,
     FileReader,
+    RecordCache,
     SpecIndex,
     explain_invalid,
     iter_asset_chunks,
@@ -591,7 +592,9 @@ def build_manifest(
 
     root = os.fspath(store.root)
     assets_dir = os.path.join(os.fspath(store.project_dir(project)), "assets")
-    specs = SpecIndex(store, project)
+    asset_records = RecordCache(store, project, "assets")  # parsed records, saved below unless a dry run
+    spec_records = RecordCache(store, project, "specs")
+    specs = SpecIndex(store, project, records=spec_records)
     catalogs = CatalogsByCheckpoint(ws, project) if with_tokens else None
     exclude = compile_globs(selection.exclude_tags)
     stats = _FileStats(root)
@@ -604,7 +607,7 @@ def build_manifest(
     to_hash: list[tuple[int, str, os.stat_result]] = []  # (item index, path, stat) of images not in the cache
     seen = 0
     with FileReader() as reader:
-        for chunk in iter_asset_chunks(ws, project, reader):
+        for chunk in iter_asset_chunks(ws, project, reader, records=asset_records):
             specs.prefetch((a["specId"] for a in chunk), reader)
             for asset in chunk:
                 seen += 1
@@ -702,6 +705,8 @@ def build_manifest(
     else:
         target = store.write("dataset", manifest, project=target_project)
         cache.save()
+        asset_records.save()
+        spec_records.save()
     return BuildResult(manifest=manifest, path=target, written=not dry_run, assets_seen=seen, left_out=left_out,
                        warnings=warnings, images_hashed=hashed)
 

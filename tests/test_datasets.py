@@ -541,3 +541,115 @@ def test_a_warm_build_reads_no_image(store: Store) -> None:
     assert time.perf_counter() - t0 < 5
     assert (cold.images_hashed, warm.images_hashed) == (30, 0)
     assert warm.manifest["manifestHash"] == cold.manifest["manifestHash"]
+
+
+# ---- parsed-record cache -------------------------------------------------------------------------------
+RECORD_CACHES = ("records-p1-assets.json", "records-p1-specs.json")
+
+
+def age_records(store: Store) -> None:
+    """Give every asset and spec file an old mtime, so the record cache trusts them (fresh files wait 2 s)."""
+    for kind in ("assets", "specs"):
+        for path in (store.root / "projects/p1" / kind).glob("*.json"):
+            os.utime(path, (OLD, OLD))
+
+
+def record_cache(store: Store, kind: str = "assets") -> dict:
+    return json.loads((store.root / f".lorakit/cache/records-p1-{kind}.json").read_text(encoding="utf-8"))["entries"]
+
+
+def test_record_cache_serves_unchanged_files_and_rereads_changed_ones(store: Store) -> None:
+    add_asset(store, "a1", "s_icon", [version("v1", "approved", [variant("a1_x", ["color:neon"])])])
+    add_asset(store, "a2", "s_icon", [version("v1", "approved", [variant("a2_x", ["color:neon"])])])
+    age_records(store)
+    build(store)
+    assert set(record_cache(store)) == {"a1.json", "a2.json"} and set(record_cache(store, "specs")) == {"s_icon.json"}
+    # An entry is used while the file's size and mtime match: an edited cache entry shows through.
+    cache_file = store.root / ".lorakit/cache/records-p1-assets.json"
+    raw = json.loads(cache_file.read_text(encoding="utf-8"))
+    raw["entries"]["a2.json"][2] = raw["entries"]["a2.json"][2].replace("color:neon", "color:cache")
+    cache_file.write_text(json.dumps(raw), encoding="utf-8")
+    os.utime(cache_file, (OLD, OLD))
+    items = {i["assetId"]: i for i in build(store).manifest["items"]}
+    assert items["a2"]["tags"] == ["color:cache"]
+    assert cache_file.stat().st_mtime_ns == OLD * 10**9  # all hits: the cache is not rewritten
+    # Same size, new content and mtime: read again.
+    path = store.root / "projects/p1/assets/a1.json"
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace("color:neon", "color:teal"), encoding="utf-8")
+    os.utime(path, (OLD + 5, OLD + 5))
+    assert len(text) == path.stat().st_size
+    items = {i["assetId"]: i for i in build(store).manifest["items"]}
+    assert items["a1"]["tags"] == ["color:teal"]
+    assert record_cache(store)["a1.json"][:2] == [path.stat().st_size, (OLD + 5) * 10**9]
+
+
+def test_record_cache_skips_racy_files_and_keeps_error_messages(store: Store) -> None:
+    add_asset(store, "a1", "s_icon", [version("v1", "approved", [variant("a1_x")])])
+    add_asset(store, "a2", "s_icon", [version("v1", "approved", [variant("a2_x")])])
+    age_records(store)
+    os.utime(store.root / "projects/p1/assets/a2.json")  # modified just now: read, but not cached yet
+    build(store)
+    assert set(record_cache(store)) == {"a1.json"}
+    bad = store.root / "projects/p1/assets/a1.json"  # cached, then broken: the usual error, cache untouched
+    bad.write_text('{"id": "a1",\n  "versions": [}\n', encoding="utf-8")
+    before = snapshot(store.root)
+    with pytest.raises(RecordError, match=r"a1\.json: malformed JSON at line 2, column 16"):
+        build(store)
+    assert snapshot(store.root) == before
+
+
+def test_corrupt_record_cache_is_ignored(store: Store) -> None:
+    add_asset(store, "a1", "s_icon", [version("v1", "approved", [variant("a1_x", ["color:neon"])])])
+    age_records(store)
+    folder = store.root / ".lorakit/cache"
+    folder.mkdir(parents=True)
+    (folder / "records-p1-assets.json").write_text("{not json", encoding="utf-8")
+    (folder / "records-p1-specs.json").write_text(json.dumps(
+        {"version": 1, "entries": {"s_icon.json": "x", "s_char.json": [1, 2, "[not json"]}}), encoding="utf-8")
+    result = build(store, caption="tags+spec")
+    assert result.manifest["items"][0]["caption"] == "color:neon, assetType:ui_icon, style:cyber"
+    assert set(record_cache(store)) == {"a1.json"}
+    assert json.loads(record_cache(store, "specs")["s_icon.json"][2])["id"] == "s_icon"
+
+
+def test_dry_run_writes_no_record_cache(store: Store) -> None:
+    add_asset(store, "a1", "s_icon", [version("v1", "approved", [variant("a1_x")])])
+    age_records(store)
+    build(store, dry_run=True)
+    assert not any((store.root / ".lorakit/cache" / name).exists() for name in RECORD_CACHES)
+    build(store)
+    assert all((store.root / ".lorakit/cache" / name).is_file() for name in RECORD_CACHES)
+    add_asset(store, "a2", "s_icon", [version("v1", "approved", [variant("a2_x")])])
+    age_records(store)
+    before = snapshot(store.root)
+    assert len(build(store, dry_run=True).manifest["items"]) == 2
+    assert snapshot(store.root) == before
+
+
+def test_deleted_asset_file_leaves_results_and_record_cache(store: Store) -> None:
+    add_asset(store, "a1", "s_icon", [version("v1", "approved", [variant("a1_x")])])
+    add_asset(store, "a2", "s_icon", [version("v1", "approved", [variant("a2_x")])])
+    age_records(store)
+    assert [i["assetId"] for i in build(store).manifest["items"]] == ["a1", "a2"]
+    (store.root / "projects/p1/assets/a2.json").unlink()
+    result = build(store)
+    assert [i["assetId"] for i in result.manifest["items"]] == ["a1"] and result.assets_seen == 1
+    assert set(record_cache(store)) == {"a1.json"}
+
+
+def test_iter_assets_and_load_specs_read_the_record_cache_but_never_write_it(store: Store) -> None:
+    from lorakit.catalog import iter_assets, load_specs
+
+    add_asset(store, "a1", "s_icon", [version("v1", "approved", [variant("a1_x")])])
+    age_records(store)
+    assert [a["id"] for a in iter_assets(store.root, "p1")] == ["a1"] and set(load_specs(store.root, "p1")) == {
+        "s_char", "s_icon"}
+    assert not (store.root / ".lorakit/cache/records-p1-assets.json").exists()
+    build(store)
+    before = snapshot(store.root)
+    add_asset(store, "a2", "s_icon", [version("v1", "approved", [variant("a2_x")])])
+    age_records(store)
+    assert [a["id"] for a in iter_assets(store.root, "p1")] == ["a1", "a2"]
+    assert load_specs(store.root, "p1")["s_icon"]["title"] == "Shield icon"
+    assert record_cache(store) == json.loads(before[".lorakit/cache/records-p1-assets.json"])["entries"]
