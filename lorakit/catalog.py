@@ -12,7 +12,6 @@ import contextlib
 import gc
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ import orjson
 
 from .errors import RecordError, RecordNotFoundError
 from .ids import check_id
-from .store import Store, loads_json
+from .store import Store, loads_json, write_atomic
 from .workspace import Workspace, as_workspace
 
 VERSION_STATUSES = ("draft", "review", "approved", "rejected", "deprecated")
@@ -258,18 +257,7 @@ class RecordCache:
     def save(self) -> None:
         if not self.dirty:
             return
-        folder = os.path.dirname(self.path)
-        os.makedirs(folder, exist_ok=True)
-        data = orjson.dumps({"version": RECORD_CACHE_VERSION, "entries": self.entries})
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".records.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.path, orjson.dumps({"version": RECORD_CACHE_VERSION, "entries": self.entries}), durable=False)
         self.dirty = False
 
 

@@ -42,7 +42,7 @@ from .catalog import (
 )
 from .errors import DatasetError, RecordError
 from .ids import check_id, new_ulid
-from .store import now_iso
+from .store import now_iso, write_atomic
 from .workspace import Workspace, as_workspace
 
 if TYPE_CHECKING:
@@ -490,18 +490,9 @@ class HashCache:
     def save(self) -> None:
         if not self.dirty:
             return
-        folder = os.path.dirname(self.path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sha256.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump({"version": HASH_CACHE_VERSION, "entries": self.entries}, handle,
-                          ensure_ascii=False, separators=(",", ":"))
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        data = json.dumps({"version": HASH_CACHE_VERSION, "entries": self.entries}, ensure_ascii=False,
+                          separators=(",", ":")).encode("utf-8")
+        write_atomic(self.path, data, durable=False)
         self.dirty = False
 
 

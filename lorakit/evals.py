@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from .config import REPO_ROOT, resolve_weights
 from .errors import ConfigError, LorakitError, RecordError, RecordNotFoundError
 from .hashing import file_sha256
 from .ids import check_id, new_ulid
-from .store import now_iso
+from .store import now_iso, write_atomic
 from .workspace import Workspace, as_workspace
 
 CANONICAL_MIN, CANONICAL_MAX = 3, 5
@@ -404,10 +403,8 @@ def weights_fingerprint(path: Path, cache_dir: Path | None = None) -> str:
             digest.update(f"{rel}\t{file_sha256(p)}\n".encode())
         value = digest.hexdigest()
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"path": str(path), "stamp": stamp, "sha256": value}), encoding="utf-8")
-        os.replace(tmp, cache_file)
+        record = {"path": str(path), "stamp": stamp, "sha256": value}
+        write_atomic(cache_file, json.dumps(record).encode("utf-8"), durable=False)
     return value
 
 

@@ -263,18 +263,29 @@ class Store:
 
     @staticmethod
     def _atomic_write(path: Path, record: object) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(dump_json(record))
+        write_atomic(path, dump_json(record).encode("utf-8"))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` all at once: a temporary file in the same folder, then a rename.
+
+    Readers see the old file or the new one, never half of one, even if the writer is killed. ``durable``
+    also syncs the data to disk before the rename (records); caches that can be rebuilt skip that cost.
+    """
+    folder = os.path.dirname(os.fspath(path)) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _missing_message(kind: str, record_id: str, project: str | None) -> str:

@@ -37,7 +37,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 from collections.abc import Sequence
@@ -53,7 +52,7 @@ from ..datasets import export_dataset
 from ..errors import ConfigError
 from ..ids import check_id, new_ulid
 from ..loras import add_release, find_lora
-from ..store import dump_json, now_iso
+from ..store import dump_json, now_iso, write_atomic
 from ..workspace import Workspace, as_workspace
 from .config import TrainingError, parse_config_json
 from .manual import (
@@ -387,17 +386,7 @@ def _install_into(slot: Path, repo: str, ref: str, packages: list[str], python: 
 
 
 def _write_marker(home: Path, install: KohyaInstall) -> None:
-    fd, tmp = tempfile.mkstemp(dir=home, prefix=f".{MARKER_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(dump_json(install.marker()))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, home / MARKER_NAME)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(home / MARKER_NAME, dump_json(install.marker()).encode("utf-8"))
 
 
 def _remove_stale_slots(home: Path, keep: Path | None) -> None:

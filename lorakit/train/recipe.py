@@ -35,7 +35,7 @@ from pathlib import Path
 from ..errors import DatasetError, RecordError
 from ..ids import check_id, new_ulid
 from ..loras import add_release, find_lora, make_release
-from ..store import now_iso
+from ..store import now_iso, write_atomic
 from ..workspace import Workspace, as_workspace
 from .config import TrainingError, numeric_config_diff, resolve_config
 from .data import check_items, epoch_batches, make_buckets, padded_batches, pick_bucket
@@ -677,9 +677,7 @@ def _render_samples(pipe, cfg: dict, folder: Path, epoch: int, accelerator) -> N
 
 # ---- run folder: run.json and the resumable state ----------------------------------------------------------
 def _write_run(out_dir: Path, run: dict) -> None:
-    tmp = out_dir / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / RUN_FILE)
+    write_atomic(out_dir / RUN_FILE, (json.dumps(run, indent=2) + "\n").encode("utf-8"))
 
 
 def _read_run(out_dir: Path) -> dict:
