@@ -327,3 +327,31 @@ def test_interrupted_import_leaves_only_whole_items_and_a_rerun_finishes(ws, tmp
     assert len(assets_of(ws, "game")) == count
     assert len(ws.store.list_ids("spec", "game")) == count // per_group
     assert validate_records(ws, project="game") == []
+
+
+@pytest.mark.slow
+def test_an_imported_folder_builds_a_dataset_and_trains_on_the_tiny_checkpoint(ws, art):
+    """Bring your own images, end to end: import → dataset → a trained candidate release whose file exists."""
+    from lorakit.datasets import build_manifest
+    from lorakit.loras import create_lora, get_lora
+    from lorakit.models import make_tiny_checkpoint
+    from lorakit.train import train_lora
+
+    make_tiny_checkpoint(ws, "tiny-sd15", "sd15")
+    report = import_assets(ws, "studio", art, recursive=True, asset_type="character", status="approved",
+                           checkpoint="tiny-sd15", license="CC0-1.0")
+    assert len(report.imported) == 6  # every whole image; the broken, truncated and hidden files are skipped
+    result = build_manifest(ws, project="studio", asset_types=["character"], checkpoints=["tiny-sd15"],
+                            caption="tags+spec", dataset_id="imported")
+    items = result.manifest["items"]
+    assert len(items) == 6
+    assert any("astroduck" in (item.get("caption") or "") for item in items)  # kohya folder name -> tag -> caption
+    create_lora(ws, "studio_chars", name="Studio characters", scope="project", project="studio",
+                checkpoint="tiny-sd15", asset_types=["character"])
+    trained = train_lora(ws, "studio_chars", "imported", project="studio", preset="tiny-demo",
+                         overrides={"steps": 2}, progress=False)
+    assert trained.weights_path.is_file()
+    release = get_lora(ws, "studio_chars", "studio")["releases"][-1]
+    assert release["status"] == "candidate"
+    assert release["training"]["manifestHash"] == result.manifest["manifestHash"]
+    assert validate_records(ws) == []
