@@ -15,10 +15,6 @@ OVERVIEW_TEXT_COLUMNS = ["lora_id", "scope", "project", "checkpoint_id", "asset_
                          "release_status", "review", "active", "eval_state"]
 
 
-# Older name of the lora group helper: cli/evals.py imports it from here. New code uses lora.lora_subcommands.
-lora_group = lora_subcommands
-
-
 def register(subparsers, common) -> None:
     add_gate_commands(lora_subcommands(subparsers, common), common)
 
