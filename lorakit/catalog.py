@@ -22,7 +22,7 @@ import orjson
 
 from .errors import RecordError, RecordNotFoundError
 from .ids import check_id
-from .store import Store, loads_json, write_atomic
+from .store import Store, loads_json, parse_json, write_atomic
 from .workspace import Workspace, as_workspace
 
 VERSION_STATUSES = ("draft", "review", "approved", "rejected", "deprecated")
@@ -114,15 +114,8 @@ def _parse(path: str, data: bytes) -> object:
 
 
 def _read_raw(path: str) -> object:
-    """Parse one JSON file without pathlib; errors name the file, line and column."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise RecordError(f"{path}: cannot be read ({exc.strerror})") from None
-    return _parse(path, data)
+    """Parse one JSON file; errors name the file, line and column."""
+    return parse_json(path)
 
 
 def _read_bytes(path: str) -> bytes | OSError:

@@ -72,10 +72,12 @@ def loads_json(data: bytes, where: object) -> object:
         raise RecordError(f"{where}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
 
 
-def parse_json(path: Path) -> object:
-    """Parse one JSON file; a syntax error names the file, line and column."""
+def parse_json(path: str | os.PathLike) -> object:
+    """Parse one JSON file; a syntax error names the file, line and column. A missing file raises
+    :class:`FileNotFoundError` so callers can tell "absent" from "broken"."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read()
     except FileNotFoundError:
         raise
     except OSError as exc:
