@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -29,3 +32,17 @@ def tmp_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     return data_root
+
+
+def copy_demo_data(root: Path, models: Path) -> tuple[Path, Path]:
+    """A copy of the repository's demo data under ``root`` and a config for it: ``(data_root, config_path)``.
+
+    Weights go under ``models`` (checkpoints) and ``root/loras`` (LoRAs), never into the repository. Callers set
+    ``LORAKIT_DATA_ROOT``/``LORAKIT_CONFIG`` themselves (for this process or for a subprocess they start).
+    """
+    data = root / "data"
+    shutil.copytree(REPO_ROOT / "data", data, ignore=shutil.ignore_patterns(".lorakit"))
+    config = root / "local.json"
+    config.write_text(json.dumps({"paths": {"modelsRoot": str(models), "checkpointsRoot": str(models / "checkpoints"),
+                                            "lorasRoot": str(root / "loras")}}), encoding="utf-8")
+    return data, config

@@ -8,7 +8,6 @@ Everything runs on a temporary copy of the demo data and of the notebook, so the
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -21,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import copy_demo_data
 
 import lorakit
 from lorakit.workspace import open_workspace
@@ -55,12 +55,8 @@ def free_port() -> int:
 @pytest.fixture
 def lab(tmp_path, monkeypatch):
     """JupyterLab on a free localhost port, serving a folder with a copy of 00_wizard.ipynb, on demo data."""
-    data = tmp_path / "data"
-    shutil.copytree(REPO / "data", data, ignore=shutil.ignore_patterns(".lorakit"))
     models = tmp_path / "models"
-    config = tmp_path / "local.json"
-    config.write_text(json.dumps({"paths": {"modelsRoot": str(models), "checkpointsRoot": str(models / "checkpoints"),
-                                            "lorasRoot": str(tmp_path / "loras")}}), encoding="utf-8")
+    data, config = copy_demo_data(tmp_path, models)
     env = {**os.environ, "LORAKIT_DATA_ROOT": str(data), "LORAKIT_CONFIG": str(config), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"),

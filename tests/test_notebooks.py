@@ -13,13 +13,13 @@ import base64
 import io
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import copy_demo_data
 from PIL import Image
 
 import lorakit
@@ -56,12 +56,8 @@ def outputs_of(notebook: Path, source_part: str) -> list[dict]:
 def demo(tmp_path_factory):
     """A temporary copy of the demo data, a config with model roots under the temp folder, the env set."""
     root = tmp_path_factory.mktemp("notebooks")
-    data = root / "data"
-    shutil.copytree(REPO / "data", data, ignore=shutil.ignore_patterns(".lorakit"))
     models = root / "models"
-    config = root / "local.json"
-    config.write_text(json.dumps({"paths": {"modelsRoot": str(models), "checkpointsRoot": str(models / "checkpoints"),
-                                            "lorasRoot": str(root / "loras")}}), encoding="utf-8")
+    data, config = copy_demo_data(root, models)
     with pytest.MonkeyPatch.context() as mp:
         for key, value in {"LORAKIT_DATA_ROOT": str(data), "LORAKIT_CONFIG": str(config), "HF_HUB_OFFLINE": "1",
                            "TRANSFORMERS_OFFLINE": "1", "LORAKIT_USER": "tester"}.items():

@@ -3,11 +3,10 @@ background work, on a temporary copy of the demo data; then the records it produ
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
+from conftest import copy_demo_data
 
 import lorakit
 from lorakit.datasets import build_manifest
@@ -23,11 +22,7 @@ PROJECT = "demo"
 
 
 def demo_copy(root: Path, mp: pytest.MonkeyPatch, models: Path):
-    data = root / "data"
-    shutil.copytree(REPO / "data", data, ignore=shutil.ignore_patterns(".lorakit"))
-    config = root / "local.json"
-    config.write_text(json.dumps({"paths": {"modelsRoot": str(models), "checkpointsRoot": str(models / "checkpoints"),
-                                            "lorasRoot": str(root / "loras")}}), encoding="utf-8")
+    data, config = copy_demo_data(root, models)
     for key, value in {"LORAKIT_DATA_ROOT": str(data), "LORAKIT_CONFIG": str(config), "HF_HUB_OFFLINE": "1",
                        "TRANSFORMERS_OFFLINE": "1", "LORAKIT_USER": "tester"}.items():
         mp.setenv(key, value)
