@@ -461,21 +461,17 @@ def train_lora(
                 if epoch_done and is_main and cfg["sample_prompts"] and (epoch + 1) % cfg["sample_every_n_epochs"] == 0:
                     _render_samples(pipe, cfg, out_dir / "samples", epoch + 1, accelerator)
                     unet.train()
-        except KeyboardInterrupt:
+        except BaseException as exc:
             bar.close()
             if log:
                 log.close()
+            interrupted = isinstance(exc, KeyboardInterrupt)
             if is_main:
-                _update_run(out_dir, status="interrupted")
-                print(f"\ninterrupted at step {step}; nothing recorded. Continue with: lorakit lora train --lora {lora_id}"
-                      f"{' --project ' + lora_project if lora_project else ''} --resume {release_id}", file=sys.stderr)
-            raise
-        except BaseException:
-            bar.close()
-            if log:
-                log.close()
-            if is_main:
-                _update_run(out_dir, status="failed")
+                _update_run(out_dir, status="interrupted" if interrupted else "failed")
+                if interrupted:
+                    print(f"\ninterrupted at step {step}; nothing recorded. Continue with: lorakit lora train --lora "
+                          f"{lora_id}{' --project ' + lora_project if lora_project else ''} --resume {release_id}",
+                          file=sys.stderr)
             raise
     bar.close()
     if log:
