@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/python scripts/demo.py
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --doctest-modules lorakit tests
 
 lint: install
 	$(BIN)/ruff check lorakit tests benchmarks scripts
