@@ -3,7 +3,8 @@
 An eval is one review of a LoRA release: a fixed set of prompts and the images rendered for them. An eval
 *grid* renders every prompt at several seeds and LoRA strengths, always including strength 0 (the base
 checkpoint), so a reviewer compares base against LoRA on identical seeds. Each grid cell becomes one queued
-``eval_render`` job; ``lorakit worker`` (``worker.py``) renders the jobs and appends each image to the eval.
+``eval_render`` job, planned into a batch with other cells of its row; ``lorakit worker`` (``worker.py``) renders
+the jobs batch by batch and appends each image to the eval.
 
 Where things live (paths relative to dataRoot):
 
@@ -38,6 +39,10 @@ JOB_TYPE = "eval_render"
 DEFAULT_SEEDS = (1, 2, 3)
 DEFAULT_STRENGTHS = (0.0, 0.5, 1.0)
 DEFAULT_MAX_ATTEMPTS = 3
+# Cells rendered together in one pipeline call. Batching is planned with the grid, not chosen by the worker:
+# a batched render is not bit-identical to a single one, so a cell's pixels must not depend on which worker
+# took it or what else was in its queue.
+DEFAULT_BATCH_SIZE = 4
 # Used when neither the command line nor the checkpoint's defaultGenerationParams say otherwise.
 FAMILY_DEFAULTS = {"sd15": {"width": 512, "height": 512}, "sdxl": {"width": 1024, "height": 1024}}
 FALLBACK_PARAMS = {"width": 512, "height": 512, "steps": 20, "cfg": 7.0}
@@ -258,6 +263,25 @@ def cell_settings(cell: GridCell, *, checkpoint: dict, checkpoint_hash: str | No
         "width": params["width"],
         "height": params["height"],
     }
+
+
+def plan_batches(cells: Sequence[GridCell], negatives: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Which cells render together: indexes into ``cells``, in plan order, at most ``batch_size`` per batch.
+
+    A batch is one pipeline call, so its cells share release and strength (one adapter setting) and differ only
+    in prompt and seed. Cells with and without a negative prompt are kept apart: SDXL checkpoints render an
+    absent negative prompt as zeros, which a list that mixes both cannot express.
+
+    >>> cells = plan_cells([("a", None), ("b", None)], [1, 2], [1.0], ["r1"])
+    >>> plan_batches(cells, ["n"] * 8, 3)
+    [[0, 1, 2], [3], [4, 5, 6], [7]]
+    """
+    if batch_size < 1:
+        raise EvalError(f"batch size must be at least 1, got {batch_size}")
+    groups: dict[tuple, list[int]] = {}
+    for index, (cell, negative) in enumerate(zip(cells, negatives, strict=True)):
+        groups.setdefault((cell.row_key, bool(negative)), []).append(index)
+    return [members[i:i + batch_size] for members in groups.values() for i in range(0, len(members), batch_size)]
 
 
 def grid_params(checkpoint: dict, family: str | None, overrides: dict) -> dict:
@@ -563,6 +587,7 @@ def create_eval_grid(
     eval_id: str | None = None,
     auto_cleanup: bool = False,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     dry_run: bool = False,
 ) -> GridPlan:
     """Create an eval grid: the eval record (pending) and one queued ``eval_render`` job per grid cell.
@@ -571,6 +596,10 @@ def create_eval_grid(
     and ``compare_release`` (e.g. the active release) adds its own rows. Prompts default to the canonical
     prompts of ``asset_type`` (else of each of the LoRA's asset types); the checkpoint's prompt templates
     are applied per cell. Every job carries the full settings of its image.
+
+    Cells of one row (release x strength) are planned into batches of up to ``batch_size`` that a worker
+    renders in one pipeline call; every job lists its batch, so whichever worker takes it renders the same
+    batch and the same pixels. ``batch_size=1`` renders every cell alone.
 
     >>> plan = create_eval_grid("data", "demo", "ui_icons", "r2", compare_release="r1", seeds=[1, 2])  # doctest: +SKIP
     >>> len(plan.jobs)                                                                                # doctest: +SKIP
@@ -612,30 +641,40 @@ def create_eval_grid(
     grid = {
         "projectId": project, "checkpointId": checkpoint["id"], "checkpointWeightsHash": ckpt_hash,
         "releaseIds": [r["id"] for r in releases], "seeds": list(dict.fromkeys(int(s) for s in seeds)),
-        "strengths": sorted({0.0, *map(float, strengths)}), **params, "imagesDir": folder,
-        "cells": [c.as_record() for c in cells],
+        "strengths": sorted({0.0, *map(float, strengths)}), **params, "batchSize": int(batch_size),
+        "imagesDir": folder, "cells": [c.as_record() for c in cells],
     }
     record = new_eval_record(
         eval_id, lora, release_id, list(dict.fromkeys(p for p, _ in prompt_pairs)), now,
         autoCleanup=bool(auto_cleanup), checkpointId=checkpoint["id"], grid=grid,
         assetTypes=list(dict.fromkeys(t for _, t in prompt_pairs if t)),
     )
-    jobs = []
-    for cell in cells:
-        settings = cell_settings(cell, checkpoint=checkpoint, checkpoint_hash=ckpt_hash, lora_id=lora_id,
-                                 release_sha256=weights[cell.release_id][1], params=params)
-        release = next(r for r in releases if r["id"] == cell.release_id)
-        jobs.append({
-            "id": new_ulid(), "projectId": project, "type": JOB_TYPE, "status": "queued",
-            "createdAt": now, "updatedAt": now, "attempt": 0, "maxAttempts": int(max_attempts),
-            "input": {
-                "evalId": eval_id, "evalProjectId": lora.project, "cellKey": cell.key,
-                "imagePath": f"{folder}/{cell.key}.png",
-                "lora": {"id": lora_id, "scope": lora.scope, "projectId": lora.project, "releaseId": release["id"],
-                         "weights": release.get("weights"), "localPath": release.get("localPath")},
-                "settings": settings,
-            },
-        })
+    all_settings = [cell_settings(cell, checkpoint=checkpoint, checkpoint_hash=ckpt_hash, lora_id=lora_id,
+                                  release_sha256=weights[cell.release_id][1], params=params) for cell in cells]
+    batches = plan_batches(cells, [st["negativePrompt"] for st in all_settings], batch_size)
+    job_ids = [new_ulid() for _ in cells]
+    jobs: list[dict | None] = [None] * len(cells)
+    for number, members in enumerate(batches):
+        batch_id = f"{cells[members[0]].row_key}__b{number:02d}"
+        batch_cells = [{"cellKey": cells[i].key, "jobId": job_ids[i], "seed": cells[i].seed,
+                        "positivePrompt": all_settings[i]["positivePrompt"],
+                        "negativePrompt": all_settings[i]["negativePrompt"]} for i in members]
+        for position, i in enumerate(members):
+            cell = cells[i]
+            settings = {**all_settings[i], "batchSize": len(members), "batchPos": position}
+            release = next(r for r in releases if r["id"] == cell.release_id)
+            jobs[i] = {
+                "id": job_ids[i], "projectId": project, "type": JOB_TYPE, "status": "queued",
+                "createdAt": now, "updatedAt": now, "attempt": 0, "maxAttempts": int(max_attempts),
+                "input": {
+                    "evalId": eval_id, "evalProjectId": lora.project, "cellKey": cell.key,
+                    "imagePath": f"{folder}/{cell.key}.png",
+                    "lora": {"id": lora_id, "scope": lora.scope, "projectId": lora.project, "releaseId": release["id"],
+                             "weights": release.get("weights"), "localPath": release.get("localPath")},
+                    "settings": settings,
+                    "batch": {"id": batch_id, "cells": batch_cells},
+                },
+            }
     eval_path = store.path("eval", eval_id, lora.project)
     store.check("eval", record, eval_path)
     for job in jobs:
@@ -651,19 +690,31 @@ def create_eval_grid(
 
 
 # ---- worker-side updates ---------------------------------------------------------------------------------
-def record_output(ws: Workspace, eval_id: str, eval_project: str | None, output: dict) -> dict:
-    """Add one rendered cell to its eval under the eval's lock; the status moves pending -> running -> complete."""
-    return ws.store.update("eval", eval_id, lambda record: upsert_output(record, output), eval_project)
+def record_outputs(ws: Workspace, eval_id: str, eval_project: str | None, outputs: Sequence[dict]) -> dict:
+    """Add rendered cells to their eval in one update under the eval's lock; the status moves
+    pending -> running -> complete."""
+
+    def change(record: dict) -> dict:
+        for output in outputs:
+            record = upsert_output(record, output)
+        return record
+
+    return ws.store.update("eval", eval_id, change, eval_project)
+
+
+def record_failures(ws: Workspace, eval_id: str, eval_project: str | None, failures: Sequence[dict]) -> dict:
+    """Note cells whose jobs failed on their eval (replacing earlier failures of the same cells)."""
+    keys = {f.get("cellKey") for f in failures}
+
+    def change(record: dict) -> None:
+        record["failures"] = [f for f in record.get("failures") or [] if f.get("cellKey") not in keys] + list(failures)
+
+    return ws.store.update("eval", eval_id, change, eval_project)
 
 
 def record_failure(ws: Workspace, eval_id: str, eval_project: str | None, failure: dict) -> dict:
-    """Note a cell whose job failed on its eval (replacing an earlier failure of the same cell)."""
-
-    def change(record: dict) -> None:
-        failures = [f for f in record.get("failures") or [] if f.get("cellKey") != failure.get("cellKey")]
-        record["failures"] = failures + [failure]
-
-    return ws.store.update("eval", eval_id, change, eval_project)
+    """Note a cell whose job failed on its eval (see ``record_failures``)."""
+    return record_failures(ws, eval_id, eval_project, [failure])
 
 
 # ---- cleanup -------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """``lorakit worker``: render queued eval-grid jobs with warm pipelines.
 
-One worker process loops: claim a job, render its cell, write the PNG, add the output to the eval, mark the
-job succeeded. Several workers (``torchrun``/``accelerate launch`` ranks, plain processes, other machines on
+One worker process loops: claim a job and the free jobs of its planned batch, render the batch in one pipeline
+call, write the PNGs, add the outputs to the eval, mark the jobs succeeded. Several workers (``torchrun``/``accelerate launch`` ranks, plain processes, other machines on
 one shared data folder) can work on one queue because the claim is a read-decide-write under the job
 record's file lock: exactly one of them flips a job from ``queued`` to ``running``.
 
@@ -41,7 +41,8 @@ from .evals import (
     checkpoint_weights_hash,
     cleanup_eval,
     record_failure,
-    record_output,
+    record_failures,
+    record_outputs,
 )
 from .hashing import file_sha256
 from .store import now_iso
@@ -130,49 +131,95 @@ def _job_projects(ws: Workspace, project: str | None) -> list[str]:
     return [project] if project else ws.store.list_projects()
 
 
-def claim_next_job(ws: Workspace, projects: list[str], owner: str, lease_s: float,
-                   on_exhausted: Callable[[dict, str], None] | None = None) -> Claim | None:
-    """Claim the oldest claimable ``eval_render`` job of ``projects``, or None when there is none.
+def claim_job(ws: Workspace, project: str, job_id: str, owner: str, lease_s: float,
+              on_exhausted: Callable[[dict, str], None] | None = None,
+              accept: Callable[[dict], bool] | None = None) -> Claim | None:
+    """Claim one ``eval_render`` job if it is claimable (and ``accept``-ed), else None.
 
     The unlocked read only filters; the decision is re-made on a fresh read under the job's lock, so two
-    workers never both flip one job to running.
+    workers never both flip one job to running. A job whose lease ran out on its last attempt is failed here.
     """
     store = ws.store
     host = socket.gethostname()
-    for project in projects:
-        for job_id in store.list_ids("job", project):
-            try:
-                job = store.read("job", job_id, project, validate=False)
-            except LorakitError:
-                continue  # removed since the listing (cleanup), or not ours to judge
-            if job.get("type") != JOB_TYPE or lease_state(job, datetime.now(UTC), host) in ("busy", "done"):
-                continue
-            with store.claim("job", job_id, project) as path:
-                if not path.exists():
-                    continue
-                job = store.read_path(path, "job")
-                now = datetime.now(UTC)
-                state = lease_state(job, now, host)
-                if state == "exhausted":
-                    owner_before = (job.get("lease") or {}).get("owner")
-                    job.update(status="failed", updatedAt=iso(now), finishedAt=iso(now),
-                               error=f"lease of worker {owner_before} ran out on attempt {job.get('attempt')} of "
-                                     f"{job.get('maxAttempts')} (the worker died or hung); not retried")
-                    job.pop("lease", None)
-                    store.write_locked("job", job, path)
-                elif state == "claimable":
-                    job.update(status="running", attempt=int(job.get("attempt") or 0) + 1, updatedAt=iso(now),
-                               startedAt=iso(now),
-                               lease={"owner": owner, "claimedAt": iso(now),
-                                      "expiresAt": iso(now + timedelta(seconds=lease_s))})
-                    job.pop("error", None)
-                    store.write_locked("job", job, path)
-                    return Claim(job, project)
-                else:
-                    continue
-            if on_exhausted is not None:
-                on_exhausted(job, project)
+    try:
+        job = store.read("job", job_id, project, validate=False)
+    except LorakitError:
+        return None  # removed since the listing (cleanup), or not ours to judge
+    if job.get("type") != JOB_TYPE or lease_state(job, datetime.now(UTC), host) in ("busy", "done"):
+        return None
+    if accept is not None and not accept(job):
+        return None
+    with store.claim("job", job_id, project) as path:
+        if not path.exists():
+            return None
+        job = store.read_path(path, "job")
+        now = datetime.now(UTC)
+        state = lease_state(job, now, host)
+        if state == "claimable" and (accept is None or accept(job)):
+            job.update(status="running", attempt=int(job.get("attempt") or 0) + 1, updatedAt=iso(now),
+                       startedAt=iso(now),
+                       lease={"owner": owner, "claimedAt": iso(now), "expiresAt": iso(now + timedelta(seconds=lease_s))})
+            job.pop("error", None)
+            store.write_locked("job", job, path)
+            return Claim(job, project)
+        if state != "exhausted":
+            return None
+        owner_before = (job.get("lease") or {}).get("owner")
+        job.update(status="failed", updatedAt=iso(now), finishedAt=iso(now),
+                   error=f"lease of worker {owner_before} ran out on attempt {job.get('attempt')} of "
+                         f"{job.get('maxAttempts')} (the worker died or hung); not retried")
+        job.pop("lease", None)
+        store.write_locked("job", job, path)
+    if on_exhausted is not None:
+        on_exhausted(job, project)
     return None
+
+
+def claim_next_job(ws: Workspace, projects: list[str], owner: str, lease_s: float,
+                   on_exhausted: Callable[[dict, str], None] | None = None) -> Claim | None:
+    """Claim the oldest claimable ``eval_render`` job of ``projects``, or None when there is none."""
+    for project in projects:
+        for job_id in ws.store.list_ids("job", project):
+            claim = claim_job(ws, project, job_id, owner, lease_s, on_exhausted)
+            if claim is not None:
+                return claim
+    return None
+
+
+def batch_of(job: dict) -> dict:
+    """The planned batch of a job: ``{"id", "cells": [{cellKey, jobId, seed, positivePrompt, negativePrompt}]}``.
+    A job planned without one (an older grid) is a batch of itself."""
+    data = job["input"]
+    batch = data.get("batch")
+    if isinstance(batch, dict) and batch.get("cells"):
+        return batch
+    settings = data["settings"]
+    return {"id": data["cellKey"], "cells": [{"cellKey": data["cellKey"], "jobId": job.get("id"),
+                                              "seed": settings["seed"], "positivePrompt": settings["positivePrompt"],
+                                              "negativePrompt": settings.get("negativePrompt") or ""}]}
+
+
+def claim_batch(ws: Workspace, first: Claim, owner: str, lease_s: float, limit: int,
+                on_exhausted: Callable[[dict, str], None] | None = None) -> list[Claim]:
+    """``first`` and whichever other jobs of its planned batch this worker can claim, at most ``limit`` in all.
+
+    Jobs of the batch that another worker holds, or that are done, stay where they are: the batch is rendered
+    whole anyway (a cell's pixels depend on its batch) and only the claimed cells are written.
+    """
+    batch = batch_of(first.job)
+    same_batch = lambda job: (job.get("input") or {}).get("evalId") == first.job["input"]["evalId"] and \
+        ((job.get("input") or {}).get("batch") or {}).get("id") == batch["id"]  # noqa: E731
+    claims = [first]
+    for member in batch["cells"]:
+        if len(claims) >= limit:
+            break
+        job_id = member.get("jobId")
+        if not job_id or job_id == first.job["id"]:
+            continue
+        claim = claim_job(ws, first.project, job_id, owner, lease_s, on_exhausted, accept=same_batch)
+        if claim is not None:
+            claims.append(claim)
+    return claims
 
 
 def _own(job: dict, owner: str) -> bool:
@@ -197,10 +244,10 @@ def finish_job(ws: Workspace, claim: Claim, owner: str, change: Callable[[dict],
 
 
 class LeaseKeeper:
-    """Renews a job's lease from a background thread while the job renders."""
+    """Renews the leases of the claimed jobs from a background thread while their batch renders."""
 
-    def __init__(self, ws: Workspace, claim: Claim, owner: str, lease_s: float):
-        self._ws, self._claim, self._owner, self._lease_s = ws, claim, owner, lease_s
+    def __init__(self, ws: Workspace, claims: list[Claim], owner: str, lease_s: float):
+        self._ws, self._claims, self._owner, self._lease_s = ws, list(claims), owner, lease_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="lease-keeper")
         self.lost = False
@@ -220,13 +267,14 @@ class LeaseKeeper:
                     raise LeaseLost(f"job {job.get('id')} is no longer held by {self._owner}")
                 job["lease"]["expiresAt"] = iso(datetime.now(UTC) + timedelta(seconds=self._lease_s))
 
-            try:
-                self._ws.store.update("job", self._claim.job["id"], renew, self._claim.project)
-            except (LeaseLost, RecordNotFoundError):
-                self.lost = True
-                return
-            except Exception:  # noqa: BLE001 - a failed renewal is retried at the next beat
-                continue
+            for claim in list(self._claims):
+                try:
+                    self._ws.store.update("job", claim.job["id"], renew, claim.project)
+                except (LeaseLost, RecordNotFoundError):
+                    self.lost = True
+                    self._claims.remove(claim)
+                except Exception:  # noqa: BLE001 - a failed renewal is retried at the next beat
+                    continue
 
 
 # ---- pipelines -----------------------------------------------------------------------------------------
@@ -368,11 +416,15 @@ def use_scheduler(warm: WarmPipeline, name: str | None) -> str:
     return name
 
 
-def render_cell(cache: PipelineCache, job_input: dict):
-    """Render one grid cell; returns ``(PIL image, scheduler class name)``."""
+def render_batch(cache: PipelineCache, job: dict):
+    """Render the planned batch of ``job`` in one pipeline call; returns ``({cellKey: PIL image}, scheduler name)``.
+
+    Every cell gets its own seeded generator, so its starting noise is the one a single render of that seed has.
+    """
     import torch
 
-    settings = job_input["settings"]
+    settings = job["input"]["settings"]
+    cells = batch_of(job)["cells"]
     warm = cache.get(settings["checkpointId"])
     planned = settings.get("checkpointWeightsHash")
     if planned and warm.weights_hash and planned != warm.weights_hash:
@@ -383,23 +435,40 @@ def render_cell(cache: PipelineCache, job_input: dict):
         if warm.adapters:
             warm.pipe.disable_lora()
     else:
-        name = cache.adapter(warm, job_input["lora"], settings.get("releaseSha256"))
+        name = cache.adapter(warm, job["input"]["lora"], settings.get("releaseSha256"))
         warm.pipe.enable_lora()
         warm.pipe.set_adapters([name], adapter_weights=[strength])
     scheduler = use_scheduler(warm, settings.get("scheduler"))
-    generator = torch.Generator("cpu").manual_seed(int(settings["seed"]))
+    negatives = [c.get("negativePrompt") or "" for c in cells]
+    generators = [torch.Generator("cpu").manual_seed(int(c["seed"])) for c in cells]
     with torch.inference_mode():
         result = warm.pipe(
-            prompt=settings["positivePrompt"], negative_prompt=settings.get("negativePrompt") or None,
+            prompt=[c["positivePrompt"] for c in cells],
+            # None, not empty strings: SDXL renders an absent negative prompt as zeros (plan_batches keeps
+            # cells with and without one apart)
+            negative_prompt=negatives if any(negatives) else None,
             width=int(settings["width"]), height=int(settings["height"]),
-            num_inference_steps=int(settings["steps"]), guidance_scale=float(settings["cfg"]), generator=generator,
+            num_inference_steps=int(settings["steps"]), guidance_scale=float(settings["cfg"]), generator=generators,
         )
-    return result.images[0], scheduler
+    return {c["cellKey"]: image for c, image in zip(cells, result.images, strict=True)}, scheduler
+
+
+def render_cell(cache: PipelineCache, job: dict):
+    """Render one job's cell (with the rest of its planned batch); returns ``(PIL image, scheduler name)``."""
+    images, scheduler = render_batch(cache, job)
+    return images[job["input"]["cellKey"]], scheduler
 
 
 # ---- images --------------------------------------------------------------------------------------------
 def a1111_parameters(settings: dict) -> str:
-    """The settings in the ``parameters`` text other tools (A1111, ComfyUI loaders) read from a PNG."""
+    """The settings in the ``parameters`` text other tools (A1111, ComfyUI loaders) read from a PNG.
+
+    >>> print(a1111_parameters({"positivePrompt": "a shield", "steps": 4, "scheduler": "PNDMScheduler", "cfg": 5.0,
+    ...                         "seed": 1, "width": 64, "height": 64, "checkpointId": "tiny", "batchSize": 3,
+    ...                         "batchPos": 1, "strength": 0.0}))
+    a shield
+    Steps: 4, Sampler: PNDMScheduler, CFG scale: 5.0, Seed: 1, Size: 64x64, Model: tiny, Model hash: , Batch size: 3, Batch pos: 1
+    """
     lines = [settings.get("positivePrompt", "")]
     if settings.get("negativePrompt"):
         lines.append(f"Negative prompt: {settings['negativePrompt']}")
@@ -407,6 +476,8 @@ def a1111_parameters(settings: dict) -> str:
              f"CFG scale: {settings.get('cfg')}", f"Seed: {settings.get('seed')}",
              f"Size: {settings.get('width')}x{settings.get('height')}",
              f"Model: {settings.get('checkpointId')}", f"Model hash: {(settings.get('checkpointWeightsHash') or '')[:10]}"]
+    if int(settings.get("batchSize") or 1) > 1:
+        parts.append(f"Batch size: {settings['batchSize']}, Batch pos: {settings.get('batchPos', 0)}")
     if float(settings.get("strength") or 0):
         parts.append(f"Lora hashes: \"{settings.get('loraId')}: {(settings.get('releaseSha256') or '')[:12]}\"")
         parts.append(f"Lora strength: {settings.get('strength')}")
@@ -464,37 +535,50 @@ class WorkerStats:
         return len(self.rendered) + len(self.failed)
 
 
-def process_job(ws: Workspace, cache: PipelineCache, claim: Claim, owner: str, lease_s: float,
-                log: Callable[[str], None]) -> bool:
-    """Render one claimed job and record the result; True when it succeeded."""
-    job, data = claim.job, claim.job["input"]
+def process_batch(ws: Workspace, cache: PipelineCache, claims: list[Claim], owner: str, lease_s: float,
+                  log: Callable[[str], None]) -> tuple[list[str], list[str]]:
+    """Render the batch of the claimed jobs (one planned batch, one eval) and record each result; returns the
+    ids of the jobs that succeeded and of those that failed."""
+    first = claims[0].job["input"]
+    eval_id, eval_project = first["evalId"], first.get("evalProjectId")
     started = time.perf_counter()
     try:
-        with LeaseKeeper(ws, claim, owner, lease_s):
-            image, scheduler = render_cell(cache, data)
-            settings = {**data["settings"], "scheduler": scheduler}
-            image_path = ws.store.file_path(data["imagePath"])
-            write_png(image, image_path, settings)
-        output = {**settings, "images": [data["imagePath"]], "cellKey": data["cellKey"], "jobId": job["id"],
-                  "worker": owner, "renderedAt": now_iso(), "renderSeconds": round(time.perf_counter() - started, 3)}
-        eval_record = record_output(ws, data["evalId"], data.get("evalProjectId"), output)
-    except Exception as exc:  # noqa: BLE001 - any failure of one job is recorded on it; the queue goes on
+        with LeaseKeeper(ws, claims, owner, lease_s):
+            images, scheduler = render_batch(cache, claims[0].job)
+            seconds = round(time.perf_counter() - started, 3)
+            outputs = []
+            for claim in claims:
+                data = claim.job["input"]
+                settings = {**data["settings"], "scheduler": scheduler}
+                write_png(images[data["cellKey"]], ws.store.file_path(data["imagePath"]), settings)
+                outputs.append({**settings, "images": [data["imagePath"]], "cellKey": data["cellKey"],
+                                "jobId": claim.job["id"], "worker": owner, "renderedAt": now_iso(),
+                                "renderSeconds": seconds})
+        eval_record = record_outputs(ws, eval_id, eval_project, outputs)
+    except Exception as exc:  # noqa: BLE001 - any failure of one batch is recorded on its jobs; the queue goes on
         error = f"{type(exc).__name__}: {exc}"
-        failed = finish_job(ws, claim, owner, lambda j: j.update(status="failed", error=error))
-        if failed:
-            with contextlib.suppress(LorakitError):
-                record_failure(ws, data["evalId"], data.get("evalProjectId"),
-                               {"cellKey": data.get("cellKey"), "jobId": job["id"], "error": error, "at": now_iso()})
-        log(f"[{owner}] job {job['id']} cell {data.get('cellKey')} failed: {error}")
-        return False
-    finish_job(ws, claim, owner, lambda j: j.update(status="succeeded", output={
-        "image": data["imagePath"], "evalId": data["evalId"], "scheduler": scheduler}))
-    log(f"[{owner}] job {job['id']} cell {data['cellKey']} rendered in {time.perf_counter() - started:.2f}s "
-        f"-> {data['imagePath']}")
+        failures = []
+        for claim in claims:
+            if finish_job(ws, claim, owner, lambda j: j.update(status="failed", error=error)):
+                failures.append({"cellKey": claim.job["input"].get("cellKey"), "jobId": claim.job["id"],
+                                 "error": error, "at": now_iso()})
+        with contextlib.suppress(LorakitError):
+            if failures:
+                record_failures(ws, eval_id, eval_project, failures)
+        for claim in claims:
+            log(f"[{owner}] job {claim.job['id']} cell {claim.job['input'].get('cellKey')} failed: {error}")
+        return [], [c.job["id"] for c in claims]
+    elapsed = time.perf_counter() - started
+    for claim in claims:
+        data = claim.job["input"]
+        finish_job(ws, claim, owner, lambda j, data=data: j.update(status="succeeded", output={
+            "image": data["imagePath"], "evalId": eval_id, "scheduler": scheduler}))
+        log(f"[{owner}] job {claim.job['id']} cell {data['cellKey']} rendered in {elapsed:.2f}s "
+            f"(batch of {len(images)}) -> {data['imagePath']}")
     if eval_record["status"] == "complete" and eval_record.get("autoCleanup"):
-        report = cleanup_eval(ws, claim.project, data["evalId"])
-        log(f"[{owner}] eval {data['evalId']} complete: auto-cleanup removed {len(report.jobs)} job(s)")
-    return True
+        report = cleanup_eval(ws, claims[0].project, eval_id)
+        log(f"[{owner}] eval {eval_id} complete: auto-cleanup removed {len(report.jobs)} job(s)")
+    return [c.job["id"] for c in claims], []
 
 
 def _requeue(ws: Workspace, claim: Claim, owner: str) -> None:
@@ -517,7 +601,8 @@ def run_worker(
 ) -> WorkerStats:
     """Claim and render ``eval_render`` jobs (of ``project``, or of every project) until stopped.
 
-    ``once``: stop when no job is claimable; ``max_jobs``: stop after that many jobs. Without either, poll
+    A worker claims a job and the other jobs of its planned batch that are free, and renders them in one
+    pipeline call. ``once``: stop when no job is claimable; ``max_jobs``: stop after that many jobs. Without either, poll
     every ``poll_seconds`` forever. Ctrl-C or SIGTERM puts the job in hand back in the queue.
 
     >>> run_worker("data", "demo", once=True)        # doctest: +SKIP
@@ -548,12 +633,16 @@ def run_worker(
                     break
                 time.sleep(poll_seconds)
                 continue
+            limit = (max_jobs - stats.processed) if max_jobs is not None else len(batch_of(claim.job)["cells"])
+            claims = claim_batch(ws, claim, owner, lease_seconds, limit, note_expired)
             try:
-                ok = process_job(ws, cache, claim, owner, lease_seconds, log)
+                rendered, failed = process_batch(ws, cache, claims, owner, lease_seconds, log)
             except KeyboardInterrupt:
-                _requeue(ws, claim, owner)
+                for each in claims:
+                    _requeue(ws, each, owner)
                 raise
-            (stats.rendered if ok else stats.failed).append(claim.job["id"])
+            stats.rendered.extend(rendered)
+            stats.failed.extend(failed)
     finally:
         restore()
         stats.seconds = time.perf_counter() - start

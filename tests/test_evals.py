@@ -25,6 +25,7 @@ from lorakit.evals import (
     link_eval,
     normalize_evals,
     parse_prompts,
+    plan_batches,
     plan_cells,
     sheet_layout,
     upsert_output,
@@ -158,6 +159,16 @@ def test_grid_always_has_one_base_row_and_a_row_per_release_and_strength():
         plan_cells([], [1], [1.0], ["r"])
 
 
+def test_batches_stay_within_a_row_and_keep_negative_prompts_apart():
+    cells = plan_cells([("p1", None), ("p2", None)], [1, 2, 3], [1.0], ["r1"])
+    assert plan_batches(cells, ["n"] * 12, 4) == [[0, 1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]
+    assert plan_batches(cells, ["n"] * 12, 1) == [[i] for i in range(12)]
+    negatives = ["n", "n", "n", "", "", ""] * 2  # p1 with a negative prompt, p2 without
+    assert plan_batches(cells, negatives, 8) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    with pytest.raises(EvalError, match="batch size must be at least 1"):
+        plan_batches(cells, ["n"] * 12, 0)
+
+
 def test_status_and_upsert_count_distinct_cells():
     record = {"prompts": ["a"], "outputs": [], "grid": {"cells": [{"key": "k1"}, {"key": "k2"}]}}
     assert eval_status(record) == "pending"
@@ -228,6 +239,30 @@ def test_eval_grid_plans_one_job_per_cell_with_settings(ws):
     assert (settings["width"], settings["steps"], settings["cfg"]) == (64, 4, 5.0)
     assert lora["releases"][1]["evaluation"]["evalIds"] == ["g1"]
     assert validate_records(ws) == []
+
+
+def test_every_job_lists_its_planned_batch(ws, capsys):
+    plan = create_eval_grid(ws, PROJECT, "icons", "r2", prompts=["x", "y"], seeds=[1, 2, 3], strengths=[1.0],
+                            compare_release="r1", batch_size=4, dry_run=True)
+    assert plan.eval["grid"]["batchSize"] == 4
+    batches: dict[str, list[dict]] = {}
+    for job in plan.jobs:
+        batches.setdefault(job["input"]["batch"]["id"], []).append(job)
+    assert sorted(len(b) for b in batches.values()) == [2, 2, 2, 4, 4, 4]  # 6 cells per row: 4 + 2
+    for members in batches.values():
+        assert len({(j["input"]["settings"]["releaseId"], j["input"]["settings"]["strength"]) for j in members}) == 1
+        assert all(j["input"]["batch"] == members[0]["input"]["batch"] for j in members)
+        listed = members[0]["input"]["batch"]["cells"]
+        assert [c["jobId"] for c in listed] == [j["id"] for j in members]
+        assert [(c["seed"], c["positivePrompt"]) for c in listed] == \
+            [(j["input"]["settings"]["seed"], j["input"]["settings"]["positivePrompt"]) for j in members]
+        assert [(j["input"]["settings"]["batchSize"], j["input"]["settings"]["batchPos"]) for j in members] == \
+            [(len(members), i) for i in range(len(members))]
+    with pytest.raises(EvalError, match="batch size"):
+        create_eval_grid(ws, PROJECT, "icons", "r2", batch_size=0)
+    code, out = cli(capsys, "lora", "eval-grid", "--project", PROJECT, "--lora", "icons", "--release", "r2",
+                    "--prompts", "x|y", "--seeds", "1,2,3", "--strengths", "1", "--batch-size", "2", "--dry-run")
+    assert code == 0 and "6 batch(es) of up to 2" in out and "(batch base__b00)" in out
 
 
 def test_eval_grid_with_explicit_prompts_and_overrides(ws):

@@ -158,12 +158,45 @@ def test_worker_renders_every_cell_once_with_warm_switching(ws):
 
     # ... and equals a pipeline that never saw a LoRA.
     fresh = PipelineCache(ws)
-    image, _ = render_cell(fresh, next(j for j in jobs if j["input"]["cellKey"] == "base__p00__s2")["input"])
+    image, _ = render_cell(fresh, next(j for j in jobs if j["input"]["cellKey"] == "base__p00__s2"))
     assert not fresh.get("tiny").adapters
     assert np.array_equal(np.asarray(image).astype(np.int16), pixels(ws, by_cell["base__p00__s2"]["images"][0]))
 
     changes = normalize_evals(ws, dry_run=True)
     assert changes == []
+    assert validate_records(ws) == []
+
+
+def test_planned_batches_give_the_same_pixels_whoever_renders_them(ws):
+    # Rows of 4 cells in batches of 3 and 1. One warm worker renders each batch in one pipeline call.
+    grid = dict(prompts=PROMPTS[:2], seeds=[1, 2], strengths=[1.0], batch_size=3)
+    create_eval_grid(ws, PROJECT, "icons", "r1", eval_id="whole", **grid)
+    stats = run_worker(ws, PROJECT, once=True, log=quiet)
+    assert len(stats.rendered) == 8 and stats.pipeline_loads == 1
+    whole = outputs_by_cell(ws, "whole")
+    assert sorted((o["batchSize"], o["batchPos"]) for o in whole.values()) == sorted([(1, 0)] * 2 + [(3, 0), (3, 1), (3, 2)] * 2)
+    assert read_png_settings(ws.store.file_path(whole["r1__w1__p00__s2"]["images"][0]))["batchPos"] == 1
+
+    # The same grid again, while another worker holds one cell of a batch, rendered one job per fresh
+    # pipeline: each job renders its whole planned batch and writes only its own cell.
+    plan = create_eval_grid(ws, PROJECT, "icons", "r1", eval_id="split", **grid)
+    held = next(j for j in plan.jobs if j["input"]["cellKey"] == "base__p00__s2")
+    future = (datetime.now(UTC) + timedelta(seconds=600)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    ws.store.update("job", held["id"], lambda j: {**j, "status": "running", "attempt": 1,
+                    "lease": {"owner": "another-host:42", "expiresAt": future}}, PROJECT)
+    rendered = []
+    while True:
+        stats = run_worker(ws, PROJECT, max_jobs=1, once=True, cache=PipelineCache(ws), log=quiet)
+        if not stats.processed:
+            break
+        assert len(stats.rendered) == 1 and stats.pipeline_loads == 1
+        rendered += stats.rendered
+    assert len(rendered) == 7 and held["id"] not in rendered
+    assert ws.store.read("job", held["id"], PROJECT)["status"] == "running"  # left to its owner
+    split = outputs_by_cell(ws, "split")
+    assert len(split) == 7 and ws.store.read("eval", "split", PROJECT)["status"] == "running"
+    for key, output in split.items():
+        assert np.array_equal(pixels(ws, output["images"][0]), pixels(ws, whole[key]["images"][0])), key
     assert validate_records(ws) == []
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import LorakitError
 from ..evals import (
+    DEFAULT_BATCH_SIZE,
     DEFAULT_SEEDS,
     DEFAULT_STRENGTHS,
     cleanup_eval,
@@ -85,6 +86,9 @@ def add_lora_eval_commands(lora: argparse._SubParsersAction, common: argparse.Ar
     p.add_argument("--cfg", type=float, help="guidance scale (default: the checkpoint's)")
     p.add_argument("--eval", dest="eval_id", help="eval id (default: a new ULID)")
     p.add_argument("--max-attempts", type=int, default=3, help="claims per job before it fails (3)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"cells of a row rendered in one pipeline call ({DEFAULT_BATCH_SIZE}; 1: each alone, "
+                        "for small GPUs)")
     p.add_argument("--auto-cleanup", action="store_true", help="remove the grid's jobs once the eval is complete")
     p.add_argument("--dry-run", action="store_true", help="print the plan without writing anything")
     p.set_defaults(func=cmd_eval_grid)
@@ -139,7 +143,8 @@ def cmd_eval_grid(args) -> int:
         asset_type=args.asset_type, width=args.width, height=args.height,
         seeds=_numbers(args.seeds, int, "--seeds"), strengths=_numbers(args.strengths, float, "--strengths"),
         compare_release=args.compare_release, steps=args.steps, cfg=args.cfg, scope=args.scope,
-        eval_id=args.eval_id, auto_cleanup=args.auto_cleanup, max_attempts=args.max_attempts, dry_run=args.dry_run,
+        eval_id=args.eval_id, auto_cleanup=args.auto_cleanup, max_attempts=args.max_attempts,
+        batch_size=args.batch_size, dry_run=args.dry_run,
     )
     grid = plan.eval["grid"]
     verb = "would create" if plan.dry_run else "created"
@@ -147,11 +152,13 @@ def cmd_eval_grid(args) -> int:
           f"{plan.jobs_project}: {len(plan.eval['prompts'])} prompt(s) x {len(grid['seeds'])} seed(s) x "
           f"{len(plan.jobs) // max(1, len(plan.eval['prompts']) * len(grid['seeds']))} row(s) "
           f"(releases {', '.join(grid['releaseIds'])}; strengths {', '.join(f'{s:g}' for s in grid['strengths'])}); "
-          f"{grid['width']}x{grid['height']}, {grid['steps']} steps, cfg {grid['cfg']:g}, {grid['scheduler']}")
+          f"{grid['width']}x{grid['height']}, {grid['steps']} steps, cfg {grid['cfg']:g}, {grid['scheduler']}; "
+          f"{len({j['input']['batch']['id'] for j in plan.jobs})} batch(es) of up to {grid['batchSize']}")
     if plan.dry_run:
         for job in plan.jobs:
             s = job["input"]["settings"]
-            print(f"  {job['input']['cellKey']}: {s['positivePrompt']!r} seed {s['seed']} strength {s['strength']:g}")
+            print(f"  {job['input']['cellKey']}: {s['positivePrompt']!r} seed {s['seed']} strength {s['strength']:g} "
+                  f"(batch {job['input']['batch']['id']})")
     else:
         print(f"render with: lorakit worker --project {plan.jobs_project}")
     return 0
