@@ -188,7 +188,12 @@ def claim_next_job(ws: Workspace, projects: list[str], owner: str, lease_s: floa
 
 def batch_of(job: dict) -> dict:
     """The planned batch of a job: ``{"id", "cells": [{cellKey, jobId, seed, positivePrompt, negativePrompt}]}``.
-    A job planned without one (an older grid) is a batch of itself."""
+    A job planned without one (an older grid) is a batch of itself.
+
+    >>> job = {"id": "j1", "input": {"cellKey": "base__p00__s1", "settings": {"seed": 1, "positivePrompt": "a"}}}
+    >>> batch_of(job)["cells"]
+    [{'cellKey': 'base__p00__s1', 'jobId': 'j1', 'seed': 1, 'positivePrompt': 'a', 'negativePrompt': ''}]
+    """
     data = job["input"]
     batch = data.get("batch")
     if isinstance(batch, dict) and batch.get("cells"):
