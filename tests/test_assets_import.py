@@ -293,7 +293,8 @@ def test_cli_import_twice(ws, art, capsys):
 
 def test_interrupted_import_leaves_only_whole_items_and_a_rerun_finishes(ws, tmp_path):
     drop = tmp_path / "drop"
-    count, per_group = 300, 100
+    # Nine groups: the import is still running when the signal lands, even when this process gets the CPU late.
+    count, per_group = 900, 100
     for i in range(count):
         folder = drop / f"{1 + i // per_group}_set{i // per_group}"  # a new group, and spec, every 100 images
         folder.mkdir(parents=True, exist_ok=True)
