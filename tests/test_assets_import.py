@@ -293,15 +293,17 @@ def test_cli_import_twice(ws, art, capsys):
 
 def test_interrupted_import_leaves_only_whole_items_and_a_rerun_finishes(ws, tmp_path):
     drop = tmp_path / "drop"
-    # Nine groups: the import is still running when the signal lands, even when this process gets the CPU late.
-    count, per_group = 900, 100
+    count, per_group = 300, 100
     for i in range(count):
         folder = drop / f"{1 + i // per_group}_set{i // per_group}"  # a new group, and spec, every 100 images
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((8, 8, 3), (i % 256, i // 256, 7), dtype=np.uint8)).save(folder / f"{i}.png")
+    # SIGINT set back to its default in the child: a suite started in the background (``cmd &`` without job
+    # control) inherits it ignored, and a Python that starts with SIGINT ignored keeps ignoring it.
     process = subprocess.Popen(
         [sys.executable, "-m", "lorakit", "assets", "import", "--project", "game", "--dir", str(drop), "--recursive"],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assets_dir = ws.data_root / "projects" / "game" / "assets"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:

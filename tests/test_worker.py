@@ -312,7 +312,7 @@ def test_three_worker_processes_render_each_job_exactly_once(ws, tmp_path):
 
 def test_worker_killed_mid_job_loses_nothing(ws):
     plan = create_eval_grid(ws, PROJECT, "icons", "r2", prompts=["a"], seeds=[1, 2], strengths=[1.0],
-                            steps=40, eval_id="k1")
+                            steps=12, eval_id="k1")
     proc = start_worker("--once", "--lease-seconds", "600")
 
     def mid_job() -> bool:
@@ -322,7 +322,7 @@ def test_worker_killed_mid_job_loses_nothing(ws):
             return False
         now = datetime.now(UTC)
         return any(j["status"] == "running"
-                   and now - datetime.fromisoformat(j["lease"]["claimedAt"].replace("Z", "+00:00")) < timedelta(seconds=0.5)
+                   and now - datetime.fromisoformat(j["lease"]["claimedAt"].replace("Z", "+00:00")) < timedelta(seconds=0.3)
                    for j in jobs_of(ws))
 
     wait_for(mid_job, 240, "the worker to be in the middle of a job")
