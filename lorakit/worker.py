@@ -368,9 +368,10 @@ class PipelineCache:
                                 f"{actual}, the grid was planned with {sha256} (file replaced since?)")
             self._verified[str(path)] = sha256
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet_logger("diffusers.loaders.lora_base"):
                 # peft warns whenever a model gets a second adapter; several adapters is the point here
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                # and diffusers warns for every UNet-only LoRA that it has no text-encoder keys
                 warm.pipe.load_lora_weights(str(path), adapter_name=name)
         except Exception:
             with contextlib.suppress(Exception):
@@ -379,6 +380,20 @@ class PipelineCache:
         warm.adapters[name] = str(path)
         self.load_seconds += time.perf_counter() - started
         return name
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Only errors from logger ``name`` while the block runs."""
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _free_memory() -> None:
