@@ -556,9 +556,14 @@ class WorkerStats:
 
 
 def process_batch(ws: Workspace, cache: PipelineCache, claims: list[Claim], owner: str, lease_s: float,
-                  log: Callable[[str], None]) -> tuple[list[str], list[str]]:
+                  log: Callable[[str], None], recorded: dict[str, dict] | None = None) -> tuple[list[str], list[str]]:
     """Render the batch of the claimed jobs (one planned batch, one eval) and record each result; returns the
-    ids of the jobs that succeeded and of those that failed."""
+    ids of the jobs that succeeded and of those that failed.
+
+    ``recorded`` gets each job's ``output`` as soon as its image is on the eval, so that a worker stopped
+    between that and marking the job succeeded finishes the job instead of queueing it again.
+    """
+    recorded = {} if recorded is None else recorded
     first = claims[0].job["input"]
     eval_id, eval_project = first["evalId"], first.get("evalProjectId")
     started = time.perf_counter()
@@ -575,6 +580,8 @@ def process_batch(ws: Workspace, cache: PipelineCache, claims: list[Claim], owne
                                 "jobId": claim.job["id"], "worker": owner, "renderedAt": now_iso(),
                                 "renderSeconds": seconds})
         eval_record = record_outputs(ws, eval_id, eval_project, outputs)
+        recorded.update({c.job["id"]: {"image": c.job["input"]["imagePath"], "evalId": eval_id, "scheduler": scheduler}
+                         for c in claims})
     except Exception as exc:  # noqa: BLE001 - any failure of one batch is recorded on its jobs; the queue goes on
         error = f"{type(exc).__name__}: {exc}"
         failures = []
@@ -591,8 +598,7 @@ def process_batch(ws: Workspace, cache: PipelineCache, claims: list[Claim], owne
     elapsed = time.perf_counter() - started
     for claim in claims:
         data = claim.job["input"]
-        finish_job(ws, claim, owner, lambda j, data=data: j.update(status="succeeded", output={
-            "image": data["imagePath"], "evalId": eval_id, "scheduler": scheduler}))
+        _succeed(ws, claim, owner, recorded[claim.job["id"]])
         log(f"[{owner}] job {claim.job['id']} cell {data['cellKey']} rendered in {elapsed:.2f}s "
             f"(batch of {len(images)}) -> {data['imagePath']}")
     if eval_record["status"] == "complete" and eval_record.get("autoCleanup"):
@@ -601,9 +607,12 @@ def process_batch(ws: Workspace, cache: PipelineCache, claims: list[Claim], owne
     return [c.job["id"] for c in claims], []
 
 
+def _succeed(ws: Workspace, claim: Claim, owner: str, output: dict) -> None:
+    finish_job(ws, claim, owner, lambda j: j.update(status="succeeded", output=output))
+
+
 def _requeue(ws: Workspace, claim: Claim, owner: str) -> None:
-    with contextlib.suppress(Exception):
-        finish_job(ws, claim, owner, lambda j: j.update(status="queued", attempt=max(0, int(j.get("attempt", 1)) - 1)))
+    finish_job(ws, claim, owner, lambda j: j.update(status="queued", attempt=max(0, int(j.get("attempt", 1)) - 1)))
 
 
 def run_worker(
@@ -655,11 +664,16 @@ def run_worker(
                 continue
             limit = (max_jobs - stats.processed) if max_jobs is not None else len(batch_of(claim.job)["cells"])
             claims = claim_batch(ws, claim, owner, lease_seconds, limit, note_expired)
+            recorded: dict[str, dict] = {}
             try:
-                rendered, failed = process_batch(ws, cache, claims, owner, lease_seconds, log)
+                rendered, failed = process_batch(ws, cache, claims, owner, lease_seconds, log, recorded)
             except KeyboardInterrupt:
                 for each in claims:
-                    _requeue(ws, each, owner)
+                    with contextlib.suppress(Exception):
+                        if each.job["id"] in recorded:
+                            _succeed(ws, each, owner, recorded[each.job["id"]])
+                        else:
+                            _requeue(ws, each, owner)
                 raise
             stats.rendered.extend(rendered)
             stats.failed.extend(failed)

@@ -289,7 +289,8 @@ def test_three_worker_processes_render_each_job_exactly_once(ws, tmp_path):
         plan = create_eval_grid(ws, PROJECT, "icons", "r2", prompts=PROMPTS[:2], seeds=[1, 2], strengths=[0.5, 1.0],
                                 eval_id="m1")
         assert len(plan.jobs) == 12
-        wait_for(lambda: ws.store.read("eval", "m1", PROJECT)["status"] == "complete", 240, "the eval to complete")
+        wait_for(lambda: ws.store.read("eval", "m1", PROJECT)["status"] == "complete"
+                 and {j["status"] for j in jobs_of(ws)} == {"succeeded"}, 240, "the eval to complete")
     finally:
         for proc in workers:
             proc.send_signal(signal.SIGTERM)
@@ -307,6 +308,26 @@ def test_three_worker_processes_render_each_job_exactly_once(ws, tmp_path):
     assert len(by_cell) == 12
     owners = {o["worker"] for o in by_cell.values()}
     assert len(owners) >= 2, f"only {owners} rendered (see {logs})"
+    assert validate_records(ws) == []
+
+
+def test_worker_stopped_after_recording_a_batch_finishes_its_jobs(ws):
+    # Ctrl-C lands after the batch's images are on the eval, while its jobs are being marked succeeded: they are
+    # finished, not queued again; a batch not yet rendered stays queued.
+    create_eval_grid(ws, PROJECT, "icons", "r1", prompts=["a"], seeds=[1, 2, 3], strengths=[1.0], eval_id="s1")
+
+    def stop_at_first_render(message: str) -> None:
+        if " rendered in " in message:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_worker(ws, PROJECT, once=True, log=stop_at_first_render)
+    outputs = outputs_by_cell(ws, "s1")
+    assert sorted(outputs) == ["base__p00__s1", "base__p00__s2", "base__p00__s3"]
+    status = {j["input"]["cellKey"]: j["status"] for j in jobs_of(ws)}
+    assert {k for k, v in status.items() if v == "succeeded"} == set(outputs)
+    assert {k for k, v in status.items() if v == "queued"} == {"r1__w1__p00__s1", "r1__w1__p00__s2", "r1__w1__p00__s3"}
+    assert all("lease" not in j for j in jobs_of(ws))
     assert validate_records(ws) == []
 
 
