@@ -13,7 +13,19 @@ without loading torch and diffusers.
 
 from __future__ import annotations
 
+import logging
 from importlib import import_module
+
+
+class _NoTorchvisionAdvice(logging.Filter):
+    """Drops transformers' advice to install torchvision, printed whenever diffusers touches a CLIP image
+    processor: lorakit uses the PIL processor it falls back to, and torchvision wheels replace the torch build."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionAdvice())
 
 # public name -> the module that defines it
 _EXPORTS = {
