@@ -631,8 +631,9 @@ def run_worker(
     """Claim and render ``eval_render`` jobs (of ``project``, or of every project) until stopped.
 
     A worker claims a job and the other jobs of its planned batch that are free, and renders them in one
-    pipeline call. ``once``: stop when no job is claimable; ``max_jobs``: stop after that many jobs. Without either, poll
-    every ``poll_seconds`` forever. Ctrl-C or SIGTERM puts the job in hand back in the queue.
+    pipeline call. ``once``: stop when no job is claimable; ``max_jobs``: stop after that many jobs. Without
+    either, poll every ``poll_seconds`` forever. Ctrl-C or SIGTERM puts the jobs in hand back in the queue
+    (those whose images are already on the eval are marked succeeded instead).
 
     >>> run_worker("data", "demo", once=True)        # doctest: +SKIP
     """
