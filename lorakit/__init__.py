@@ -14,7 +14,8 @@ without loading torch and diffusers.
 from __future__ import annotations
 
 import logging
-from importlib import import_module
+
+from .lazy import lazy_exports
 
 
 class _NoTorchvisionAdvice(logging.Filter):
@@ -58,16 +59,4 @@ _EXPORTS = {
     "Workspace": ".workspace", "open_workspace": ".workspace",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
-    value = getattr(import_module(module, __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -5,7 +5,7 @@ Names are imported on first use so that commands which only read checkpoint reco
 
 from __future__ import annotations
 
-from importlib import import_module
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "describe_pipeline": ".loading", "load_pipeline": ".loading", "verify_checkpoint": ".loading",
@@ -17,16 +17,4 @@ _EXPORTS = {
     "write_clip_tokenizer": ".tokenizer",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lorakit.models' has no attribute {name!r}")
-    value = getattr(import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

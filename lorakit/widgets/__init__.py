@@ -8,7 +8,7 @@ Imported lazily, so ``import lorakit.widgets`` stays cheap and ipywidgets loads 
 
 from __future__ import annotations
 
-from importlib import import_module
+from ..lazy import lazy_exports
 
 # public name -> module that defines it; add a line here for each new widget
 _LAZY = {
@@ -17,9 +17,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
