@@ -1,9 +1,10 @@
 """``lorakit worker``: render queued eval-grid jobs with warm pipelines.
 
 One worker process loops: claim a job and the free jobs of its planned batch, render the batch in one pipeline
-call, write the PNGs, add the outputs to the eval, mark the jobs succeeded. Several workers (``torchrun``/``accelerate launch`` ranks, plain processes, other machines on
-one shared data folder) can work on one queue because the claim is a read-decide-write under the job
-record's file lock: exactly one of them flips a job from ``queued`` to ``running``.
+call, write the PNGs, add the outputs to the eval, mark the jobs succeeded. Several workers
+(``torchrun``/``accelerate launch`` ranks, plain processes, other machines on one shared data folder) can work
+on one queue because the claim is a read-decide-write under the job record's file lock: exactly one of them
+flips a job from ``queued`` to ``running``.
 
 A running job carries a lease ``{owner, expiresAt}`` that a heartbeat thread renews while the job renders.
 When a worker dies, its lease runs out (or, on the same host, its pid is gone) and the job goes back to the
@@ -212,8 +213,11 @@ def claim_batch(ws: Workspace, first: Claim, owner: str, lease_s: float, limit: 
     whole anyway (a cell's pixels depend on its batch) and only the claimed cells are written.
     """
     batch = batch_of(first.job)
-    same_batch = lambda job: (job.get("input") or {}).get("evalId") == first.job["input"]["evalId"] and \
-        ((job.get("input") or {}).get("batch") or {}).get("id") == batch["id"]  # noqa: E731
+
+    def same_batch(job: dict) -> bool:
+        data = job.get("input") or {}
+        return data.get("evalId") == first.job["input"]["evalId"] and (data.get("batch") or {}).get("id") == batch["id"]
+
     claims = [first]
     for member in batch["cells"]:
         if len(claims) >= limit:
@@ -255,7 +259,6 @@ class LeaseKeeper:
         self._ws, self._claims, self._owner, self._lease_s = ws, list(claims), owner, lease_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="lease-keeper")
-        self.lost = False
 
     def __enter__(self) -> LeaseKeeper:
         self._thread.start()
@@ -276,8 +279,7 @@ class LeaseKeeper:
                 try:
                     self._ws.store.update("job", claim.job["id"], renew, claim.project)
                 except (LeaseLost, RecordNotFoundError):
-                    self.lost = True
-                    self._claims.remove(claim)
+                    self._claims.remove(claim)  # taken over or removed: finish_job will find it is not ours
                 except Exception:  # noqa: BLE001 - a failed renewal is retried at the next beat
                     continue
 
