@@ -270,14 +270,23 @@ def test_same_inputs_give_identical_weights_and_a_killed_run_resumes_to_them(ws)
     proc = _train_cli("--lora", "det", "--dataset", "det_gems", "--project", "demo", "--config", json.dumps(config),
                       "--release", "killed", "--no-progress")
     state = ws.config.loras_root / "det" / "killed" / "state" / "state.pt"
+    run_file = state.parent.parent / "run.json"
+
+    def state_saved() -> bool:
+        # the state file is renamed into place first, then run.json gets its step
+        try:
+            return state.exists() and json.loads(run_file.read_text())["step"] >= 2
+        except (OSError, ValueError, KeyError):
+            return False
+
     deadline = time.time() + 240
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
+    while not state_saved() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert state.exists(), "the run ended before saving a state"
     assert record_path.read_bytes() == record_before
-    run = json.loads((state.parent.parent / "run.json").read_text())
+    run = json.loads(run_file.read_text())
     assert run["status"] == "running" and run["step"] >= 2
     assert not (state.parent.parent / "det.safetensors").exists()
 
