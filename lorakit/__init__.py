@@ -56,7 +56,7 @@ _EXPORTS = {
     "record_manual_run": ".train.manual",
     "validate_records": ".validate",
     "run_worker": ".worker",
-    "Workspace": ".workspace", "open_workspace": ".workspace",
+    "Workspace": ".workspace", "init_data_root": ".workspace", "open_workspace": ".workspace",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -1,10 +1,19 @@
 """Local configuration (``config/local.json``) and resolution of weights references.
 
-Precedence for the data root: an explicit ``data_root`` argument (the ``--data-root`` flag), then the
-``LORAKIT_DATA_ROOT`` environment variable, then ``dataRoot`` in the config file, then ``<repo>/data``.
-The config file is ``LORAKIT_CONFIG`` when set, else ``<repo>/config/local.json``; it may be absent.
-Relative paths in the config file are relative to the repository root, so a config works from any
-working directory.
+Where lorakit looks, first match wins:
+
+- the config file: ``LORAKIT_CONFIG``, else ``./config/local.json`` in the current folder, else the
+  ``config/local.json`` of the lorakit checkout this code runs from (none for an installed wheel); it may be absent;
+- the data root: the ``data_root`` argument (``--data-root``), else ``LORAKIT_DATA_ROOT``, else ``dataRoot`` in the
+  config file, else ``./data`` in the current folder when it exists, else the checkout's demo ``data/``, else
+  ``./data``;
+- the model roots: ``paths.*`` in the config file, else ``models/``, ``models/checkpoints`` and ``models/loras``
+  beside the data root.
+
+Paths typed by the user (the argument, the environment variables) are relative to the current folder, as for any
+command-line tool. Relative paths inside a config file are relative to the folder it configures: for
+``<dir>/config/local.json`` that is ``<dir>``, for any other file its own folder, so a config reads the same from
+wherever lorakit is started.
 """
 
 from __future__ import annotations
@@ -16,10 +25,27 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SCHEMA_DIR = REPO_ROOT / "schemas"
+PACKAGE_ROOT = Path(__file__).resolve().parent
 ROOT_NAMES = ("modelsRoot", "checkpointsRoot", "lorasRoot")
 WEIGHT_KINDS = ("repo_relative", "config_relative", "absolute", "external")
+DATA_ROOT_PARTS = ("shared", "projects")
+
+
+def find_checkout(package_root: Path = PACKAGE_ROOT) -> Path | None:
+    """The lorakit checkout this package runs from (a source tree with its ``pyproject.toml``), else None.
+
+    Only the demo defaults use it: an installed wheel has no checkout, and works the same without one.
+    """
+    candidate = package_root.parent
+    pyproject = candidate / "pyproject.toml"
+    try:
+        text = pyproject.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return candidate if 'name = "lorakit"' in text and (candidate / "lorakit" / "__init__.py").is_file() else None
+
+
+CHECKOUT_ROOT = find_checkout()
 
 
 @dataclass(frozen=True)
@@ -28,8 +54,15 @@ class Config:
 
     data_root: Path
     roots: dict[str, Path] = field(default_factory=dict)
-    repo_root: Path = REPO_ROOT
+    # What ``repo_relative`` weights are relative to: the folder that holds the data root, as in the original
+    # tool's ``<repo>/data`` layout.
+    repo_root: Path | None = None
     source: Path | None = None  # the config file read, if any
+    data_root_from: str = "the argument"  # which rule chose the data root, for error messages
+
+    def __post_init__(self) -> None:
+        if self.repo_root is None:
+            object.__setattr__(self, "repo_root", self.data_root.parent)
 
     @property
     def models_root(self) -> Path:
@@ -44,20 +77,48 @@ class Config:
         return self.roots["lorasRoot"]
 
 
-def config_path() -> Path:
+def config_path() -> Path | None:
+    """The config file lorakit reads: ``LORAKIT_CONFIG``, ``./config/local.json``, the checkout's; None if none."""
     env = os.environ.get("LORAKIT_CONFIG")
-    return Path(env) if env else REPO_ROOT / "config" / "local.json"
+    if env:
+        return Path(os.path.abspath(Path(env).expanduser()))
+    candidates = [Path.cwd() / "config" / "local.json"]
+    if CHECKOUT_ROOT is not None:
+        candidates.append(CHECKOUT_ROOT / "config" / "local.json")
+    return next((p for p in candidates if p.is_file()), None)
 
 
-def _read_config_file(path: Path) -> dict:
-    if not path.exists():
-        if os.environ.get("LORAKIT_CONFIG"):
-            raise ConfigError(f"config file {path} (from LORAKIT_CONFIG) does not exist")
+def config_location() -> str:
+    """The config file for messages that tell the user where to set something."""
+    path = config_path()
+    return str(path) if path is not None else "config/local.json (none yet; or set LORAKIT_CONFIG)"
+
+
+def config_base(path: Path) -> Path:
+    """The folder relative paths in config file ``path`` are relative to.
+
+    >>> config_base(Path("/studio/config/local.json")).as_posix(), config_base(Path("/etc/lk.json")).as_posix()
+    ('/studio', '/etc')
+    """
+    return path.parent.parent if path.parent.name == "config" else path.parent
+
+
+def _read_config_file(path: Path | None) -> dict:
+    if path is None:
         return {}
+    if not path.exists():
+        raise ConfigError(f"config file {path} (from LORAKIT_CONFIG) does not exist; create it or unset LORAKIT_CONFIG")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; point LORAKIT_CONFIG at a JSON file")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 JSON") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        where = f" (line {exc.lineno}, column {exc.colno}: {exc.msg})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ConfigError(f"{path}: not valid JSON{where}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     from .schemas import validation_errors
 
     problems = validation_errors("local-config", raw)
@@ -66,24 +127,63 @@ def _read_config_file(path: Path) -> dict:
     return raw
 
 
+def _choose_data_root(data_root: str | Path | None, raw: dict, source: Path | None) -> tuple[Path, str]:
+    """The data root and the rule that chose it (see the module docstring for the order)."""
+    if data_root:
+        return Path(os.path.abspath(Path(data_root).expanduser())), "the --data-root argument"
+    env = os.environ.get("LORAKIT_DATA_ROOT")
+    if env:
+        return Path(os.path.abspath(Path(env).expanduser())), "LORAKIT_DATA_ROOT"
+    if raw.get("dataRoot") and source is not None:
+        return config_base(source) / Path(raw["dataRoot"]).expanduser(), f"dataRoot in {source}"
+    here = Path.cwd() / "data"
+    if here.is_dir() or CHECKOUT_ROOT is None:
+        return here, "the default ./data"
+    return CHECKOUT_ROOT / "data", "the default (the demo data of the lorakit checkout)"
+
+
 def load_config(data_root: str | Path | None = None) -> Config:
-    """Read the local config and apply the overrides; see the module docstring for precedence."""
+    """Read the local config and apply the overrides; see the module docstring for where lorakit looks."""
     path = config_path()
     raw = _read_config_file(path)
-
-    def absolute(value: str | Path) -> Path:
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else (REPO_ROOT / p)
-
-    chosen = data_root or os.environ.get("LORAKIT_DATA_ROOT") or raw.get("dataRoot") or REPO_ROOT / "data"
+    base = config_base(path) if path is not None else None
+    chosen, rule = _choose_data_root(data_root, raw, path)
+    chosen = chosen.resolve()
     paths = raw.get("paths", {})
-    models = absolute(paths.get("modelsRoot", REPO_ROOT / "models"))
+
+    def from_file(name: str, default: Path) -> Path:
+        value = paths.get(name)
+        return (base / Path(value).expanduser()) if value and base is not None else default
+
+    models = from_file("modelsRoot", chosen.parent / "models")
     roots = {
         "modelsRoot": models,
-        "checkpointsRoot": absolute(paths["checkpointsRoot"]) if "checkpointsRoot" in paths else models / "checkpoints",
-        "lorasRoot": absolute(paths["lorasRoot"]) if "lorasRoot" in paths else models / "loras",
+        "checkpointsRoot": from_file("checkpointsRoot", models / "checkpoints"),
+        "lorasRoot": from_file("lorasRoot", models / "loras"),
     }
-    return Config(data_root=absolute(chosen).resolve(), roots=roots, source=path if path.exists() else None)
+    return Config(data_root=chosen, roots=roots, source=path, data_root_from=rule)
+
+
+def data_root_problem(root: Path) -> str | None:
+    """Why ``root`` is not a data root (missing, not a folder, neither ``shared/`` nor ``projects/``), else None."""
+    if not root.exists():
+        return "does not exist"
+    if not root.is_dir():
+        return "is not a folder"
+    if not any((root / part).is_dir() for part in DATA_ROOT_PARTS):
+        return "holds neither shared/ nor projects/"
+    return None
+
+
+def check_data_root(config: Config) -> None:
+    """Refuse a data root that is not one, naming the rule that chose it and the fix."""
+    problem = data_root_problem(config.data_root)
+    if problem:
+        raise ConfigError(
+            f"data root {config.data_root} {problem} (from {config.data_root_from}); pass --data-root with the folder "
+            "that holds shared/ and projects/ (or set LORAKIT_DATA_ROOT), or start a new one with "
+            f"`lorakit init --data-root {config.data_root}`"
+        )
 
 
 def resolve_weights(ref: dict, config: Config, what: str = "weights", must_exist: bool = True) -> Path:
@@ -124,10 +224,10 @@ def resolve_weights(ref: dict, config: Config, what: str = "weights", must_exist
             )
         root = config.roots.get(base)
         if root is None:
-            raise ConfigError(f"{what}: {base} is not set (paths.{base} in {config_path()})")
+            raise ConfigError(f"{what}: {base} is not set (paths.{base} in {config_location()})")
         if must_exist and not root.exists():
             raise ConfigError(
-                f"{what}: {base} folder {root} does not exist (set paths.{base} in {config_path()} "
+                f"{what}: {base} folder {root} does not exist (set paths.{base} in {config_location()} "
                 "or create the folder)"
             )
         path = root / rel

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import REPO_ROOT, resolve_weights
+from .config import resolve_weights
 from .errors import ConfigError, LorakitError, RecordError, RecordNotFoundError
 from .hashing import file_sha256
 from .ids import check_id, new_ulid
@@ -374,7 +374,7 @@ def release_weights_path(ws: Workspace, lora: dict, release: dict, must_exist: b
         return resolve_weights(release["weights"], ws.config, what=what, must_exist=must_exist)
     if release.get("localPath"):
         path = Path(release["localPath"])
-        path = path if path.is_absolute() else REPO_ROOT / path
+        path = path if path.is_absolute() else ws.config.repo_root / path
         if must_exist and not path.exists():
             raise ConfigError(f"{what}: weights file not found: {path} (localPath)")
         return path

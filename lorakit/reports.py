@@ -1,8 +1,9 @@
 """Batch runs of the notebooks (papermill) and their standalone HTML (nbconvert); the facts of a release report.
 
-``run_notebook`` executes one notebook of ``notebooks/`` headless with parameters and writes two files under
-``reports/`` (not in Git): the executed ``.ipynb`` and a standalone ``.html``, named by notebook, LoRA/release
-and time. The HTML embeds every image and plot and loads no script from the network, so it opens offline. A
+``run_notebook`` executes one of the notebooks shipped in the package (``lorakit/notebooks/``; the checkout's
+top-level ``notebooks/`` links there) headless with parameters, in the current folder, and writes two files under
+``./reports/`` (or ``out_dir``): the executed ``.ipynb`` and a standalone ``.html``, named by notebook,
+LoRA/release and time. The HTML embeds every image and plot and loads no script from the network, so it opens offline. A
 failing cell still leaves both files (the HTML shows the error) and raises :class:`NotebookError`.
 
 ``make_report`` runs ``04_eval_report`` for one release and records the report's path on the release's
@@ -25,13 +26,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .config import REPO_ROOT
 from .errors import LorakitError, RecordNotFoundError
 from .notebook_helpers import BATCH_ENV
 from .workspace import Workspace, as_workspace
 
-NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
-REPORTS_DIR = REPO_ROOT / "reports"
+NOTEBOOKS_DIR = Path(__file__).resolve().parent / "notebooks"
+REPORTS_DIR = Path("reports")  # relative: the current folder's reports/ at the time of the run
 REPORT_NOTEBOOK = "04_eval_report"
 KERNEL_NAME = "python3"
 _NAME_PART = re.compile(r"[^A-Za-z0-9._-]+")
@@ -199,7 +199,7 @@ def run_notebook(
     params = dict(parameters or {})
     if data_root is not None:
         params["data_root"] = str(Path(data_root).resolve())
-    out = Path(out_dir) if out_dir is not None else REPORTS_DIR
+    out = (Path(out_dir) if out_dir is not None else REPORTS_DIR).absolute()
     out.mkdir(parents=True, exist_ok=True)
     stem = report_stem(notebook, {**_default_parameters(source), **params}, datetime.now(UTC))
     executed = out / f"{stem}.ipynb"
@@ -218,7 +218,7 @@ def run_notebook(
     try:
         with _environment(env):
             papermill.execute_notebook(
-                str(source), str(executed), parameters=params, kernel_name=KERNEL_NAME, cwd=str(source.parent),
+                str(source), str(executed), parameters=params, kernel_name=KERNEL_NAME, cwd=os.getcwd(),
                 progress_bar=False, log_output=log_output, execution_timeout=timeout,
                 kernel_manager_class=_kernel_manager_class(),
             )
@@ -387,11 +387,12 @@ def release_report(ws: Workspace | str | Path | None, lora_id: str, release_id: 
                          evals, grid_eval, status)
 
 
-def _report_path_text(path: Path) -> str:
-    """A report path as recorded: relative to the repository when inside it (POSIX), else absolute."""
+def _report_path_text(path: Path, repo_root: Path) -> str:
+    """A report path as recorded: relative to the folder holding the data root when inside it (POSIX), else
+    absolute."""
     resolved = path.resolve()
     try:
-        return resolved.relative_to(REPO_ROOT).as_posix()
+        return resolved.relative_to(repo_root.resolve()).as_posix()
     except ValueError:
         return resolved.as_posix()
 
@@ -424,8 +425,9 @@ def make_report(
 
     def record(release: dict) -> None:
         evaluation = release.get("evaluation") if isinstance(release.get("evaluation"), dict) else {}
-        evaluation["report"] = {"html": _report_path_text(run.html) if run.html else None,
-                                "notebook": _report_path_text(run.executed), "createdAt": now_iso()}
+        repo = ws.config.repo_root
+        evaluation["report"] = {"html": _report_path_text(run.html, repo) if run.html else None,
+                                "notebook": _report_path_text(run.executed, repo), "createdAt": now_iso()}
         release["evaluation"] = evaluation
 
     update_release(ws, lora_id, release_id, record, project=report.lora_project)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from .config import REPO_ROOT, resolve_weights
+from .config import resolve_weights
 from .errors import LorakitError, RecordNotFoundError
 from .evals import (
     JOB_TYPE,
@@ -414,7 +414,7 @@ def lora_weights_path(ws: Workspace, lora: dict) -> Path:
         return resolve_weights(lora["weights"], ws.config, what=what)
     if lora.get("localPath"):
         path = Path(lora["localPath"])
-        path = path if path.is_absolute() else REPO_ROOT / path
+        path = path if path.is_absolute() else ws.config.repo_root / path
         if not path.exists():
             raise EvalError(f"{what}: weights file not found: {path} (localPath)")
         return path

@@ -13,13 +13,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def tmp_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty data root under ``tmp_path``, made the default for library calls and subprocesses.
+    """An empty data root (an empty ``shared/``) under ``tmp_path``, made the default for library calls and subprocesses.
 
     Sets ``LORAKIT_DATA_ROOT`` and ``LORAKIT_CONFIG`` (a config whose model roots are under ``tmp_path``),
     and ``HF_HUB_OFFLINE=1`` so nothing reaches the network.
     """
     data_root = tmp_path / "data"
-    data_root.mkdir()
+    (data_root / "shared").mkdir(parents=True)  # what makes a folder a data root; projects/ comes with the first one
     models = tmp_path / "models"
     config = tmp_path / "local.json"
     config.write_text(json.dumps({

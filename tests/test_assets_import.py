@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from PIL import Image
 
 import lorakit
@@ -24,7 +25,6 @@ from lorakit.assets import (
     parse_caption,
 )
 from lorakit.cli import main
-from lorakit.config import REPO_ROOT
 from lorakit.validate import validate_records
 from lorakit.workspace import open_workspace
 

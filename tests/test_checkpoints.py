@@ -26,7 +26,7 @@ from lorakit.models import (
 )
 from lorakit.models.loading import CONFIGS_DIR, complete_config_folder
 from lorakit.models.single_file import pipeline_to_ldm_state_dict, vae_to_ldm
-from lorakit.workspace import open_workspace
+from lorakit.workspace import init_data_root
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def ws(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAKIT_CONFIG", str(config))
     monkeypatch.setenv("LORAKIT_DATA_ROOT", str(tmp_path / "data"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    workspace = open_workspace()
+    workspace = init_data_root()
     workspace.config.checkpoints_root.mkdir(parents=True)
     return workspace
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.config import REPO_ROOT, Config, load_config, resolve_weights
+from lorakit.config import Config, load_config, resolve_weights
 from lorakit.errors import ConfigError
 
 
@@ -22,11 +22,60 @@ def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_defaults_without_a_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LORAKIT_CONFIG", raising=False)
     monkeypatch.delenv("LORAKIT_DATA_ROOT", raising=False)
-    monkeypatch.setattr("lorakit.config.REPO_ROOT", tmp_path)  # a repo without config/local.json
+    monkeypatch.setattr("lorakit.config.CHECKOUT_ROOT", None)  # an installed lorakit: no checkout to fall back on
+    monkeypatch.chdir(tmp_path)
     cfg = load_config()
+    assert cfg.source is None
     assert cfg.data_root == (tmp_path / "data").resolve()
-    assert cfg.loras_root == tmp_path / "models" / "loras"
-    assert cfg.checkpoints_root == tmp_path / "models" / "checkpoints"
+    assert cfg.loras_root == tmp_path.resolve() / "models" / "loras"
+    assert cfg.checkpoints_root == tmp_path.resolve() / "models" / "checkpoints"
+
+
+def test_the_checkout_demo_data_is_the_last_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LORAKIT_CONFIG", raising=False)
+    monkeypatch.delenv("LORAKIT_DATA_ROOT", raising=False)
+    checkout = tmp_path / "checkout"
+    (checkout / "data" / "shared").mkdir(parents=True)
+    monkeypatch.setattr("lorakit.config.CHECKOUT_ROOT", checkout)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_config().data_root == checkout / "data"
+    (elsewhere / "data").mkdir()  # a data folder where the user stands wins over the demo data
+    assert load_config().data_root == elsewhere / "data"
+
+
+def test_config_file_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LORAKIT_CONFIG", raising=False)
+    monkeypatch.delenv("LORAKIT_DATA_ROOT", raising=False)
+    checkout, here = tmp_path / "checkout", tmp_path / "studio"
+    for folder, name in ((checkout, "demo"), (here, "assets")):
+        (folder / "config").mkdir(parents=True)
+        (folder / "config" / "local.json").write_text(json.dumps({"dataRoot": name}))
+    monkeypatch.setattr("lorakit.config.CHECKOUT_ROOT", checkout)
+    monkeypatch.chdir(here)
+    assert load_config().source == here / "config" / "local.json"
+    assert load_config().data_root == here / "assets"  # relative to the folder the config file configures
+    (here / "config" / "local.json").unlink()
+    assert load_config().source == checkout / "config" / "local.json"
+    assert load_config().data_root == checkout / "demo"
+    other = tmp_path / "lk.json"
+    other.write_text(json.dumps({"dataRoot": "d", "paths": {"lorasRoot": "w/loras"}}))
+    monkeypatch.setenv("LORAKIT_CONFIG", "../lk.json")  # relative to the current folder
+    cfg = load_config()
+    assert cfg.source == other
+    assert cfg.data_root == tmp_path / "d"  # relative to the file's own folder
+    assert cfg.loras_root == tmp_path / "w" / "loras"
+
+
+def test_paths_the_user_types_are_relative_to_the_current_folder(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LORAKIT_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert load_config("data").data_root == tmp_path / "data"
+    monkeypatch.setenv("LORAKIT_DATA_ROOT", "from-env")
+    assert load_config().data_root == tmp_path / "from-env"
+    assert load_config().models_root == tmp_path / "models"  # beside the data root
 
 
 def test_precedence_flag_over_env_over_file(config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,7 +88,26 @@ def test_precedence_flag_over_env_over_file(config_file: Path, tmp_path: Path, m
     cfg = load_config()
     assert cfg.models_root == tmp_path / "m"
     assert cfg.checkpoints_root == tmp_path / "m" / "checkpoints"
-    assert cfg.loras_root == REPO_ROOT / "relative" / "loras"  # relative to the repository root
+    assert cfg.loras_root == tmp_path / "relative" / "loras"  # relative to the config file's folder
+
+
+def test_a_missing_or_empty_data_root_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorakit.workspace import init_data_root, open_workspace
+
+    monkeypatch.delenv("LORAKIT_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"data root .*nope does not exist \(from the --data-root argument\); "
+                                          r"pass --data-root"):
+        open_workspace("nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds neither shared/ nor projects/"):
+        open_workspace("empty")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        open_workspace("file")
+    ws = init_data_root("empty")
+    assert (tmp_path / "empty" / "shared").is_dir() and (tmp_path / "empty" / "projects").is_dir()
+    assert open_workspace("empty").data_root == ws.data_root
 
 
 def test_bad_config_files_are_named(config_file: Path) -> None:

@@ -22,7 +22,7 @@ def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("LORAKIT_DATA_ROOT", str(data))
     monkeypatch.setenv("LORAKIT_CONFIG", str(config))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ws = lorakit.open_workspace()
+    ws = lorakit.init_data_root()
     now = now_iso()
     ws.store.write("project", {"id": "demo", "name": "Demo", "createdAt": now, "updatedAt": now})
     ws.store.write("checkpoint", {"id": "sd15_base", "name": "SD 1.5", "createdAt": now, "updatedAt": now,

@@ -29,7 +29,7 @@ from lorakit.train.manual import (
     weights_reference,
     weights_summary,
 )
-from lorakit.workspace import Workspace, open_workspace
+from lorakit.workspace import Workspace, init_data_root
 
 SELECTION = {"project": "demo", "status": "approved", "assetTypes": ["character"], "checkpoints": [], "tags": [],
              "tagAny": False, "excludeTags": [], "caption": "tags", "noSpecTags": False, "withTokens": False}
@@ -61,7 +61,7 @@ def build_studio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Studio:
     monkeypatch.setenv("LORAKIT_DATA_ROOT", str(data))
     monkeypatch.setenv("LORAKIT_CONFIG", str(config))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ws = open_workspace()
+    ws = init_data_root()
     now = now_iso()
     ws.store.write("project", {"id": "demo", "name": "Demo", "createdAt": now, "updatedAt": now})
     for ckpt, family in (("ckpt15", "sd15"), ("ckptxl", "sdxl")):

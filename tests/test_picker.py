@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
-from lorakit.config import REPO_ROOT
 from lorakit.select import LoraResolution, list_loras
 from lorakit.widgets import LoraPicker
-from lorakit.workspace import Workspace, open_workspace
+from lorakit.workspace import Workspace, init_data_root, open_workspace
 
 TS = "2026-01-01T00:00:00.000Z"
 
@@ -65,7 +65,7 @@ def env_for(monkeypatch: pytest.MonkeyPatch, data: Path, models: Path, config: P
     monkeypatch.setenv("LORAKIT_DATA_ROOT", str(data))
     monkeypatch.setenv("LORAKIT_CONFIG", str(config))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return open_workspace()
+    return init_data_root()
 
 
 @pytest.fixture

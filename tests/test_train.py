@@ -51,7 +51,7 @@ def _workspace(root: Path, mp: pytest.MonkeyPatch):
     mp.setenv("LORAKIT_CONFIG", str(config))
     mp.setenv("HF_HUB_OFFLINE", "1")
     mp.setenv("TRANSFORMERS_OFFLINE", "1")
-    ws = lorakit.open_workspace()
+    ws = lorakit.init_data_root()
     now = now_iso()
     ws.store.write("project", {"id": "demo", "name": "Demo", "createdAt": now, "updatedAt": now})
     for family in ("sd15", "sdxl"):

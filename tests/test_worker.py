@@ -32,7 +32,7 @@ from lorakit.worker import (
     render_cell,
     run_worker,
 )
-from lorakit.workspace import open_workspace
+from lorakit.workspace import init_data_root
 
 pytestmark = pytest.mark.slow
 PROJECT = "proj"
@@ -77,7 +77,7 @@ def ws(tmp_path, monkeypatch, model_files):
     for key, value in {"LORAKIT_DATA_ROOT": str(data), "LORAKIT_CONFIG": str(config), "HF_HUB_OFFLINE": "1",
                        "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}.items():
         monkeypatch.setenv(key, value)
-    workspace = open_workspace()
+    workspace = init_data_root()
     now = now_iso()
     workspace.store.write("project", {"id": PROJECT, "name": "Project", "createdAt": now, "updatedAt": now})
     workspace.store.write_catalog("asset-types", {"id": "assetTypes", "assetTypes": [

@@ -18,7 +18,8 @@ COMMAND_MODULES = ["records", "dataset", "assets", "gate", "checkpoint", "evals"
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-root", help="data folder (default: LORAKIT_DATA_ROOT, config/local.json, or ./data)")
+    common.add_argument("--data-root", help="data folder, relative to the current folder (default: LORAKIT_DATA_ROOT, "
+                        "dataRoot in config/local.json, or ./data)")
     parser = argparse.ArgumentParser(prog="lorakit", description="Train LoRAs per checkpoint on curated game assets.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -18,11 +18,11 @@ def register(subparsers, common) -> None:
 
     p = notebook.add_parser("run", parents=[common], help="execute a notebook; write the executed .ipynb and HTML",
                             description="Execute a notebook of notebooks/ with papermill and write the executed "
-                                        ".ipynb and a standalone HTML file under reports/ (or --out).")
+                                        ".ipynb and a standalone HTML file under ./reports/ (or --out).")
     p.add_argument("name", metavar="NAME", help="notebook name or unique prefix (01, 02_train_lora, ...)")
     p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    help="set a parameter; VALUE is JSON when it parses (3, true, [1,2]), else text; repeatable")
-    p.add_argument("--out", help="folder for the executed notebook and the HTML (default: reports/)")
+    p.add_argument("--out", help="folder for the executed notebook and the HTML (default: ./reports/)")
     p.add_argument("--timeout", type=float, help="seconds a cell may run (default: no limit)")
     p.add_argument("--no-html", action="store_true", help="write only the executed notebook")
     p.add_argument("--log-output", action="store_true", help="also print the cells' output while running")
@@ -32,12 +32,12 @@ def register(subparsers, common) -> None:
     p.set_defaults(func=cmd_list)
 
     p = subparsers.add_parser("report", parents=[common], help="write the HTML report of one release (04_eval_report)",
-                              description="Run 04_eval_report for one release, write it under reports/ (or --out) "
+                              description="Run 04_eval_report for one release, write it under ./reports/ (or --out) "
                                           "and record its path on the release's evaluation.report.")
     p.add_argument("--lora", required=True, help="LoRA id")
     p.add_argument("--release", help="release id (default: the active release, else the newest)")
     p.add_argument("--project", help="project of the LoRA (or whose evals a baseline LoRA uses)")
-    p.add_argument("--out", help="folder for the report (default: reports/)")
+    p.add_argument("--out", help="folder for the report (default: ./reports/)")
     p.add_argument("--timeout", type=float, help="seconds a cell may run (default: no limit)")
     p.set_defaults(func=cmd_report)
 
@@ -60,7 +60,7 @@ def _print_failure(error: NotebookError) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     params = {key: parse_parameter(value) for key, value in args.parameter}
-    data_root = workspace(args).data_root if args.data_root else None
+    data_root = workspace(args).data_root  # checked here, so a wrong --data-root fails before a kernel starts
     try:
         run = run_notebook(args.name, params, out_dir=args.out, data_root=data_root, html=not args.no_html,
                            timeout=args.timeout, log_output=args.log_output)

@@ -47,7 +47,7 @@ from typing import IO, Any
 
 from filelock import FileLock
 
-from ..config import REPO_ROOT, resolve_weights
+from ..config import CHECKOUT_ROOT, resolve_weights
 from ..datasets import export_dataset
 from ..errors import ConfigError
 from ..ids import check_id, new_ulid
@@ -98,8 +98,14 @@ class KohyaSetupError(TrainingError):
 
 # ---- install location and marker --------------------------------------------------------------------------
 def tools_root(explicit: str | Path | None = None) -> Path:
-    """Where repo-local training tools live: ``explicit``, else ``LORAKIT_TOOLS_ROOT``, else ``<repo>/tools/lora``."""
-    chosen = explicit or os.environ.get(TOOLS_ROOT_ENV) or REPO_ROOT / "tools" / "lora"
+    """Where training tools are installed: ``explicit``, else ``LORAKIT_TOOLS_ROOT``, else ``tools/lora`` of the
+    lorakit checkout, else (an installed lorakit) ``$XDG_DATA_HOME/lorakit/tools/lora`` (``~/.local/share/...``)."""
+    chosen = explicit or os.environ.get(TOOLS_ROOT_ENV)
+    if not chosen and CHECKOUT_ROOT is not None:
+        chosen = CHECKOUT_ROOT / "tools" / "lora"
+    if not chosen:
+        data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+        chosen = Path(data_home) / "lorakit" / "tools" / "lora"
     return Path(chosen).expanduser().resolve()
 
 

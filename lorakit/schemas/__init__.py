@@ -1,4 +1,5 @@
-"""JSON Schemas of every record kind, loaded from ``schemas/``.
+"""JSON Schemas of every record kind, shipped beside this module (``lorakit/schemas/*.schema.json``; the
+checkout's top-level ``schemas/`` is a link to this folder).
 
 The schemas are draft 2020-12 and jsonschema is the authority that words every error. Checking is done
 first by a validator compiled with fastjsonschema, which is ~5x faster on large manifests; only a record
@@ -11,10 +12,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 
 import fastjsonschema
 
-from .config import SCHEMA_DIR
+SCHEMA_DIR = Path(__file__).resolve().parent
 
 SCHEMA_NAMES = (
     "weights-ref", "local-config", "project", "spec", "asset", "catalog-styles", "catalog-scenarios",
