@@ -582,6 +582,8 @@ def apply_loras(pipeline: Any, resolved: Iterable[ResolvedLora]) -> list[str]:
     >>> apply_loras(pipe, res)                                      # doctest: +SKIP
     ['hero__r2', 'ui_base__r1']
     """
+    from .models.loading import load_lora_file
+
     stack = list(resolved)
     loaded = _loaded_adapters(pipeline)
     names = []
@@ -591,7 +593,7 @@ def apply_loras(pipeline: Any, resolved: Iterable[ResolvedLora]) -> list[str]:
             if not lora.weights_path or not Path(lora.weights_path).exists():
                 raise SelectionError(f"LoRA {lora.lora_id!r} release {lora.release_id!r}: weights file not found: "
                                      f"{lora.weights_path}")
-            pipeline.load_lora_weights(str(lora.weights_path), adapter_name=name)
+            load_lora_file(pipeline, lora.weights_path, name)
             loaded.add(name)
         names.append(name)
     if names:

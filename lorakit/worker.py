@@ -369,12 +369,14 @@ class PipelineCache:
                 raise EvalError(f"LoRA {lora['id']} release {lora['releaseId']}: weights file {path} has sha256 "
                                 f"{actual}, the grid was planned with {sha256} (file replaced since?)")
             self._verified[str(path)] = sha256
+        from .models.loading import load_lora_file
+
         try:
             with warnings.catch_warnings(), _quiet_logger("diffusers.loaders.lora_base"):
                 # peft warns whenever a model gets a second adapter; several adapters is the point here
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
                 # and diffusers warns for every UNet-only LoRA that it has no text-encoder keys
-                warm.pipe.load_lora_weights(str(path), adapter_name=name)
+                load_lora_file(warm.pipe, path, name)
         except Exception:
             with contextlib.suppress(Exception):
                 warm.pipe.delete_adapters(name)

@@ -2,7 +2,7 @@
 """Check the lower bounds in ``pyproject.toml``: each model-stack package at another version, the rest as pinned.
 
 For every ``package==version`` given (default: the lower bound of each range below, and the releases known to
-break), that one version is installed with ``pip --target`` into a scratch folder put first on ``PYTHONPATH``,
+break; several joined by commas go in together, for packages that move as a set), that version is installed with ``pip --target`` into a scratch folder put first on ``PYTHONPATH``,
 and ``--smoke`` runs in a subprocess on top of the pinned environment:
 
 1. the SD1.5 and SDXL diffusers pipelines import;
@@ -31,10 +31,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_VERSIONS = [
-    "diffusers==0.35.0", "diffusers==0.35.1", "diffusers==0.36.0",
-    "peft==0.17.0", "peft==0.18.0",
+    "diffusers==0.35.1", "diffusers==0.35.2", "diffusers==0.36.0",
+    "peft==0.17.1", "peft==0.18.0",
     "accelerate==1.0.0",
-    "transformers==4.56.0", "transformers==4.57.6", "transformers==5.0.0",
+    "transformers==5.20.2",
 ]
 
 
@@ -68,7 +68,9 @@ def smoke() -> None:
                                                "conv_alpha": 1}, progress=False)
         weights = result.weights_path
         pipe = lorakit.load_pipeline(ws, "tiny-sd15")
-        pipe.load_lora_weights(str(weights), adapter_name="ranges")
+        from lorakit.models.loading import load_lora_file
+
+        load_lora_file(pipe, weights, "ranges")
         pipe.set_adapters(["ranges"], adapter_weights=[0.5])
         from peft.tuners.lora import LoraLayer
 
@@ -92,7 +94,8 @@ def smoke() -> None:
 def check(version: str) -> tuple[bool, float, str]:
     """Run the smoke check with ``version`` installed over the pinned environment: (passed, seconds, last line)."""
     with tempfile.TemporaryDirectory(prefix="lorakit-pkg-") as target:
-        install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, version],
+        install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target,
+                                  *version.split(",")],
                                  capture_output=True, text=True)
         if install.returncode != 0:
             return False, 0.0, "install failed: " + install.stderr.strip().splitlines()[-1]
@@ -117,7 +120,7 @@ def main() -> int:
     for version in args.versions or DEFAULT_VERSIONS:
         ok, seconds, last = check(version)
         failed += not ok
-        print(f"{version:24} {'pass' if ok else 'FAIL'}  {seconds:5.0f} s  {last[:160]}", flush=True)
+        print(f"{version:40} {'pass' if ok else 'FAIL'}  {seconds:5.0f} s  {last[:160]}", flush=True)
     return 1 if failed else 0
 
 

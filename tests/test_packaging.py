@@ -3,6 +3,7 @@ from where the user stands, not from where lorakit is installed."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -180,3 +181,97 @@ def test_the_installed_wheel_works_from_a_studio_folder(installed_wheel: tuple[P
     missing = run_installed(site, work, "validate", "--data-root", "does-not-exist")
     assert missing.returncode == 1 and missing.stderr.startswith("error: data root "), missing.stderr
     assert sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "data").rglob("*")) == before
+
+
+# Commands that never read a data root (listing what ships in the package, installing kohya's scripts), and
+# ``init``, which makes one.
+NO_DATA_ROOT = {("lora", "presets"), ("notebook", "list"), ("lora", "setup"), ("init",)}
+
+
+def leaf_commands() -> list[tuple[list[str], argparse.ArgumentParser]]:
+    """Every ``lorakit`` sub-command as (words, its parser), from the CLI's own parser."""
+    from lorakit.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, words: list[str]):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield words, parser
+            return
+        for name, child in subs[0].choices.items():
+            yield from walk(child, [*words, name])
+
+    return list(walk(build_parser(), []))
+
+
+def minimal_arguments(parser: argparse.ArgumentParser) -> list[str]:
+    """Values for a parser's required arguments: the first choice, else a word."""
+    argv: list[str] = []
+    for action in parser._actions:
+        value = str(action.choices[0] if action.choices else "x") if action.choices else "x"
+        if not action.option_strings:
+            argv += [value] * (action.nargs if isinstance(action.nargs, int) else 1)
+        elif action.required:
+            argv += [action.option_strings[0], value]
+    for group in parser._mutually_exclusive_groups:
+        if group.required:
+            argv.append(group._group_actions[0].option_strings[0])
+    return argv
+
+
+def test_every_command_refuses_a_missing_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    from lorakit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LORAKIT_CONFIG", raising=False)
+    (tmp_path / "empty").mkdir()
+    checked = []
+    for words, parser in leaf_commands():
+        if tuple(words) in NO_DATA_ROOT:
+            continue
+        assert any("--data-root" in a.option_strings for a in parser._actions), f"lorakit {' '.join(words)}"
+        for root, problem in (("does-not-exist", "does not exist"), ("empty", "holds neither shared/ nor projects/")):
+            code = main([*words, *minimal_arguments(parser), "--data-root", root])
+            err = capsys.readouterr().err
+            assert code == 1, f"lorakit {' '.join(words)} --data-root {root}: exit {code}\n{err}"
+            assert err.startswith(f"error: data root {tmp_path / root} {problem} (from the --data-root argument)"), err
+        checked.append(" ".join(words))
+    assert len(checked) >= 28 and "validate" in checked
+    assert main(["init", "--data-root", "does-not-exist"]) == 0
+    assert (tmp_path / "does-not-exist" / "shared").is_dir()
+
+
+def test_cli_paths_are_relative_to_the_current_folder(tmp_path: Path) -> None:
+    """The checkout's lorakit, started in a studio folder outside it: every typed path lands there."""
+    work = tmp_path / "studio"
+    shutil.copytree(REPO_ROOT / "data", work / "data", ignore=shutil.ignore_patterns(".lorakit"))
+    (work / "config").mkdir()
+    (work / "config" / "local.json").write_text('{"paths": {"modelsRoot": "weights"}}\n', encoding="utf-8")
+    (work / "art").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(work / "art" / "hero.png")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAKIT_")}
+
+    def lorakit(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "lorakit", *args], cwd=work, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    built = lorakit("dataset", "build", "--data-root", "data", "--project", "demo", "--asset-type", "ui_icon",
+                    "--id", "rel")
+    assert built.returncode == 0, built.stderr
+    assert (work / "data" / "projects" / "demo" / "datasets" / "rel.json").is_file()
+    exported = lorakit("dataset", "export", "rel", "--project", "demo", "--out", "exported", "--data-root", "data")
+    assert exported.returncode == 0, exported.stderr
+    assert sorted(p.suffix for p in (work / "exported").rglob("*.*")) .count(".txt") == 10
+    imported = lorakit("assets", "import", "--project", "game", "--dir", "art", "--data-root", "data")
+    assert imported.returncode == 0, imported.stderr
+    assert list((work / "data" / "files" / "game").rglob("hero*.png"))
+    created = lorakit("lora", "create", "--lora", "x", "--name", "X", "--scope", "project", "--project", "demo",
+                      "--checkpoint", "tiny-sd15", "--asset-types", "ui_icon", "--data-root", "data")
+    assert created.returncode == 0, created.stderr
+    settings = lorakit("lora", "train", "--lora", "x", "--dataset", "rel", "--project", "demo", "--dry-run",
+                       "--config-file", "missing.json", "--data-root", "data")
+    assert settings.returncode == 1 and str(work / "missing.json") in settings.stderr, settings.stderr
+    shown = lorakit("validate")  # ./config/local.json and ./data of the current folder, no flag needed
+    assert shown.returncode == 0 and f"all records valid under {work / 'data'}" in shown.stdout, shown.stderr

@@ -19,7 +19,8 @@ def register(subparsers, common) -> None:
     a.add_argument("checkpoint_id", metavar="ID")
     a.add_argument("--family", required=True, choices=FAMILIES, help="model family")
     a.add_argument("--path", required=True, metavar="P",
-                   help="weights folder or file, relative to --base (or an absolute path under it)")
+                   help="weights folder or file under --base: a path from the current folder when it exists "
+                        "there, else relative to --base")
     a.add_argument("--base", choices=ROOT_NAMES, default="checkpointsRoot",
                    help="root from config/local.json that --path is relative to (default: checkpointsRoot)")
     a.add_argument("--name", help="display name (default: the id, or the current name)")

@@ -248,6 +248,16 @@ def load_pipeline(
     return pipe if str(device) == "cpu" else pipe.to(device)
 
 
+def load_lora_file(pipe, path: str | Path, adapter_name: str) -> None:
+    """Load a LoRA ``.safetensors`` file into ``pipe`` as adapter ``adapter_name``.
+
+    Given as folder plus ``weight_name``: the form every diffusers release since 0.35 reads offline (0.36 refuses
+    a bare file path when ``HF_HUB_OFFLINE`` is set).
+    """
+    path = Path(path)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+
+
 def folder_variant(folder: Path) -> str | None:
     """``"fp16"`` when a diffusers folder holds only ``*.fp16.*`` UNet weights (a common download), else None."""
     unet = folder / "unet"

@@ -194,13 +194,16 @@ def register_checkpoint(ws: Workspace | str | Path | None, checkpoint_id: str, f
 def weights_reference(ws: Workspace, path: str | Path, base: str = "checkpointsRoot", absolute: bool = False) -> dict:
     """A weights reference for ``path``: ``config_relative`` to ``base`` unless ``absolute`` is asked for.
 
-    A relative ``path`` is taken as relative to ``base``; an absolute one must lie under it (it is stored
-    relative, so shared JSON never holds this machine's paths) unless ``absolute=True``.
+    A relative ``path`` is taken from the current folder when it exists there, as any command-line tool would,
+    else as relative to ``base``. Either way the file must lie under ``base`` (it is stored relative, so shared
+    JSON never holds this machine's paths) unless ``absolute=True``.
     """
     if base not in ROOT_NAMES:
         raise ConfigError(f"unknown base {base!r} (expected one of {', '.join(ROOT_NAMES)})")
     root = ws.config.roots[base].resolve()
     given = Path(path).expanduser()
+    if not given.is_absolute() and (Path.cwd() / given).exists():
+        given = Path.cwd() / given
     if absolute:
         return {"kind": "absolute", "path": given.resolve().as_posix()}
     if given.is_absolute():

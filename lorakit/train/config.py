@@ -149,14 +149,22 @@ def normalize_keys(layer: dict, source: str) -> dict:
 
 
 def read_config_file(path: str | Path) -> dict:
-    """A config file (JSON object); errors name the file."""
-    p = Path(path)
+    """A config file (JSON object), relative to the current folder; errors name the file as an absolute path."""
+    p = Path(path).expanduser().absolute()
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TrainingError(f"config file {p} does not exist") from None
+    except IsADirectoryError:
+        raise TrainingError(f"config file {p} is a folder; give the JSON file of training settings") from None
+    except UnicodeDecodeError as exc:
+        raise TrainingError(f"config file {p}: not UTF-8 text (byte {exc.start}); save it as UTF-8 JSON") from None
+    except OSError as exc:
+        raise TrainingError(f"config file {p} cannot be read: {exc.strerror}") from None
     try:
         return json.loads(text)
+    except RecursionError:
+        raise TrainingError(f"config file {p}: nested too deeply to be training settings") from None
     except json.JSONDecodeError as exc:
         raise TrainingError(f"config file {p}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
 
