@@ -21,6 +21,7 @@ from pathlib import Path
 import orjson
 
 from .errors import RecordError, RecordNotFoundError
+from .hashing import cache_entry, cached_value, is_racy
 from .ids import check_id
 from .store import Store, loads_json, parse_json, write_atomic
 from .workspace import Workspace, as_workspace
@@ -184,15 +185,14 @@ class FileReader:
 # 10,000-asset library), which was most of its time. One stat per file plus one read of this cache is
 # cheaper. It is JSON (orjson), never pickle, so reading it cannot run code.
 RECORD_CACHE_VERSION = 1  # bump when the quick checks change: cached records skip them
-RACY_WINDOW_NS = 2_000_000_000
 
 
 class RecordCache:
     """Checked records of one project's record folder (``assets`` or ``specs``), keyed by file name.
 
-    Stored in ``<dataRoot>/.lorakit/cache/records-<project>-<kind>.json`` as ``name -> [size, mtime_ns,
-    record as compact JSON text]``; an entry is used only while a fresh stat of the file still shows that
-    size and mtime. Only records that passed the quick checks (and whose id matched the file name) are put
+    Stored in ``<dataRoot>/.lorakit/cache/records-<project>-<kind>.json`` as ``name -> [size, mtime_ns, record
+    as compact JSON text, [ctime_ns, inode, device]]``; an entry is used only while a fresh stat of the file
+    gives the same :func:`~lorakit.hashing.stat_key`. Only records that passed the quick checks (and whose id matched the file name) are put
     in, so a hit needs no check. A corrupt or foreign cache file is ignored; :meth:`save` writes atomically,
     and only when something changed. Readers never save: the caller decides (a dry run does not).
 
@@ -216,24 +216,21 @@ class RecordCache:
 
     def get(self, name: str, st: os.stat_result | None) -> dict | None:
         """The cached record of file ``name`` if ``st`` (its fresh stat) still matches, else ``None``."""
-        entry = self.entries.get(name)
-        if (st is None or type(entry) is not list or len(entry) != 3 or entry[0] != st.st_size
-                or entry[1] != st.st_mtime_ns or type(entry[2]) is not str):
+        text = cached_value(self.entries.get(name), st)
+        if type(text) is not str:
             return None
         try:
-            record = orjson.loads(entry[2])
+            record = orjson.loads(text)
         except orjson.JSONDecodeError:
             return None
         return record if type(record) is dict else None
 
     def put(self, name: str, st: os.stat_result | None, record: dict) -> None:
         """Remember a checked ``record`` read from file ``name`` (stat taken before the read)."""
-        # A file modified in the last moments could change again within the same mtime tick and keep its
-        # size; caching it would then hide the change ("racily clean", as git calls it), so it waits.
-        if st is None or time.time_ns() - st.st_mtime_ns < RACY_WINDOW_NS:
+        if st is None or is_racy(st, time.time_ns()):
             self.drop(name)
             return
-        self.entries[name] = [st.st_size, st.st_mtime_ns, orjson.dumps(record).decode("utf-8")]
+        self.entries[name] = cache_entry(st, orjson.dumps(record).decode("utf-8"))
         self.dirty = True
 
     def drop(self, name: str) -> None:

@@ -5,7 +5,7 @@ tags match, what the caption says) are pure functions below, following the selec
 ``docs/data-model.md``; the build only adds the I/O at the edges: reading records, a stat per picked image,
 hashing and a cheap decode check of the images actually picked, and one validated write of the manifest.
 
-Image hashes are cached under ``<dataRoot>/.lorakit/cache/`` keyed by (path, size, mtime), so a re-build
+Image hashes are cached under ``<dataRoot>/.lorakit/cache/`` keyed by path, size, mtime, ctime and inode, so a re-build
 of an unchanged library reads no image at all.
 """
 
@@ -41,7 +41,8 @@ from .catalog import (
     variant_looks_valid,
 )
 from .errors import DatasetError, RecordError
-from .ids import check_id, new_ulid
+from .hashing import cache_entry, cached_value, is_racy
+from .ids import check_id, given_or_new_id
 from .store import now_iso, write_atomic
 from .workspace import Workspace, as_workspace
 
@@ -69,8 +70,7 @@ LEFT_OUT_REASONS = (
 )
 
 HASH_CACHE_FILE = ("cache", "sha256.json")  # under <dataRoot>/.lorakit/
-HASH_CACHE_VERSION = 1
-RACY_WINDOW_NS = 2_000_000_000
+HASH_CACHE_VERSION = 1  # entries of the older [size, mtime, sha256] form fail the shape check: re-hashed
 
 
 # ---- results -------------------------------------------------------------------------------------------
@@ -455,7 +455,8 @@ def _hash_job(path: str) -> str | UnreadableImageError:
 
 
 class HashCache:
-    """sha256 of image files keyed by (path, size, mtime_ns); a corrupt or foreign cache file is ignored.
+    """sha256 of image files keyed by path and :func:`~lorakit.hashing.stat_key`; a corrupt or foreign cache
+    file is ignored.
 
     Only images that verified are cached, so a cached hash also means "this file decodes".
     """
@@ -473,18 +474,13 @@ class HashCache:
             pass  # no cache yet, or a broken one: start empty and rewrite it
 
     def get(self, rel: str, st: os.stat_result) -> str | None:
-        entry = self.entries.get(rel)
-        if type(entry) is list and len(entry) == 3 and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
-            digest = entry[2]
-            return digest if isinstance(digest, str) and len(digest) == 64 else None
-        return None
+        digest = cached_value(self.entries.get(rel), st)
+        return digest if isinstance(digest, str) and len(digest) == 64 else None
 
     def put(self, rel: str, st: os.stat_result, digest: str) -> None:
-        # A file modified in the last moments could change again within the same mtime tick and keep its
-        # size; caching it would then hide the change ("racily clean", as git calls it), so it waits.
-        if time.time_ns() - st.st_mtime_ns < RACY_WINDOW_NS:
+        if is_racy(st, time.time_ns()):
             return
-        self.entries[rel] = [st.st_size, st.st_mtime_ns, digest]
+        self.entries[rel] = cache_entry(st, digest)
         self.dirty = True
 
     def save(self) -> None:
@@ -573,12 +569,10 @@ def build_manifest(
         tag_any=tag_any, exclude_tags=exclude_tags, caption=caption, no_spec_tags=no_spec_tags,
         with_tokens=with_tokens,
     )
-    if dataset_id is not None:
-        check_id(dataset_id, "dataset id")
+    manifest_id = given_or_new_id(dataset_id, "dataset id")
     kept_provenance = clean_provenance(provenance)
     require_project(store, project)
     target_project = project if scope == "project" else None
-    manifest_id = dataset_id or new_ulid()
     target = store.path("dataset", manifest_id, target_project)
 
     root = os.fspath(store.root)

@@ -29,7 +29,7 @@ from pathlib import Path
 from .config import resolve_weights
 from .errors import ConfigError, LorakitError, RecordError, RecordNotFoundError
 from .hashing import file_sha256
-from .ids import check_id, new_ulid
+from .ids import check_id, given_or_new_id, new_ulid
 from .store import now_iso, write_atomic
 from .workspace import Workspace, as_workspace
 
@@ -537,7 +537,7 @@ def create_eval(
     find_release(lora.record, release_id)
     prompt_list = list(dict.fromkeys(p.strip() for p in prompts or [] if p.strip())) or \
         [p for p, _ in _lora_prompts(ws, lora.record, project or lora.project, None)]
-    eval_id = check_id(eval_id, "eval id") if eval_id else new_ulid()
+    eval_id = given_or_new_id(eval_id, "eval id")
     record = new_eval_record(eval_id, lora, release_id, prompt_list, now_iso(), notes=notes,
                              assetTypes=list(lora.record.get("assetTypes") or []))
     if not dry_run:
@@ -631,7 +631,7 @@ def create_eval_grid(
         prompt_pairs = _lora_prompts(ws, lora.record, project, asset_type)
     cells = plan_cells(prompt_pairs, list(seeds), [0.0, *strengths], [r["id"] for r in releases])
 
-    eval_id = check_id(eval_id, "eval id") if eval_id else new_ulid()
+    eval_id = given_or_new_id(eval_id, "eval id")
     if store.exists("eval", eval_id, lora.project):
         raise RecordError(f"eval {eval_id!r} already exists ({store.path('eval', eval_id, lora.project)})")
     ckpt_hash = checkpoint_weights_hash(ws, checkpoint)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import RecordError, RecordNotFoundError
-from .ids import check_id, new_ulid
+from .ids import check_id, given_or_new_id
 from .store import now_iso
 from .workspace import Workspace, as_workspace
 
@@ -63,7 +63,7 @@ def create_lora(
     """
     ws = as_workspace(ws)
     where = lora_location(scope, project)
-    lora_id = check_id(lora_id, "LoRA id") if lora_id else new_ulid()
+    lora_id = given_or_new_id(lora_id, "LoRA id")
     check_id(checkpoint, "checkpoint id")
     if not ws.store.exists("checkpoint", checkpoint):
         raise RecordNotFoundError(

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -44,32 +47,94 @@ def now_iso() -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
-def dump_json(record: object) -> str:
+def non_finite_path(value: object) -> str | None:
+    """The JSON path of the first NaN or infinite number in ``value``, else None.
+
+    >>> non_finite_path({"a": [1.0, {"b": float("inf")}]})
+    '$.a[1].b'
+    """
+    if not _has_non_finite(value):  # the common case, without building a path per value
+        return None
+    stack: list[tuple[object, str]] = [(value, "$")]
+    while stack:
+        item, path = stack.pop()
+        if type(item) is float:
+            if not math.isfinite(item):
+                return path
+        elif type(item) is dict:
+            stack.extend((v, f"{path}.{k}") for k, v in item.items() if type(v) in (dict, list, float))
+        elif type(item) is list:
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item) if type(v) in (dict, list, float))
+    return None
+
+
+def _has_non_finite(value: object) -> bool:
+    if type(value) is float:
+        return not math.isfinite(value)
+    if type(value) not in (dict, list):
+        return False
+    stack, isfinite = [value], math.isfinite
+    while stack:
+        container = stack.pop()
+        for item in container.values() if type(container) is dict else container:
+            kind = type(item)
+            if kind is float:
+                if not isfinite(item):
+                    return True
+            elif kind is dict or kind is list:
+                stack.append(item)
+    return False
+
+
+def dump_json(record: object, where: object = "record") -> str:
     """Records are pretty-printed with 2 spaces and a trailing newline, non-ASCII kept as is.
 
     orjson writes the same text as ``json.dumps(indent=2, ensure_ascii=False)`` ten times faster (large
     manifests are written on every build); only small floats read differently (``0.00001``, as JavaScript's
     ``JSON.stringify`` writes them, where Python writes ``1e-05``). What orjson refuses (integers beyond
-    64 bits, NaN) goes through the standard library.
+    64 bits) goes through the standard library, which writes them exactly. A NaN or infinite number has no
+    strict-JSON form (orjson would write ``null``, the standard library ``NaN``), so such a record is refused.
     """
+    bad = non_finite_path(record)
+    if bad is not None:
+        raise RecordError(f"{where}: the number at {bad} is NaN or too large for a double (e.g. 1e400), which "
+                          "strict JSON cannot hold; lorakit will not rewrite the file: correct that value by hand")
     try:
         return orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE).decode("utf-8")
     except TypeError:
-        return json.dumps(record, indent=2, ensure_ascii=False) + "\n"
+        return json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+# orjson reads an integer beyond 64 bits as a float (18446744073709551617 -> 1.8446744073709552e+19); a run of
+# 19+ digits sends the text to the standard library, which keeps integers exact.
+_BIG_NUMBER = re.compile(rb"\d{19,}")
+
+
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def loads_json(data: bytes, where: object) -> object:
-    """Parse JSON bytes; errors name ``where`` (a file), the line and the column."""
+    """Parse JSON bytes; errors name ``where`` (a file), the line and the column. ``NaN`` and ``Infinity``,
+    which strict JSON parsers reject, are errors too."""
     try:
-        return orjson.loads(data)
+        value = orjson.loads(data)
+        if not _BIG_NUMBER.search(data):
+            return value
     except orjson.JSONDecodeError:
-        pass  # re-parsed below: the standard library accepts a little more and words errors better
+        pass  # re-parsed below: the standard library words errors better
+    except RecursionError:
+        raise RecordError(f"{where}: nested too deeply to be a lorakit record") from None
     try:
-        return json.loads(data)
+        return json.loads(data, parse_constant=_no_constants)
     except UnicodeDecodeError as exc:
         raise RecordError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise RecordError(f"{where}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except ValueError as exc:
+        raise RecordError(f"{where}: not strict JSON: {exc}; replace it with a number or null") from None
+    except RecursionError:
+        raise RecordError(f"{where}: nested too deeply to be a lorakit record") from None
 
 
 def parse_json(path: str | os.PathLike) -> object:
@@ -265,19 +330,37 @@ class Store:
 
     @staticmethod
     def _atomic_write(path: Path, record: object) -> None:
-        write_atomic(path, dump_json(record).encode("utf-8"))
+        write_atomic(path, dump_json(record, path).encode("utf-8"))
+
+
+def _read_umask() -> int:
+    # os.umask can only be read by setting it, so it is set straight back; done once, at import, before any
+    # thread of ours could create a file in between.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` all at once: a temporary file in the same folder, then a rename.
 
     Readers see the old file or the new one, never half of one, even if the writer is killed. ``durable``
-    also syncs the data to disk before the rename (records); caches that can be rebuilt skip that cost.
+    also syncs the data to disk before the rename (records); caches that can be rebuilt skip that cost. The file
+    keeps its permission bits (a new one gets what the umask allows, as ``open`` would give it), where a bare
+    temporary file would be private (0600) to whoever rewrote it last.
     """
     folder = os.path.dirname(os.fspath(path)) or "."
     os.makedirs(folder, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_UMASK
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             if durable:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DatasetError, RecordError
-from ..ids import check_id, new_ulid
+from ..ids import check_id, given_or_new_id
 from ..loras import add_release, find_lora, make_release
 from ..store import now_iso, write_atomic
 from ..workspace import Workspace, as_workspace
@@ -134,7 +134,7 @@ def train_lora(
     else:
         cfg = resolve_config(family, preset=preset, config_file=config_file, config=config, overrides=overrides,
                              force=force)
-    release_id = check_id(release, "release id") if release else new_ulid()
+    release_id = given_or_new_id(release, "release id")
     if not previous_run and any(r.get("id") == release_id for r in lora_record.get("releases", [])):
         raise RecordError(f"LoRA {lora_id!r} already has a release {release_id!r}")
     out_dir = runs_root / release_id

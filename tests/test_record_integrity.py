@@ -1,0 +1,176 @@
+"""Records stay valid and exact through every rewrite: values lorakit does not own, ids, file modes, caches."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT
+from PIL import Image
+
+from lorakit.assets import import_assets
+from lorakit.cli import main
+from lorakit.errors import InvalidIdError, RecordError
+from lorakit.ids import check_id
+from lorakit.store import dump_json, loads_json
+from lorakit.workspace import open_workspace
+
+
+@pytest.fixture
+def asset(tmp_data_root: Path, tmp_path: Path) -> tuple[object, Path]:
+    """One imported asset in project ``game``: (workspace, its record file)."""
+    ws = open_workspace()
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    Image.fromarray(np.full((8, 8, 3), 90, dtype=np.uint8)).save(drop / "hero.png")
+    report = import_assets(ws, "game", drop)
+    (imported,) = report.imported
+    return ws, ws.store.path("asset", imported["asset_id"], "game")
+
+
+def add_field(path: Path, text: str) -> str:
+    """Put a field lorakit does not own, written as raw JSON text, into a record file; returns the new text."""
+    raw = path.read_text(encoding="utf-8")
+    changed = raw.replace("{\n", "{\n  " + text + ",\n", 1)
+    path.write_text(changed, encoding="utf-8")
+    return changed
+
+
+def tag(path: Path, *extra: str) -> int:
+    return main(["assets", "tag", "--project", "game", "--asset", path.stem, "--add", "pose:front", *extra])
+
+
+def test_big_integers_survive_a_rewrite_exactly(asset, capsys) -> None:
+    _, path = asset
+    add_field(path, '"studioCounter": 18446744073709551617, "small": 12345678901234567890123')
+    assert tag(path) == 0
+    text = path.read_text(encoding="utf-8")
+    assert '"studioCounter": 18446744073709551617' in text and '"small": 12345678901234567890123' in text
+    assert "pose:front" in text
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} written"))
+
+
+@pytest.mark.parametrize("value", ["1e400", "-1e400"])
+def test_a_number_no_double_holds_refuses_the_rewrite(asset, capsys, value: str) -> None:
+    _, path = asset
+    before = add_field(path, f'"exposure": {value}')
+    assert tag(path) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and path.name in err and "$.exposure" in err and "by hand" in err
+    assert path.read_text(encoding="utf-8") == before  # nothing written, and never "Infinity"
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_json_constants_are_an_error_naming_the_file(asset, capsys, value: str) -> None:
+    _, path = asset
+    before = add_field(path, f'"exposure": {value}')
+    assert tag(path) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: not strict JSON: {value} is not a JSON number")
+    assert path.read_text(encoding="utf-8") == before
+    assert main(["validate"]) == 1
+    assert value.lstrip("-") in capsys.readouterr().out
+
+
+def test_no_writer_emits_text_strict_parsers_reject() -> None:
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(RecordError, match=r"the number at \$\.a\[1\]\.b is NaN or too large"):
+            dump_json({"a": [1, {"b": bad}]}, "r.json")
+    assert loads_json(dump_json({"n": 2**70, "f": 0.5}).encode(), "r") == {"n": 2**70, "f": 0.5}
+
+
+def test_deep_nesting_is_an_error_not_a_traceback(tmp_data_root: Path, capsys) -> None:
+    project = tmp_data_root / "projects" / "deep"
+    project.mkdir(parents=True)
+    (project / "project.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    assert main(["validate"]) == 1
+    assert "nested too deeply" in capsys.readouterr().out
+    with pytest.raises(RecordError, match="nested too deeply"):
+        loads_json(b"[" * 100_000, "x.json")
+
+
+@pytest.mark.parametrize("bad", ["x\n", "x\r", "a" * 129, "", "../x", ".hidden", "a/b"])
+def test_ids_are_checked_against_the_whole_string(bad: str) -> None:
+    with pytest.raises(InvalidIdError):
+        check_id(bad)
+    assert check_id("a" * 128) == "a" * 128
+
+
+@pytest.fixture
+def checkpoint(tmp_data_root: Path) -> None:
+    """The demo's tiny-sd15 checkpoint record (no weights: creating a LoRA needs only the record)."""
+    folder = tmp_data_root / "shared" / "checkpoints"
+    folder.mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "data" / "shared" / "checkpoints" / "tiny-sd15.json", folder)
+
+
+def test_an_id_ending_in_a_newline_is_refused_everywhere(tmp_data_root: Path, checkpoint, capsys) -> None:
+    assert main(["lora", "create", "--lora", "x\n", "--name", "X", "--scope", "baseline", "--checkpoint", "tiny-sd15",
+                 "--asset-types", "ui_icon"]) == 1
+    assert capsys.readouterr().err.startswith("error: invalid ")
+    assert not list((tmp_data_root / "shared").rglob("x*"))
+    # A record planted with such an id (the file name cannot end in a newline on every system, so the id
+    # field carries it): the schema refuses it too.
+    loras = tmp_data_root / "shared" / "loras"
+    loras.mkdir(parents=True)
+    (loras / "x.json").write_text(json.dumps({
+        "id": "x\n", "name": "X", "createdAt": "2026-01-01T00:00:00.000Z", "updatedAt": "2026-01-01T00:00:00.000Z",
+        "scope": "baseline", "checkpointId": "c", "assetTypes": ["ui_icon"], "releases": []}), encoding="utf-8")
+    assert main(["validate"]) == 1
+    out = capsys.readouterr().out
+    assert "x.json" in out and "$.id" in out
+
+
+def test_an_empty_lora_id_is_refused_not_replaced(tmp_data_root: Path, checkpoint, capsys) -> None:
+    assert main(["lora", "create", "--lora", "", "--name", "X", "--scope", "baseline", "--checkpoint", "tiny-sd15",
+                 "--asset-types", "ui_icon"]) == 1
+    assert capsys.readouterr().err.startswith("error: LoRA id must be a non-empty string")
+    assert not (tmp_data_root / "shared" / "loras").exists()
+
+
+def test_a_rewrite_keeps_the_file_mode(asset) -> None:
+    _, path = asset
+    for mode in (0o644, 0o664, 0o640):
+        os.chmod(path, mode)
+        assert tag(path) == 0
+        assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+def test_a_new_record_gets_the_mode_the_umask_allows(tmp_data_root: Path, checkpoint) -> None:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert main(["lora", "create", "--lora", "m", "--name", "M", "--scope", "baseline", "--checkpoint", "tiny-sd15",
+                 "--asset-types", "ui_icon"]) == 0
+    path = tmp_data_root / "shared" / "loras" / "m.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_changed_record_with_the_same_size_and_mtime_is_read_again(tmp_data_root: Path, tmp_path: Path) -> None:
+    """The record cache: approved -> rejected with size and mtime kept (as a checkout or ``touch -r`` does)."""
+    ws = open_workspace()
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 40 + i, dtype=np.uint8)).save(drop / f"icon{i}.png")
+    report = import_assets(ws, "game", drop, asset_type="ui_icon")
+    ids = [r["asset_id"] for r in report.imported]
+    assert main(["assets", "set-status", "--project", "game", "--asset", ",".join(ids), "--status", "approved"]) == 0
+    old = 1_700_000_000
+    for asset_id in ids:
+        os.utime(ws.store.path("asset", asset_id, "game"), (old, old))
+    assert main(["dataset", "build", "--project", "game", "--id", "d1"]) == 0  # fills the cache
+    assert len(ws.store.read("dataset", "d1", "game")["items"]) == 2
+
+    path = ws.store.path("asset", ids[0], "game")
+    text = path.read_text(encoding="utf-8")
+    rejected = text.replace('"status": "approved"', '"status": "rejected"')
+    assert len(rejected.encode()) == len(text.encode())  # "approved" and "rejected": 8 letters each
+    path.write_text(rejected, encoding="utf-8")
+    os.utime(path, (old, old))
+    assert main(["dataset", "build", "--project", "game", "--id", "d2"]) == 0
+    assert [i["assetId"] for i in ws.store.read("dataset", "d2", "game")["items"]] == [ids[1]]
