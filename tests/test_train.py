@@ -323,6 +323,43 @@ def test_ctrl_c_saves_state_and_exits_130(ws):
     assert lorakit.get_lora(ws, "intr", project="demo")["releases"] == []
 
 
+class _Planted:
+    """A pickle that runs a command when loaded, as a hostile run folder would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.slow
+def test_resume_never_unpickles_a_planted_state_file(ws, tmp_path):
+    import torch
+
+    new_lora(ws, "plant")
+    write_dataset(ws, "plant_gems", seed=4)
+    config = {**FAST, "steps": 200, "save_state_every": 0}
+    proc = _train_cli("--lora", "plant", "--dataset", "plant_gems", "--project", "demo", "--config",
+                      json.dumps(config), "--release", "r1", "--no-progress")
+    log = ws.config.loras_root / "plant" / "r1" / "train_log.csv"
+    deadline = time.time() + 240
+    while (not log.exists() or len(log.read_text().splitlines()) < 3) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    state = log.parent / "state" / "state.pt"
+    assert proc.returncode == 130 and state.exists()
+    marker = tmp_path / "ran"
+    torch.save({"step": 1, "models": [_Planted(marker)]}, state)  # torch's own format, pickle inside
+    resumed = _train_cli("--lora", "plant", "--project", "demo", "--resume", "--no-progress")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 1, err
+    assert f"error: saved training state {state} cannot be read as plain tensors and numbers" in err
+    assert not marker.exists()
+    assert lorakit.get_lora(ws, "plant", project="demo")["releases"] == []
+
+
 # ---- bad inputs: a clear error before training, records untouched -----------------------------------------------
 def test_bad_inputs_are_clear_errors_and_leave_records_untouched(ws):
     record_path = new_lora(ws, "bad")

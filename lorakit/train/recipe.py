@@ -741,7 +741,17 @@ def _save_state(path: Path, step: int, models, optimizer, lr_scheduler, accelera
 def _load_state(path: Path, models, optimizer, lr_scheduler, accelerator) -> int:
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    # The run folder can come from someone else (a shared drive, a copied data folder): a state file is read
+    # as tensors, numbers and containers only, so a planted pickle cannot run code.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch wraps the refused global in a pickle.UnpicklingError, other damage varies
+        raise TrainingError(
+            f"saved training state {path} cannot be read as plain tensors and numbers ({type(exc).__name__}); it "
+            f"is damaged or was not written by lorakit: delete {path.parent} and train again without --resume"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("models"), list) or "step" not in state:
+        raise TrainingError(f"saved training state {path} is not lorakit's; delete {path.parent} and train again")
     for model, saved in zip(models, state["models"], strict=True):
         params = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
         if set(params) != set(saved):
