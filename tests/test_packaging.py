@@ -83,11 +83,10 @@ def test_every_dependency_is_pinned_and_within_its_range() -> None:
 
 
 def package_data_files() -> list[str]:
-    """Every file of the package source that is not Python code, as a path inside the wheel."""
-    package = REPO_ROOT / "lorakit"
-    return sorted(p.relative_to(REPO_ROOT).as_posix() for p in package.rglob("*")
-                  if p.is_file() and p.suffix not in (".py", ".pyc")
-                  and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(package).parts))
+    """Every file of the package that Git tracks and that is not Python code, as a path inside the wheel."""
+    tracked = subprocess.run(["git", "ls-files", "lorakit"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    return sorted(name for name in tracked if not name.endswith(".py"))
 
 
 def test_the_checkout_schemas_and_notebooks_are_the_packaged_ones() -> None:
@@ -103,11 +102,21 @@ def test_the_checkout_schemas_and_notebooks_are_the_packaged_ones() -> None:
 @pytest.fixture(scope="module")
 def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """lorakit built as a wheel and installed (without dependencies, which this environment has) into a scratch
-    folder outside the checkout: ``(wheel, site)``."""
+    folder outside the checkout: ``(wheel, site)``.
+
+    The wheel is built from a copy of the files Git tracks, as a fresh clone has them: the checkout's own
+    ``*.egg-info`` and ``build/`` (left by an editable install) would otherwise slip files into the wheel that
+    ``[tool.setuptools.package-data]`` does not name."""
     out = tmp_path_factory.mktemp("wheel")
+    source = out / "source"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True).stdout
+    for name in tracked.decode().split("\0"):
+        if name and (REPO_ROOT / name).is_file() and not (REPO_ROOT / name).is_symlink():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, source / name)
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out / "dist"),
-         str(REPO_ROOT)], capture_output=True, text=True, cwd=out)
+         str(source)], capture_output=True, text=True, cwd=out)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (out / "dist").glob("lorakit-*.whl")
     site = out / "site"
@@ -115,8 +124,6 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel)],
         capture_output=True, text=True, cwd=out)
     assert install.returncode == 0, install.stderr[-3000:]
-    # The build leaves its scratch folders in the checkout; remove them so they cannot be imported instead.
-    shutil.rmtree(REPO_ROOT / "build" / "lib", ignore_errors=True)
     return wheel, site
 
 
