@@ -192,8 +192,8 @@ class RecordCache:
 
     Stored in ``<dataRoot>/.lorakit/cache/records-<project>-<kind>.json`` as ``name -> [size, mtime_ns, record
     as compact JSON text, [ctime_ns, inode, device]]``; an entry is used only while a fresh stat of the file
-    gives the same :func:`~lorakit.hashing.stat_key`. Only records that passed the quick checks (and whose id matched the file name) are put
-    in, so a hit needs no check. A corrupt or foreign cache file is ignored; :meth:`save` writes atomically,
+    gives the same :func:`~lorakit.hashing.stat_key`. Only records that passed the quick checks (and whose id
+    matched the file name) are put in, so a hit needs no check. A corrupt or foreign cache file is ignored; :meth:`save` writes atomically,
     and only when something changed. Readers never save: the caller decides (a dry run does not).
 
     Each record stays a string until it is asked for: loading the cache then makes ten thousand strings,

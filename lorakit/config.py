@@ -34,7 +34,8 @@ DATA_ROOT_PARTS = ("shared", "projects")
 def find_checkout(package_root: Path = PACKAGE_ROOT) -> Path | None:
     """The lorakit checkout this package runs from (a source tree with its ``pyproject.toml``), else None.
 
-    Only the demo defaults use it: an installed wheel has no checkout, and works the same without one.
+    Only fallbacks use it (the checkout's config file and demo data, its ``tools/lora``): an installed wheel
+    has no checkout, and works the same without one.
     """
     candidate = package_root.parent
     pyproject = candidate / "pyproject.toml"
@@ -88,10 +89,11 @@ def config_path() -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
-def config_location() -> str:
-    """The config file for messages that tell the user where to set something."""
-    path = config_path()
-    return str(path) if path is not None else "config/local.json (none yet; or set LORAKIT_CONFIG)"
+def config_location(config: Config) -> str:
+    """The config file ``config`` was read from, for messages that tell the user where to set something."""
+    if config.source is not None:
+        return str(config.source)
+    return "config/local.json (none yet; or set LORAKIT_CONFIG)"
 
 
 def config_base(path: Path) -> Path:
@@ -224,10 +226,10 @@ def resolve_weights(ref: dict, config: Config, what: str = "weights", must_exist
             )
         root = config.roots.get(base)
         if root is None:
-            raise ConfigError(f"{what}: {base} is not set (paths.{base} in {config_location()})")
+            raise ConfigError(f"{what}: {base} is not set (paths.{base} in {config_location(config)})")
         if must_exist and not root.exists():
             raise ConfigError(
-                f"{what}: {base} folder {root} does not exist (set paths.{base} in {config_location()} "
+                f"{what}: {base} folder {root} does not exist (set paths.{base} in {config_location(config)} "
                 "or create the folder)"
             )
         path = root / rel
