@@ -365,6 +365,10 @@ def import_assets(
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         raise AssetError(f"{folder} is not a folder")
+    if in_place and store.root not in folder.parents:
+        raise AssetError(f"--in-place needs the images inside the data root {store.root}, and {folder} is not: records "
+                         "hold paths relative to the data root, so other machines find the files too. Move the "
+                         "folder under the data root (e.g. files/<project>/) or import without --in-place (copies)")
     report = ImportReport(project=project, dry_run=dry_run)
 
     project_record = _read_optional(store, "project", project)
@@ -551,9 +555,12 @@ def _place_copy(folder: Path, name: str, data: bytes) -> tuple[Path, Path]:
 
 
 def _record_path(store: Store, path: Path) -> str:
-    """How a record refers to a file used in place: relative to the data root when inside it."""
+    """How a record refers to a file used in place: relative to the data root (the import checked it is inside;
+    a symlink leading out is refused here)."""
     resolved = path.resolve()
-    return store.relative(resolved) if store.root in resolved.parents else resolved.as_posix()
+    if store.root not in resolved.parents:
+        raise AssetError(f"{path} leads out of the data root {store.root} (a symbolic link?); copy the file instead")
+    return store.relative(resolved)
 
 
 def _caption_file_tags(image: SourceImage, report: ImportReport) -> list[str]:

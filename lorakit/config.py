@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,7 +212,7 @@ def resolve_weights(ref: dict, config: Config, what: str = "weights", must_exist
     if not rel:
         raise ConfigError(f"{what}: weights reference of kind {kind} has no 'path'")
     if kind == "repo_relative":
-        path = config.repo_root / rel
+        path = _inside(config.repo_root, rel, what, "the folder that holds the data root")
         where = f"repo_relative to {config.repo_root}"
     elif kind == "absolute":
         path = Path(rel)
@@ -232,8 +233,32 @@ def resolve_weights(ref: dict, config: Config, what: str = "weights", must_exist
                 f"{what}: {base} folder {root} does not exist (set paths.{base} in {config_location(config)} "
                 "or create the folder)"
             )
-        path = root / rel
+        path = _inside(root, rel, what, base)
         where = f"under {base} = {root}"
     if must_exist and not path.exists():
         raise ConfigError(f"{what}: weights file not found: {path} ({where})")
+    return path
+
+
+def _inside(root: Path, rel: str, what: str, root_name: str) -> Path:
+    """``root / rel``, refused when ``rel`` is absolute or leads out of ``root`` (``..`` or a symlink): a
+    relative weights reference in a shared record must not point lorakit at any other file on the machine."""
+    if Path(rel).is_absolute() or re.match(r"^([/\\]|[A-Za-z]:)", rel):
+        raise ConfigError(f"{what}: weights path {rel!r} is absolute; a relative reference is relative to "
+                          f"{root_name} ({root}); use kind 'absolute' for a machine's own path")
+    path = root / rel
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise ConfigError(f"{what}: weights path {rel!r} leads out of {root_name} ({root}) to {real}; keep weights "
+                          f"under {root_name}, or register them with kind 'absolute'")
+    return path
+
+
+def resolve_local_path(local_path: str, config: Config, what: str, must_exist: bool = True) -> Path:
+    """The file of a release's deprecated ``localPath``: relative to the folder that holds the data root, and
+    inside it."""
+    path = _inside(config.repo_root, local_path, what, "the folder that holds the data root")
+    if must_exist and not path.exists():
+        raise ConfigError(f"{what}: weights file not found: {path} (localPath)")
     return path

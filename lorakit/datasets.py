@@ -43,7 +43,7 @@ from .catalog import (
 from .errors import DatasetError, RecordError
 from .hashing import cache_entry, cached_value, is_racy
 from .ids import check_id, given_or_new_id
-from .store import now_iso, write_atomic
+from .store import contained_path, now_iso, write_atomic
 from .workspace import Workspace, as_workspace
 
 if TYPE_CHECKING:
@@ -583,6 +583,7 @@ def build_manifest(
     catalogs = CatalogsByCheckpoint(ws, project) if with_tokens else None
     exclude = compile_globs(selection.exclude_tags)
     stats = _FileStats(root)
+    real_dirs: dict[str, str] = {}  # resolved image folders, for the symlink check
     cache = HashCache(root)
 
     items: list[dict] = []
@@ -626,6 +627,11 @@ def build_manifest(
                     declared = [p for p in (variant.get("alphaPath"), variant.get("originalPath")) if p]
                     left_out.append(LeftOut(asset_id, IMAGE_MISSING, "no file at " + " nor ".join(declared)))
                     continue
+                escape, _ = contained_path(root, rel, real_dirs)
+                if escape:
+                    key = "alphaPath" if rel == paths.get("alphaPath") else "originalPath"
+                    raise RecordError(f"{_where(assets_dir, asset, version, variant, key)}: image path {rel!r} "
+                                      f"{escape}; replace the link with the file itself")
                 if "alphaPath" in paths and rel != paths["alphaPath"]:
                     alpha_fallbacks.append(asset_id)
                 st = stats(rel)

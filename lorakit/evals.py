@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import resolve_weights
+from .config import resolve_local_path, resolve_weights
 from .errors import ConfigError, LorakitError, RecordError, RecordNotFoundError
 from .hashing import file_sha256
 from .ids import check_id, given_or_new_id, new_ulid
@@ -373,11 +373,7 @@ def release_weights_path(ws: Workspace, lora: dict, release: dict, must_exist: b
     if release.get("weights"):
         return resolve_weights(release["weights"], ws.config, what=what, must_exist=must_exist)
     if release.get("localPath"):
-        path = Path(release["localPath"])
-        path = path if path.is_absolute() else ws.config.repo_root / path
-        if must_exist and not path.exists():
-            raise ConfigError(f"{what}: weights file not found: {path} (localPath)")
-        return path
+        return resolve_local_path(release["localPath"], ws.config, what, must_exist)
     raise ConfigError(f"{what} has no 'weights' reference (nor a localPath)")
 
 
@@ -565,6 +561,34 @@ class GridPlan:
 def images_dir(eval_id: str, eval_project: str | None) -> str:
     """The folder (relative to dataRoot) that holds an eval's images."""
     return f"files/evals/{eval_project or BASELINE_FOLDER}/{eval_id}"
+
+
+def eval_images_folder(ws: Workspace, eval_record: dict | None, eval_id: str, eval_project: str | None) -> Path:
+    """The one folder an eval's images may be written to and deleted from. A record whose ``grid.imagesDir``
+    names another folder (a hand edit, or a hostile one) is refused rather than followed."""
+    check_id(eval_id, "eval id")
+    if eval_project is not None:
+        check_id(eval_project, "project id")
+    expected = images_dir(eval_id, eval_project)
+    grid = eval_record.get("grid") if isinstance(eval_record, dict) else None
+    named = grid.get("imagesDir") if isinstance(grid, dict) else None
+    if named is not None and named != expected:
+        raise EvalError(f"eval {eval_id}: grid.imagesDir is {named!r}, not its image folder {expected!r}; lorakit "
+                        "writes and deletes eval images only there (fix the record, or run `lorakit validate`)")
+    return ws.store.file_path(expected, what=f"eval {eval_id} image folder")
+
+
+def cell_image_path(ws: Workspace, job_input: dict) -> Path:
+    """Where a grid job's image goes: ``<its eval's image folder>/<cell key>.png``, and only there."""
+    eval_id, eval_project = job_input.get("evalId"), job_input.get("evalProjectId")
+    cell_key = check_id(job_input.get("cellKey"), "cell key")
+    expected = f"{images_dir(check_id(eval_id, 'eval id'), eval_project)}/{cell_key}.png"
+    if job_input.get("imagePath") != expected:
+        raise EvalError(f"job for eval {eval_id} cell {cell_key}: input.imagePath is {job_input.get('imagePath')!r}, "
+                        f"not {expected!r}; a grid job writes only into its eval's image folder")
+    if eval_project is not None:
+        check_id(eval_project, "project id")
+    return ws.store.file_path(expected, what=f"eval {eval_id} image")
 
 
 def create_eval_grid(
@@ -768,9 +792,7 @@ def cleanup_eval(
     for path, spec in store.iter_records("spec", project, validate=False):
         if str(spec.get("id", "")).startswith(f"eval_{eval_id}_"):
             report.specs.append(path)
-    folder = store.file_path(images_dir(eval_id, eval_project))
-    if eval_record and isinstance(eval_record.get("grid"), dict):
-        folder = store.file_path(eval_record["grid"].get("imagesDir") or images_dir(eval_id, eval_project))
+    folder = eval_images_folder(ws, eval_record, eval_id, eval_project)
     if folder.is_dir():
         report.temp_files = sorted(p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
         if images:

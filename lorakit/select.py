@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import resolve_weights
+from .config import resolve_local_path, resolve_weights
 from .errors import ConfigError, LorakitError
 from .gate import eval_state, evals_of_release, latest_review, review_state
 from .workspace import Workspace, as_workspace
@@ -441,7 +441,7 @@ def load_loras(ws: Workspace | str | Path | None, project: str | None = None, al
 
 def locate_weights(ws: Workspace | str | Path | None) -> Callable[[dict, dict], WeightsFile]:
     """A weights lookup for :func:`resolve_loras` that resolves references with the local config and checks
-    the file is there. ``localPath`` (deprecated) is relative to the data root."""
+    the file is there. ``localPath`` (deprecated) is relative to the folder that holds the data root."""
     ws = as_workspace(ws)
 
     def lookup(lora: dict, release: dict) -> WeightsFile:
@@ -453,7 +453,10 @@ def locate_weights(ws: Workspace | str | Path | None) -> Callable[[dict, dict], 
             except ConfigError as exc:
                 return WeightsFile(_ref_path(release), False, str(exc))
         elif release.get("localPath"):
-            path = ws.store.root / release["localPath"]
+            try:
+                path = resolve_local_path(release["localPath"], ws.config, what, must_exist=False)
+            except ConfigError as exc:
+                return WeightsFile(release["localPath"], False, str(exc))
         else:
             return WeightsFile(None, False, "the release has no weights reference")
         return WeightsFile(str(path), path.is_file())

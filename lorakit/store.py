@@ -197,12 +197,14 @@ class Store:
             base = base / "checkpoints" / check_id(checkpoint, "checkpoint id")
         return self._inside(base / f"{name}.json")
 
-    def file_path(self, rel: str) -> Path:
-        """An image or other file referenced from a record (POSIX path relative to the data root)."""
-        p = Path(rel)
-        if p.is_absolute():
-            return p
-        return self._inside(self.root / p, what=f"file path {rel!r}")
+    def file_path(self, rel: str, what: str | None = None) -> Path:
+        """An image or other file referenced from a record (POSIX path relative to the data root), resolved
+        with its symlinks. A path that is absolute, climbs out with ``..``, or leads out through a symlink is a
+        :class:`RecordError`: a shared data folder must not make lorakit read, write or delete elsewhere."""
+        problem, real = contained_path(os.fspath(self.root), rel)
+        if problem:
+            raise RecordError(f"{what or 'file path'} {rel!r} {problem}")
+        return Path(real)
 
     def relative(self, path: Path) -> str:
         """The POSIX path of ``path`` relative to the data root, as records store it."""
@@ -342,6 +344,43 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+
+
+_ABSOLUTE = re.compile(r"^([/\\]|[A-Za-z]:)")
+
+
+def contained_path(root: str, rel: object, real_dirs: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """Resolve ``rel`` (a record's POSIX path, relative to ``root``) with its symlinks: ``(problem, real path)``.
+
+    ``problem`` is None when the path stays inside ``root`` (which must itself be resolved), else why not, in
+    words for an error message. ``real_dirs`` caches resolved folders across calls, so checking the images of a
+    large library costs one ``realpath`` per folder and one ``lstat`` per file.
+
+    >>> contained_path("/d", "files/a.png")[0] is None, contained_path("/d", "../etc/passwd")[0]
+    (True, 'leaves the data root /d')
+    >>> contained_path("/d", "/etc/passwd")[0]
+    'is absolute; records hold paths relative to the data root /d'
+    """
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        return "is not a path", ""
+    if _ABSOLUTE.match(rel):
+        return f"is absolute; records hold paths relative to the data root {root}", ""
+    full = os.path.normpath(os.path.join(root, rel.replace("\\", "/")))
+    prefix = root.rstrip(os.sep) + os.sep
+    if not full.startswith(prefix):
+        return f"leaves the data root {root}", ""
+    folder, name = os.path.split(full)
+    real_folder = real_dirs.get(folder) if real_dirs is not None else None
+    if real_folder is None:
+        real_folder = os.path.realpath(folder)
+        if real_dirs is not None:
+            real_dirs[folder] = real_folder
+    real = os.path.join(real_folder, name)
+    if os.path.islink(real):
+        real = os.path.realpath(real)
+    if real != root and not real.startswith(prefix):
+        return f"leads out of the data root {root} through a symbolic link (to {real})", ""
+    return None, real
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:

@@ -33,17 +33,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from .config import resolve_weights
 from .errors import LorakitError, RecordNotFoundError
 from .evals import (
     JOB_TYPE,
     EvalError,
     adapter_name,
+    cell_image_path,
     checkpoint_weights_hash,
     cleanup_eval,
     record_failure,
     record_failures,
     record_outputs,
+    release_weights_path,
 )
 from .hashing import file_sha256
 from .store import now_iso
@@ -411,16 +412,9 @@ def _free_memory() -> None:
 
 
 def lora_weights_path(ws: Workspace, lora: dict) -> Path:
-    what = f"LoRA {lora.get('id')} release {lora.get('releaseId')}"
-    if lora.get("weights"):
-        return resolve_weights(lora["weights"], ws.config, what=what)
-    if lora.get("localPath"):
-        path = Path(lora["localPath"])
-        path = path if path.is_absolute() else ws.config.repo_root / path
-        if not path.exists():
-            raise EvalError(f"{what}: weights file not found: {path} (localPath)")
-        return path
-    raise EvalError(f"{what} has no weights reference")
+    """The weights file of a job's ``input.lora``, by the same rules as the release's own record."""
+    release = {"id": lora.get("releaseId"), "weights": lora.get("weights"), "localPath": lora.get("localPath")}
+    return release_weights_path(ws, lora, release)
 
 
 def use_scheduler(warm: WarmPipeline, name: str | None) -> str:
@@ -573,13 +567,14 @@ def process_batch(ws: Workspace, cache: PipelineCache, claims: list[Claim], owne
     started = time.perf_counter()
     try:
         with LeaseKeeper(ws, claims, owner, lease_s):
+            targets = [cell_image_path(ws, claim.job["input"]) for claim in claims]  # checked before rendering
             images, scheduler = render_batch(cache, claims[0].job)
             seconds = round(time.perf_counter() - started, 3)
             outputs = []
-            for claim in claims:
+            for claim, target in zip(claims, targets, strict=True):
                 data = claim.job["input"]
                 settings = {**data["settings"], "scheduler": scheduler}
-                write_png(images[data["cellKey"]], ws.store.file_path(data["imagePath"]), settings)
+                write_png(images[data["cellKey"]], target, settings)
                 outputs.append({**settings, "images": [data["imagePath"]], "cellKey": data["cellKey"],
                                 "jobId": claim.job["id"], "worker": owner, "renderedAt": now_iso(),
                                 "renderSeconds": seconds})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -230,10 +231,19 @@ def test_dry_run_writes_nothing(ws, art):
 
 
 def test_in_place_references_the_images_where_they_are(ws, art):
-    import_assets(ws, "game", art, in_place=True)
+    inside = ws.data_root / "files" / "game" / "art"
+    shutil.copytree(art, inside)
+    import_assets(ws, "game", inside, in_place=True)
     paths = {variant_of(a)["originalPath"] for a in assets_of(ws, "game")}
-    assert paths == {(art / "hero.png").resolve().as_posix(), (art / "bg.jpg").resolve().as_posix()}
-    assert not (ws.data_root / "files").exists()
+    assert paths == {"files/game/art/hero.png", "files/game/art/bg.jpg"}  # relative: they stay valid elsewhere
+    assert sorted(p.name for p in inside.iterdir()) == sorted(p.name for p in art.iterdir())  # nothing copied
+
+
+def test_in_place_from_outside_the_data_root_is_refused_at_import(ws, art):
+    with pytest.raises(AssetError, match=r"--in-place needs the images inside the data root .*import without "
+                                         r"--in-place \(copies\)"):
+        import_assets(ws, "game", art, in_place=True)
+    assert not (ws.data_root / "projects").exists() and not (ws.data_root / "files").exists()
 
 
 def test_project_defaults_and_bad_options(ws, art):

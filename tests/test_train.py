@@ -23,7 +23,7 @@ from PIL import Image
 import lorakit
 from lorakit.cli import main as cli_main
 from lorakit.config import resolve_weights
-from lorakit.errors import DatasetError, RecordNotFoundError
+from lorakit.errors import DatasetError, RecordError, RecordNotFoundError
 from lorakit.models import TINY_RESOLUTION, make_tiny_checkpoint
 from lorakit.store import now_iso
 from lorakit.train import TrainingError, plot_loss, read_loss_log, train_lora
@@ -358,6 +358,53 @@ def test_resume_never_unpickles_a_planted_state_file(ws, tmp_path):
     assert f"error: saved training state {state} cannot be read as plain tensors and numbers" in err
     assert not marker.exists()
     assert lorakit.get_lora(ws, "plant", project="demo")["releases"] == []
+
+
+def test_resume_of_a_run_already_recorded_finishes_only_its_bookkeeping(ws):
+    record_path = new_lora(ws, "rec")
+    write_dataset(ws, "rec_gems", seed=5)
+    done = train_lora(ws, "rec", "rec_gems", project="demo", config={**FAST, "steps": 2}, release="r1", progress=False)
+    weights = done.weights_path
+    before = (weights.read_bytes(), weights.stat().st_mtime_ns, record_path.read_bytes())
+    # As if killed between recording the release and marking run.json complete.
+    run_file = weights.parent / "run.json"
+    run = json.loads(run_file.read_text())
+    run_file.write_text(json.dumps({**run, "status": "interrupted"}))
+    again = train_lora(ws, "rec", project="demo", resume=True, progress=False)
+    assert again.release == done.release
+    assert (weights.read_bytes(), weights.stat().st_mtime_ns, record_path.read_bytes()) == before
+    assert json.loads(run_file.read_text())["status"] == "complete"
+    with pytest.raises(TrainingError, match="no interrupted run"):
+        train_lora(ws, "rec", project="demo", resume=True)
+
+
+def test_a_run_json_naming_a_manifest_outside_the_data_root_is_refused(ws, tmp_path):
+    new_lora(ws, "esc")
+    write_dataset(ws, "esc_gems", seed=6)
+    done = train_lora(ws, "esc", "esc_gems", project="demo", config={**FAST, "steps": 2}, release="r1", progress=False)
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(ws.store.path("dataset", "esc_gems", "demo").read_text())
+    run_file = done.weights_path.parent / "run.json"
+    run = json.loads(run_file.read_text())
+    run_file.write_text(json.dumps({**run, "status": "interrupted", "releaseId": "r2",
+                                    "dataset": {**run["dataset"], "path": str(outside)}}))
+    (done.weights_path.parent.parent / "r2").mkdir()
+    (done.weights_path.parent.parent / "r2" / "run.json").write_text(run_file.read_text())
+    with pytest.raises(RecordError, match=r"run r2 dataset path \(run\.json\) .* is absolute"):
+        train_lora(ws, "esc", project="demo", resume="r2", progress=False)
+
+
+def test_non_finite_weights_are_never_recorded(ws):
+    record_path = new_lora(ws, "hot")
+    write_dataset(ws, "hot_gems", seed=7)
+    before = record_path.read_bytes()
+    with pytest.raises(TrainingError, match=r"values inf or NaN .*was not written and nothing is recorded"):
+        train_lora(ws, "hot", "hot_gems", project="demo", config={**FAST, "lr": 1e5, "steps": 1}, release="r1",
+                   progress=False)
+    assert record_path.read_bytes() == before
+    out = ws.config.loras_root / "hot" / "r1"
+    assert not (out / "hot.safetensors").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
 
 
 # ---- bad inputs: a clear error before training, records untouched -----------------------------------------------

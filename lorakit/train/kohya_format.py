@@ -306,8 +306,31 @@ def _iso_seconds(timestamp: float) -> str:
 
 
 # ---- files -------------------------------------------------------------------------------------------------
+def non_finite_values(tensors: dict[str, torch.Tensor]) -> tuple[int, int, str | None]:
+    """``(inf/NaN values, all values, first key holding one)`` of the tensors as they would be saved."""
+    bad, total, first = 0, 0, None
+    for key, tensor in tensors.items():
+        count = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+        total += tensor.numel()
+        if count:
+            bad += count
+            first = first or key
+    return bad, total, first
+
+
 def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """Write the file atomically (a temporary file renamed into place) and return its sha256."""
+    """Write the file atomically (a temporary file renamed into place) and return its sha256.
+
+    Tensors with inf or NaN values (a learning rate far too high, or fp16 overflowing on the cast to the saved
+    dtype while the loss still looked finite) are refused: such a file renders black or noise in every UI.
+    """
+    from .config import TrainingError
+
+    bad, total, first = non_finite_values(tensors)
+    if bad:
+        raise TrainingError(f"the trained LoRA has {bad:,} of {total:,} values inf or NaN (first in {first}); "
+                            f"{Path(path).name} was not written and nothing is recorded. Lower the learning rate (the "
+                            "file is saved in fp16, whose largest value is 65504)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

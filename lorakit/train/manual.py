@@ -255,23 +255,25 @@ def new_release_id(lora: dict, release_id: str | None) -> str:
 
 
 def reachable_weights(ref: dict, config: Config) -> Path | None:
-    """The local file of a weights reference when it exists on this machine, else ``None``."""
+    """The local file of a weights reference when it exists on this machine, else ``None``. A reference that
+    is wrong in itself (a relative path leading out of its root, an unknown base) is an error, not "elsewhere"."""
     if ref["kind"] == "external":
         return None
-    try:
-        path = resolve_weights(ref, config, must_exist=False)
-    except ConfigError:
-        return None
+    path = resolve_weights(ref, config, must_exist=False)
     return path if path.is_file() else None
 
 
 def inspect_weights(path: Path, given_sha256: str | None) -> tuple[str, dict]:
-    """Hash a weights file (refusing a given hash that differs) and summarize its kohya metadata."""
+    """Hash a weights file (refusing a given hash that differs, and any file that is not a safetensors file) and
+    summarize its kohya metadata."""
+    metadata = read_safetensors_metadata(path)
+    if metadata is None:
+        raise ConfigError(f"{path} is not a safetensors file (no valid header); a release's weights must be the "
+                          "LoRA's .safetensors file")
     actual = file_sha256(path)
     if given_sha256 is not None and given_sha256 != actual:
         raise ConfigError(f"--sha256 {given_sha256} does not match {path} (its sha256 is {actual}); "
                           "check that this is the file you meant, or leave --sha256 out")
-    metadata = read_safetensors_metadata(path) or {}
     return actual, weights_summary(metadata)
 
 

@@ -106,11 +106,21 @@ def train_lora(
         project = previous_run.get("loraProject")
     lora_record, lora_project = find_lora(ws, lora, project=project, scope=scope)
     lora_id = lora_record["id"]
+    if previous_run:
+        recorded = next((r for r in lora_record.get("releases", []) if r.get("id") == previous_run["releaseId"]), None)
+        if recorded is not None:
+            # Killed after the release was recorded but before run.json said so: the file on the record is the
+            # result. Training again would overwrite it and break its sha256, so only the bookkeeping is left.
+            return _finish_recorded_run(runs_root / previous_run["releaseId"], lora_id, previous_run, recorded)
     checkpoint = get_checkpoint(ws, lora_record["checkpointId"])
     family = checkpoint_family(checkpoint)
     if previous_run:
-        # A resumed run uses what the interrupted one stored: same dataset, config and release id.
-        dataset = previous_run["dataset"]["path"] or previous_run["dataset"]["id"]
+        # A resumed run uses what the interrupted one stored: same dataset, config and release id. A manifest
+        # path in run.json (a file anyone may have edited) must lie inside the data root.
+        stored_path = previous_run["dataset"]["path"]
+        if stored_path:
+            ws.store.file_path(stored_path, what=f"run {previous_run['releaseId']} dataset path (run.json)")
+        dataset = stored_path or previous_run["dataset"]["id"]
         project = previous_run["dataset"]["projectId"] or project
         release = previous_run["releaseId"]
         notes = notes if notes is not None else previous_run.get("notes")
@@ -483,8 +493,12 @@ def train_lora(
     if is_main:
         finished_at = time.time()
         tensors = lora_tensors()
-        sha256 = kohya_format.save_lora_file(weights_path, tensors,
-                                             kohya_format.finish_metadata(tensors, metadata(step, num_epochs, finished_at, True)))
+        try:
+            sha256 = kohya_format.save_lora_file(
+                weights_path, tensors, kohya_format.finish_metadata(tensors, metadata(step, num_epochs, finished_at, True)))
+        except TrainingError:
+            _update_run(out_dir, status="failed")
+            raise
         training = {
             "config": cfg, "preset": preset, "datasetId": dataset_ref["id"],
             "datasetScope": dataset_ref["scope"], "datasetProjectId": dataset_ref["projectId"],
@@ -506,6 +520,18 @@ def train_lora(
 
 
 # ---- helpers the recipe uses ---------------------------------------------------------------------------------
+def _finish_recorded_run(out_dir: Path, lora_id: str, run: dict, release: dict) -> TrainResult:
+    """Close a run whose release is already on the LoRA record: mark it complete and drop its state."""
+    print(f"run {lora_id}/{run['releaseId']} was already recorded as a release; finishing its bookkeeping only",
+          file=sys.stderr)
+    _update_run(out_dir, status="complete")
+    _remove_state(out_dir)
+    return TrainResult(lora_id, run["releaseId"], out_dir, weights_path=out_dir / f"{lora_id}.safetensors",
+                       release=release, steps=int(release.get("training", {}).get("steps") or run.get("step") or 0),
+                       final_loss=release.get("training", {}).get("finalLoss"))
+
+
+
 def _load_manifest(ws: Workspace, dataset: str | Path, project: str | None) -> tuple[dict, dict]:
     """The manifest and the reference the release keeps: ``{id, scope, projectId, manifestHash, path}``."""
     from ..datasets import manifest_hash
