@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LorakitError
+from .config import resolve_local_path, resolve_weights
+from .errors import ConfigError, LorakitError
 from .evals import canonical_prompt_problems
-from .store import CATALOG_NAMES, PROJECT_KINDS, SCOPED_KINDS, SHARED_KINDS, Store
+from .schemas import path_fields
+from .store import CATALOG_NAMES, PROJECT_KINDS, SCHEMA_OF, SCOPED_KINDS, SHARED_KINDS, Store, contained_path
 from .workspace import Workspace, as_workspace
 
 
@@ -20,12 +23,36 @@ class Problem:
         return self.message if self.message.startswith(str(self.path)) else f"{self.path}: {self.message}"
 
 
-def _check_file(store: Store, kind: str, path: Path, extra_checks) -> list[Problem]:
+def path_problems(ws: Workspace, kind: str, record: dict) -> list[str]:
+    """Every file path in ``record`` (found from its schema) that leads out of its root, through ``..``, an
+    absolute path or a symbolic link, as ``"at $.json.path: ..."``. The schema already refuses the first two
+    in text; this also follows the links on this machine's disk."""
+    messages = []
+    root = os.fspath(ws.store.root)
+    real_dirs: dict[str, str] = {}
+    for where, root_name, value in path_fields(SCHEMA_OF[kind], record):
+        try:
+            if root_name == "dataRoot" and isinstance(value, str) and value:
+                problem, _ = contained_path(root, value, real_dirs)
+                if problem:
+                    messages.append(f"at {where}: path {value!r} {problem}")
+            elif root_name == "repoRoot" and isinstance(value, str) and value:
+                resolve_local_path(value, ws.config, f"at {where}", must_exist=False)
+            elif root_name == "weights" and isinstance(value, dict) and value.get("kind") in ("config_relative",
+                                                                                              "repo_relative"):
+                resolve_weights(value, ws.config, what=f"at {where}", must_exist=False)
+        except ConfigError as exc:
+            messages.append(str(exc))
+    return messages
+
+
+def _check_file(ws: Workspace, kind: str, path: Path, extra_checks) -> list[Problem]:
+    store = ws.store
     try:
         record = store.read_path(path, kind)
     except LorakitError as exc:
         return [Problem(path, str(exc))]
-    problems = []
+    problems = [Problem(path, message) for message in path_problems(ws, kind, record)]
     expected_id = None if kind == "project" or kind.startswith("catalog:") else path.stem
     if expected_id is not None and record.get("id") != expected_id:
         problems.append(Problem(path, f"at $.id: {record.get('id')!r} does not match the file name {path.name}"))
@@ -69,5 +96,5 @@ def validate_records(ws: Workspace | str | Path | None = None, project: str | No
         return [Problem(ws.store.path("project", project), f"project {project!r} does not exist")]
     problems: list[Problem] = []
     for kind, path in record_files(ws.store, project):
-        problems += _check_file(ws.store, kind, path, EXTRA_CHECKS)
+        problems += _check_file(ws, kind, path, EXTRA_CHECKS)
     return problems

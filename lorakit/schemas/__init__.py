@@ -19,9 +19,16 @@ import fastjsonschema
 SCHEMA_DIR = Path(__file__).resolve().parent
 
 SCHEMA_NAMES = (
-    "weights-ref", "local-config", "project", "spec", "asset", "catalog-styles", "catalog-scenarios",
-    "catalog-tags", "catalog-asset-types", "checkpoint", "dataset-manifest", "lora", "eval", "job",
+    "data-path", "repo-path", "weights-ref", "local-config", "project", "spec", "asset", "catalog-styles",
+    "catalog-scenarios", "catalog-tags", "catalog-asset-types", "checkpoint", "dataset-manifest", "lora", "eval", "job",
 )
+# Schemas mark every field that holds a file path with this keyword; its value names the root the path is
+# relative to: "dataRoot", "repoRoot" (the folder holding the data root) or "weights" (a weights reference).
+PATH_KEYWORD = "x-lorakit-path"
+_PATH_MESSAGES = {
+    "dataRoot": "is absolute or climbs out with '..'; records hold paths relative to the data root",
+    "repoRoot": "is absolute or climbs out with '..'; it must be relative to the folder that holds the data root",
+}
 _DRAFT7 = "http://json-schema.org/draft-07/schema#"
 
 
@@ -58,7 +65,42 @@ def validation_errors(schema_name: str, record: object) -> list[str]:
     except fastjsonschema.JsonSchemaException:
         pass
     errors = sorted(validator(schema_name).iter_errors(record), key=lambda e: (list(e.absolute_path), e.message))
-    return [f"at {e.json_path}: {_short(e.message)}" for e in errors]
+    return [f"at {e.json_path}: {_message(e)}" for e in errors]
+
+
+def _message(error) -> str:
+    root = error.schema.get(PATH_KEYWORD) if isinstance(error.schema, dict) else None
+    if error.validator == "pattern" and root in _PATH_MESSAGES:
+        return f"path {_short(repr(error.instance), 120)} {_PATH_MESSAGES[root]}"
+    return _short(error.message)
+
+
+def path_fields(schema_name: str, record: object) -> list[tuple[str, str, object]]:
+    """Every value of ``record`` that its schema marks as a file path: ``(JSON path, root name, value)``.
+
+    >>> path_fields("job", {"input": {"imagePath": "files/evals/p/e/c.png"}})
+    [('$.input.imagePath', 'dataRoot', 'files/evals/p/e/c.png')]
+    """
+    by_id = {s["$id"]: s for s in _schemas().values()}
+    found: list[tuple[str, str, object]] = []
+
+    def walk(schema: dict, value: object, where: str) -> None:
+        if "$ref" in schema:
+            walk(by_id[schema["$ref"]], value, where)
+        for part in schema.get("allOf", []):
+            walk(part, value, where)
+        if PATH_KEYWORD in schema:
+            found.append((where, schema[PATH_KEYWORD], value))
+        if isinstance(value, dict):
+            for key, sub in schema.get("properties", {}).items():
+                if key in value:
+                    walk(sub, value[key], f"{where}.{key}")
+        elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+            for index, item in enumerate(value):
+                walk(schema["items"], item, f"{where}[{index}]")
+
+    walk(_schemas()[schema_name], record, "$")
+    return found
 
 
 def _short(message: str, limit: int = 200) -> str:
