@@ -824,6 +824,27 @@ class StatusChange:
     eval_id: str
     old: str | None
     new: str
+    failures_added: int = 0  # failed jobs whose failure the eval had missed
+
+
+def missed_failures(eval_record: dict, jobs: Sequence[dict]) -> list[dict]:
+    """Failures of ``eval_record``'s failed jobs that it has neither as an output nor as a failure (a worker that
+    could not write to the eval, e.g. on a full disk).
+
+    >>> missed_failures({"outputs": [], "failures": []},
+    ...                 [{"id": "j1", "status": "failed", "error": "E", "finishedAt": "t", "input": {"cellKey": "c"}}])
+    [{'cellKey': 'c', 'jobId': 'j1', 'error': 'E', 'at': 't'}]
+    """
+    known = {o.get("cellKey") for o in eval_record.get("outputs") or [] if isinstance(o, dict)}
+    known |= {f.get("cellKey") for f in eval_record.get("failures") or [] if isinstance(f, dict)}
+    missed = []
+    for job in jobs:
+        cell = (job.get("input") or {}).get("cellKey")
+        if job.get("status") == "failed" and cell and cell not in known:
+            missed.append({"cellKey": cell, "jobId": job.get("id"), "error": job.get("error") or "failed",
+                           "at": job.get("finishedAt") or job.get("updatedAt")})
+            known.add(cell)
+    return missed
 
 
 def normalize_evals(
@@ -833,7 +854,8 @@ def normalize_evals(
     *,
     dry_run: bool = False,
 ) -> list[StatusChange]:
-    """Recompute each eval's status from its grid cells (or prompts) against its outputs; return the changes.
+    """Recompute each eval's status from its grid cells (or prompts) against its outputs, and note the failures
+    of failed jobs an eval missed; return the changes.
 
     ``scope``: ``all`` (shared and every project, or only ``project``'s with one), ``baseline`` or ``project``.
     """
@@ -845,15 +867,27 @@ def normalize_evals(
         places.append(None)
     if scope in ("all", "project"):
         places += [project] if project else ws.store.list_projects()
+    jobs_by_eval: dict[str, list[dict]] = {}
+    for pid in ws.store.list_projects():
+        for _, job in ws.store.iter_records("job", pid, validate=False):
+            jobs_by_eval.setdefault(job_eval_id(job) or "", []).append(job)
     changes = []
     for place in places:
         for path, record in ws.store.iter_records("eval", place):
             status = eval_status(record)
-            if status == record.get("status") and record.get("updatedAt"):
+            jobs = jobs_by_eval.get(record["id"], [])
+            missed = missed_failures(record, jobs)
+            if status == record.get("status") and record.get("updatedAt") and not missed:
                 continue
-            changes.append(StatusChange(path, record["id"], record.get("status"), status))
+            changes.append(StatusChange(path, record["id"], record.get("status"), status, len(missed)))
             if not dry_run:
-                ws.store.update("eval", record["id"], lambda r: {**r, "status": eval_status(r)}, place)
+                def repair(r: dict, jobs=jobs) -> dict:
+                    added = missed_failures(r, jobs)
+                    if added:
+                        r = {**r, "failures": [*(r.get("failures") or []), *added]}
+                    return {**r, "status": eval_status(r)}
+
+                ws.store.update("eval", record["id"], repair, place)
     return changes
 
 

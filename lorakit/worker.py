@@ -582,18 +582,7 @@ def process_batch(ws: Workspace, cache: PipelineCache, claims: list[Claim], owne
         recorded.update({c.job["id"]: {"image": c.job["input"]["imagePath"], "evalId": eval_id, "scheduler": scheduler}
                          for c in claims})
     except Exception as exc:  # noqa: BLE001 - any failure of one batch is recorded on its jobs; the queue goes on
-        error = f"{type(exc).__name__}: {exc}"
-        failures = []
-        for claim in claims:
-            if finish_job(ws, claim, owner, lambda j: j.update(status="failed", error=error)):
-                failures.append({"cellKey": claim.job["input"].get("cellKey"), "jobId": claim.job["id"],
-                                 "error": error, "at": now_iso()})
-        with contextlib.suppress(LorakitError):
-            if failures:
-                record_failures(ws, eval_id, eval_project, failures)
-        for claim in claims:
-            log(f"[{owner}] job {claim.job['id']} cell {claim.job['input'].get('cellKey')} failed: {error}")
-        return [], [c.job["id"] for c in claims]
+        return [], _record_batch_failure(ws, claims, owner, eval_id, eval_project, exc, log)
     elapsed = time.perf_counter() - started
     for claim in claims:
         data = claim.job["input"]
@@ -604,6 +593,41 @@ def process_batch(ws: Workspace, cache: PipelineCache, claims: list[Claim], owne
         report = cleanup_eval(ws, claims[0].project, eval_id)
         log(f"[{owner}] eval {eval_id} complete: auto-cleanup removed {len(report.jobs)} job(s)")
     return [c.job["id"] for c in claims], []
+
+
+def _record_batch_failure(ws: Workspace, claims: list[Claim], owner: str, eval_id: str, eval_project: str | None,
+                          exc: Exception, log: Callable[[str], None]) -> list[str]:
+    """Put a failed batch's jobs where they belong; returns their ids.
+
+    An error of the machine (``OSError``: a full or read-only disk) is not the job's fault: the job goes back in
+    the queue while it has attempts left, and only then fails. Any other error fails the job at once and is noted
+    on the eval. When even that cannot be written, the job keeps its lease, which expires, and another worker
+    (or this one) retries it; ``normalize-evals`` later notes failures an eval missed.
+    """
+    error = f"{type(exc).__name__}: {exc}"
+    retry = isinstance(exc, OSError)
+    failures = []
+    for claim in claims:
+        cell = claim.job["input"].get("cellKey")
+        attempts_left = int(claim.job.get("attempt") or 1) < int(claim.job.get("maxAttempts") or 1)
+        try:
+            if retry and attempts_left:
+                if finish_job(ws, claim, owner, lambda j: j.update(status="queued", error=error)):
+                    log(f"[{owner}] job {claim.job['id']} cell {cell} back in the queue after: {error}")
+                continue
+            if finish_job(ws, claim, owner, lambda j: j.update(status="failed", error=error)):
+                failures.append({"cellKey": cell, "jobId": claim.job["id"], "error": error, "at": now_iso()})
+            log(f"[{owner}] job {claim.job['id']} cell {cell} failed: {error}")
+        except (LorakitError, OSError) as write_error:
+            log(f"[{owner}] job {claim.job['id']} cell {cell} failed ({error}) and the job could not be updated "
+                f"({write_error}); its lease will expire and it will be retried")
+    if failures:
+        try:
+            record_failures(ws, eval_id, eval_project, failures)
+        except (LorakitError, OSError) as write_error:
+            log(f"[{owner}] eval {eval_id}: the failures could not be noted ({write_error}); "
+                "run `lorakit lora normalize-evals` once the disk has room")
+    return [c.job["id"] for c in claims]
 
 
 def _succeed(ws: Workspace, claim: Claim, owner: str, output: dict) -> None:

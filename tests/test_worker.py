@@ -3,6 +3,7 @@ processes on one queue, a worker killed mid-job, failing jobs, auto-cleanup."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -402,4 +403,80 @@ def test_grid_of_a_release_trained_by_the_native_trainer(ws):
     release = next(r for r in ws.store.read("lora", "icons", PROJECT)["releases"] if r["id"] == "t1")
     assert by_cell["t1__w1__p00__s1"]["releaseSha256"] == release["sha256"]
     assert release["evaluation"]["evalIds"] == ["t"]
+    assert validate_records(ws) == []
+
+
+# ---- a full or read-only disk: jobs stay retryable, evals stay consistent ---------------------------------------
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, size: str, *, read_only: bool = False):
+    """A real tmpfs mounted over ``folder`` (which must exist), unmounted afterwards. Skips where the test may
+    not mount (not root, or no mount namespace rights)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'}); needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> None:
+    """Write to ``folder`` until its file system has no space left."""
+    with open(folder / "filler", "wb") as handle:
+        with contextlib.suppress(OSError):
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+
+
+def test_a_full_image_disk_leaves_the_jobs_retryable(ws):
+    create_eval_grid(ws, PROJECT, "icons", "r1", prompts=["a"], seeds=[1], strengths=[], eval_id="full1",
+                     batch_size=1, max_attempts=3)
+    folder = ws.data_root / "files" / "evals" / PROJECT / "full1"
+    with mounted_tmpfs(folder, "64k") as disk:
+        fill(disk)
+        messages: list[str] = []
+        stats = run_worker(ws, PROJECT, max_jobs=1, log=messages.append)
+        assert stats.rendered == [] and stats.failed
+        (job,) = [j for j in jobs_of(ws) if j["id"] in stats.failed]
+        assert job["status"] == "queued" and job["attempt"] == 1 and "No space left" in job["error"]
+        assert any("back in the queue" in m for m in messages)
+        record = ws.store.read("eval", "full1", PROJECT)
+        assert not record.get("failures") and record["status"] == "pending"
+        (disk / "filler").unlink()
+        stats = run_worker(ws, PROJECT, once=True, log=quiet)
+        assert stats.failed == []
+        record = ws.store.read("eval", "full1", PROJECT)
+        assert record["status"] == "complete" and not record.get("failures")
+        assert all(j["status"] == "succeeded" for j in jobs_of(ws))
+    assert validate_records(ws) == []
+
+
+def test_a_read_only_eval_folder_fails_the_jobs_and_normalize_repairs_the_eval(ws):
+    create_eval_grid(ws, PROJECT, "icons", "r1", prompts=["a"], seeds=[1], strengths=[], eval_id="ro1",
+                     batch_size=1, max_attempts=2)
+    evals = ws.data_root / "projects" / PROJECT / "evals"
+    saved = {p.name: p.read_bytes() for p in evals.iterdir()}
+    messages: list[str] = []
+    with mounted_tmpfs(evals, "1m") as disk:
+        for name, data in saved.items():
+            (disk / name).write_bytes(data)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        stats = run_worker(ws, PROJECT, once=True, log=messages.append)  # returns: no crash on EROFS
+        assert stats.rendered == [] and len(stats.failed) == 2  # each job tried max_attempts times
+        assert all(j["status"] == "failed" and j["attempt"] == 2 for j in jobs_of(ws))
+        assert any("normalize-evals" in m for m in messages)
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        record = ws.store.read("eval", "ro1", PROJECT)
+        assert not record.get("failures")  # the worker could not note them
+        changes = normalize_evals(ws, "project", PROJECT)
+        assert [(c.eval_id, c.failures_added) for c in changes] == [("ro1", 1)]
+        record = ws.store.read("eval", "ro1", PROJECT)
+        assert [f["cellKey"] for f in record["failures"]] == ["base__p00__s1"] and "Read-only" in record["failures"][0]["error"]
+        saved = {p.name: p.read_bytes() for p in disk.iterdir()}
+    for name, data in saved.items():
+        (evals / name).write_bytes(data)
+    assert normalize_evals(ws, "project", PROJECT) == []
     assert validate_records(ws) == []

@@ -183,7 +183,8 @@ def cmd_normalize_evals(args) -> int:
     changes = normalize_evals(ws, args.scope, args.project, dry_run=args.dry_run)
     verb = "would change" if args.dry_run else "changed"
     for change in changes:
-        print(f"{change.path}: {change.old} -> {change.new}")
+        added = f", {change.failures_added} missed failure(s) noted" if change.failures_added else ""
+        print(f"{change.path}: {change.old} -> {change.new}{added}")
     print(f"{verb} {len(changes)} eval(s)")
     return 0
 
