@@ -24,6 +24,7 @@ file no record uses, never a record pointing at nothing.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -54,6 +55,7 @@ from .errors import LorakitError, RecordNotFoundError
 from .hashing import file_sha256
 from .ids import check_id, new_ulid
 from .imagehash import DEFAULT_THRESHOLD, dhash, has_alpha, hash_hex, near_pairs
+from .locks import RecordLock, state_folder
 from .store import Store, now_iso
 from .workspace import Workspace, as_workspace
 
@@ -371,88 +373,103 @@ def import_assets(
                          "folder under the data root (e.g. files/<project>/) or import without --in-place (copies)")
     report = ImportReport(project=project, dry_run=dry_run)
 
-    project_record = _read_optional(store, "project", project)
-    defaults = (project_record or {}).get("defaults") or {}
-    asset_type = asset_type or defaults.get("assetType") or DEFAULT_ASSET_TYPE
-    _warn_about_references(store, project, asset_type, checkpoint, project_record is not None, report)
-    provenance = {k: v for k, v in zip(PROVENANCE_KEYS, (source, author, license, url, notes), strict=True) if v}
+    # One import of a project at a time, from its first look at the known images to its last record:
+    # two at once would each see the other's images as new and import them twice.
+    with import_lock(store, project, dry_run):
+        project_record = _read_optional(store, "project", project)
+        defaults = (project_record or {}).get("defaults") or {}
+        asset_type = asset_type or defaults.get("assetType") or DEFAULT_ASSET_TYPE
+        _warn_about_references(store, project, asset_type, checkpoint, project_record is not None, report)
+        provenance = {k: v for k, v in zip(PROVENANCE_KEYS, (source, author, license, url, notes), strict=True) if v}
 
-    images, skipped, not_entered = scan_folder(folder, recursive)
-    report.skipped += [{"path": p, "reason": r} for p, r in skipped]
-    if not_entered:
-        report.warnings.append(f"{len(not_entered)} sub-folder(s) not entered (use --recursive): "
-                               + ", ".join(not_entered[:5]) + (" ..." if len(not_entered) > 5 else ""))
-    known = _known_images(ws, project) if project_record is not None and images else {}
-    specs = _imported_specs(ws, project) if project_record is not None and images else {}
+        images, skipped, not_entered = scan_folder(folder, recursive)
+        report.skipped += [{"path": p, "reason": r} for p, r in skipped]
+        if not_entered:
+            report.warnings.append(f"{len(not_entered)} sub-folder(s) not entered (use --recursive): "
+                                   + ", ".join(not_entered[:5]) + (" ..." if len(not_entered) > 5 else ""))
+        known = _known_images(ws, project) if project_record is not None and images else {}
+        specs = _imported_specs(ws, project) if project_record is not None and images else {}
 
-    if project_record is None and not dry_run and images:
-        now = now_iso()
-        store.write("project", {
-            "id": project, "name": project, "createdAt": now, "updatedAt": now, "defaults": {},
-            "policies": {"loraSelection": dict(DEFAULT_LORA_SELECTION)},
-        }, create=True)
-        report.project_created = True
+        if project_record is None and not dry_run and images:
+            now = now_iso()
+            store.write("project", {
+                "id": project, "name": project, "createdAt": now, "updatedAt": now, "defaults": {},
+                "policies": {"loraSelection": dict(DEFAULT_LORA_SELECTION)},
+            }, create=True)
+            report.project_created = True
 
-    importer = _Importer(store, project, in_place=in_place)
-    # Items are committed by a few threads: most of an item's time is spent waiting for fsync and file
-    # creation, which overlap well. Reading, checking and de-duplicating stay here, in order.
-    pool = ThreadPoolExecutor(max_workers=IMPORT_THREADS, thread_name_prefix="lorakit-import")
-    pending: deque[Future] = deque()
-    try:
-        for done, image in enumerate(images, 1):
-            if progress:
-                progress(done - 1, len(images))
-            try:
-                data = image.path.read_bytes()
-            except OSError as exc:
-                report.skipped.append({"path": image.shown, "reason": f"cannot be read: {exc.strerror or exc}"})
-                continue
-            try:
-                facts = inspect_image(data)
-            except BadImage as exc:
-                report.skipped.append({"path": image.shown, "reason": str(exc)})
-                continue
-            if facts.sha256 in known:
-                report.duplicates.append({"path": image.shown, "asset_id": known[facts.sha256]})
-                continue
-            variant_tags = dedupe([*tags, *_caption_file_tags(image, report)])
-            folder_tag_list = group_tags(image.parts, folder_tags)
-            key = (image.group, asset_type, checkpoint or "")
-            spec_id = specs.get(key)
-            if dry_run:
+        importer = _Importer(store, project, in_place=in_place)
+        # Items are committed by a few threads: most of an item's time is spent waiting for fsync and file
+        # creation, which overlap well. Reading, checking and de-duplicating stay here, in order.
+        pool = ThreadPoolExecutor(max_workers=IMPORT_THREADS, thread_name_prefix="lorakit-import")
+        pending: deque[Future] = deque()
+        try:
+            for done, image in enumerate(images, 1):
+                if progress:
+                    progress(done - 1, len(images))
+                try:
+                    data = image.path.read_bytes()
+                except OSError as exc:
+                    report.skipped.append({"path": image.shown, "reason": f"cannot be read: {exc.strerror or exc}"})
+                    continue
+                try:
+                    facts = inspect_image(data)
+                except BadImage as exc:
+                    report.skipped.append({"path": image.shown, "reason": str(exc)})
+                    continue
+                if facts.sha256 in known:
+                    report.duplicates.append({"path": image.shown, "asset_id": known[facts.sha256]})
+                    continue
+                variant_tags = dedupe([*tags, *_caption_file_tags(image, report)])
+                folder_tag_list = group_tags(image.parts, folder_tags)
+                key = (image.group, asset_type, checkpoint or "")
+                spec_id = specs.get(key)
+                if dry_run:
+                    if spec_id is None:
+                        spec_id = specs[key] = f"(new spec {group_title(image.parts)!r})"
+                        report.specs_created.append(spec_id)
+                    known[facts.sha256] = "(new)"
+                    report.imported.append({"path": image.shown, "asset_id": "(new)", "spec_id": spec_id, "file": ""})
+                    continue
                 if spec_id is None:
-                    spec_id = specs[key] = f"(new spec {group_title(image.parts)!r})"
+                    spec_id = specs[key] = importer.create_spec(build_spec_record(
+                        spec_id=new_ulid(), project=project, title=group_title(image.parts), asset_type=asset_type,
+                        style=str(defaults.get("style") or ""), scenario=str(defaults.get("scenario") or ""),
+                        tags=folder_tag_list, group=image.group, repeats=kohya_repeats(image.parts),
+                        checkpoint=checkpoint, created_at=now_iso()))
                     report.specs_created.append(spec_id)
-                known[facts.sha256] = "(new)"
-                report.imported.append({"path": image.shown, "asset_id": "(new)", "spec_id": spec_id, "file": ""})
-                continue
-            if spec_id is None:
-                spec_id = specs[key] = importer.create_spec(build_spec_record(
-                    spec_id=new_ulid(), project=project, title=group_title(image.parts), asset_type=asset_type,
-                    style=str(defaults.get("style") or ""), scenario=str(defaults.get("scenario") or ""),
-                    tags=folder_tag_list, group=image.group, repeats=kohya_repeats(image.parts),
-                    checkpoint=checkpoint, created_at=now_iso()))
-                report.specs_created.append(spec_id)
-            else:
-                importer.add_spec_tags(spec_id, folder_tag_list)
-            known[facts.sha256] = asset_id = new_ulid()
-            pending.append(pool.submit(importer.commit, asset_id, image, data, facts, spec_id, variant_tags,
-                                       status, provenance))
-            while pending and (len(pending) > IMPORT_WINDOW or pending[0].done()):
+                else:
+                    importer.add_spec_tags(spec_id, folder_tag_list)
+                known[facts.sha256] = asset_id = new_ulid()
+                pending.append(pool.submit(importer.commit, asset_id, image, data, facts, spec_id, variant_tags,
+                                           status, provenance))
+                while pending and (len(pending) > IMPORT_WINDOW or pending[0].done()):
+                    report.imported.append(pending.popleft().result())
+            while pending:
                 report.imported.append(pending.popleft().result())
-        while pending:
-            report.imported.append(pending.popleft().result())
-    except BaseException:
-        # Interrupted, or an item failed: items already running finish whole (or roll themselves back),
-        # the rest are dropped, and so are the specs made for groups none of whose images got in.
-        pool.shutdown(wait=True, cancel_futures=True)
-        importer.drop_unused_specs()
-        raise
-    finally:
-        pool.shutdown(wait=True)
-    if progress:
-        progress(len(images), len(images))
-    return report
+        except BaseException:
+            # Interrupted, or an item failed: items already running finish whole (or roll themselves back),
+            # the rest are dropped, and so are the specs made for groups none of whose images got in.
+            pool.shutdown(wait=True, cancel_futures=True)
+            importer.drop_unused_specs()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+        if progress:
+            progress(len(images), len(images))
+        return report
+
+
+IMPORT_LOCK_TIMEOUT_S = 3600  # a second import waits for the first, which may take many minutes
+
+
+def import_lock(store: Store, project: str, dry_run: bool):
+    """The lock that serializes imports into ``project`` (none for a dry run, which writes nothing)."""
+    if dry_run:
+        return contextlib.nullcontext()
+    state_folder(store.root, "locks")
+    return RecordLock(store.root / ".lorakit" / "locks" / f"import-{project}.lock", f"importing into project {project!r}",
+                      IMPORT_LOCK_TIMEOUT_S)
 
 
 class _Importer:

@@ -23,7 +23,7 @@ import orjson
 from .errors import RecordError, RecordNotFoundError
 from .hashing import cache_entry, cached_value, is_racy
 from .ids import check_id
-from .store import Store, loads_json, parse_json, write_atomic
+from .store import Store, loads_json, parse_json, write_cache
 from .workspace import Workspace, as_workspace
 
 VERSION_STATUSES = ("draft", "review", "approved", "rejected", "deprecated")
@@ -247,7 +247,7 @@ class RecordCache:
     def save(self) -> None:
         if not self.dirty:
             return
-        write_atomic(self.path, orjson.dumps({"version": RECORD_CACHE_VERSION, "entries": self.entries}), durable=False)
+        write_cache(self.path, orjson.dumps({"version": RECORD_CACHE_VERSION, "entries": self.entries}))
         self.dirty = False
 
 

@@ -43,7 +43,7 @@ from .catalog import (
 from .errors import DatasetError, RecordError
 from .hashing import cache_entry, cached_value, is_racy
 from .ids import check_id, given_or_new_id
-from .store import contained_path, now_iso, write_atomic
+from .store import contained_path, now_iso, write_cache
 from .workspace import Workspace, as_workspace
 
 if TYPE_CHECKING:
@@ -488,7 +488,7 @@ class HashCache:
             return
         data = json.dumps({"version": HASH_CACHE_VERSION, "entries": self.entries}, ensure_ascii=False,
                           separators=(",", ":")).encode("utf-8")
-        write_atomic(self.path, data, durable=False)
+        write_cache(self.path, data)
         self.dirty = False
 
 

@@ -21,10 +21,10 @@ from hashlib import sha1
 from pathlib import Path
 
 import orjson
-from filelock import FileLock
 
 from .errors import RecordError, RecordNotFoundError
 from .ids import check_id
+from .locks import RecordLock, held_lock, state_folder
 from .schemas import validation_errors
 
 # kind -> (folder under the scope root, schema name). Scoped kinds live in data/shared/ when no project is
@@ -216,12 +216,14 @@ class Store:
             raise RecordError(f"{what or path} leaves the data root {self.root}")
         return resolved
 
-    def lock_for(self, path: Path) -> FileLock:
+    def lock_path(self, path: Path) -> Path:
         # Locks live outside the record folders so they never show up as records or in Git.
-        digest = sha1(str(path).encode()).hexdigest()[:20]
-        lock_dir = self.root / ".lorakit" / "locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(lock_dir / f"{digest}.lock"), timeout=LOCK_TIMEOUT_S)
+        return self.root / ".lorakit" / "locks" / f"{sha1(str(path).encode()).hexdigest()[:20]}.lock"
+
+    def lock_for(self, path: Path) -> RecordLock:
+        lock = self.lock_path(path)
+        state_folder(self.root, "locks")
+        return RecordLock(lock, path, LOCK_TIMEOUT_S)
 
     # ---- reading -----------------------------------------------------------------------------------
     def exists(self, kind: str, record_id: str, project: str | None = None) -> bool:
@@ -330,9 +332,9 @@ class Store:
         self.check(kind, record, path)
         self._atomic_write(path, record)
 
-    @staticmethod
-    def _atomic_write(path: Path, record: object) -> None:
-        write_atomic(path, dump_json(record, path).encode("utf-8"))
+    def _atomic_write(self, path: Path, record: object) -> None:
+        lock = held_lock(self.lock_path(path))
+        write_atomic(path, dump_json(record, path).encode("utf-8"), before_replace=lock.verify if lock else None)
 
 
 def _read_umask() -> int:
@@ -383,7 +385,17 @@ def contained_path(root: str, rel: object, real_dirs: dict[str, str] | None = No
     return None, real
 
 
-def write_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
+def write_cache(path: str | os.PathLike, data: bytes) -> None:
+    """Save a cache file under ``<dataRoot>/.lorakit/cache/`` (no fsync: it can be rebuilt). A full or read-only
+    disk skips the save, so the next run rebuilds what it lacks; a ``.lorakit`` that is not a folder is an error."""
+    path = Path(path)
+    state_folder(path.parent.parent.parent, path.parent.name)
+    with contextlib.suppress(OSError):
+        write_atomic(path, data, durable=False)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = True,
+                 before_replace: Callable[[], None] | None = None) -> None:
     """Replace ``path`` with ``data`` all at once: a temporary file in the same folder, then a rename.
 
     Readers see the old file or the new one, never half of one, even if the writer is killed. ``durable``
@@ -405,6 +417,8 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = True) 
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
+        if before_replace is not None:
+            before_replace()  # the last moment to refuse: e.g. the record's lock was taken away
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -368,3 +368,24 @@ def test_an_imported_folder_builds_a_dataset_and_trains_on_the_tiny_checkpoint(w
     assert release["status"] == "candidate"
     assert release["training"]["manifestHash"] == result.manifest["manifestHash"]
     assert validate_records(ws) == []
+
+
+def test_two_imports_into_one_project_at_once_import_each_image_once(ws, tmp_path):
+    drop = tmp_path / "many"
+    for i in range(80):
+        folder = drop / f"set{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), (i, 255 - i, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    command = [sys.executable, "-m", "lorakit", "assets", "import", "--project", "game", "--dir", str(drop),
+               "--recursive"]
+    for _round in range(2):  # the second round finds everything known
+        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err
+    assets = assets_of(ws, "game")
+    assert len(assets) == 80
+    assert len({a["specId"] for a in assets}) == 4 == len(ws.store.list_ids("spec", "game"))
+    assert len({variant_of(a)["processing"]["sha256"] for a in assets}) == 80
+    assert validate_records(ws) == []

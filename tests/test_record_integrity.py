@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +177,77 @@ def test_a_changed_record_with_the_same_size_and_mtime_is_read_again(tmp_data_ro
     os.utime(path, (old, old))
     assert main(["dataset", "build", "--project", "game", "--id", "d2"]) == 0
     assert [i["assetId"] for i in ws.store.read("dataset", "d2", "game")["items"]] == [ids[1]]
+
+
+# ---- locks ---------------------------------------------------------------------------------------------------
+HOLD = """
+import sys, time
+from lorakit.store import Store
+store = Store(sys.argv[1])
+def change(record):
+    print("holding", flush=True)
+    time.sleep(float(sys.argv[2]))
+    record["name"] = "from the child"
+try:
+    store.update("lora", "m", change)
+except Exception as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def start_holder(data_root: Path, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(data_root), str(seconds)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "holding"
+    return proc
+
+
+def test_a_lock_held_too_long_names_its_holder_and_the_fix(tmp_data_root: Path, checkpoint, monkeypatch) -> None:
+    assert main(["lora", "create", "--lora", "m", "--name", "M", "--scope", "baseline", "--checkpoint", "tiny-sd15",
+                 "--asset-types", "ui_icon"]) == 0
+    proc = start_holder(tmp_data_root, 5)
+    try:
+        monkeypatch.setattr("lorakit.store.LOCK_TIMEOUT_S", 0.3)
+        store = open_workspace().store
+        with pytest.raises(RecordError) as caught:
+            store.update("lora", "m", lambda r: r)
+        message = str(caught.value)
+        assert f"is locked by process {proc.pid} on {socket.gethostname()} since 20" in message
+        assert "waited 0.3 s" in message and f"delete {tmp_data_root / '.lorakit' / 'locks'}" in message
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_lock_file_removed_while_held_refuses_the_write_instead_of_losing_one(tmp_data_root: Path,
+                                                                                  checkpoint) -> None:
+    assert main(["lora", "create", "--lora", "m", "--name", "M", "--scope", "baseline", "--checkpoint", "tiny-sd15",
+                 "--asset-types", "ui_icon"]) == 0
+    proc = start_holder(tmp_data_root, 1.5)
+    shutil.rmtree(tmp_data_root / ".lorakit" / "locks")  # someone "cleans up" while the child holds the lock
+    store = open_workspace().store
+    store.update("lora", "m", lambda r: {**r, "name": "from the test"})  # gets in: the lock file is a new one
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "was removed while this command held it" in err and "nothing was written" in err
+    assert store.read("lora", "m")["name"] == "from the test"  # the one write that was made is there
+
+
+@pytest.mark.parametrize("shape", ["file", "dangling-link", "locks-file"])
+def test_a_broken_lorakit_folder_is_a_clear_error(tmp_data_root: Path, checkpoint, capsys, shape: str) -> None:
+    state = tmp_data_root / ".lorakit"
+    if shape == "file":
+        state.write_text("x")
+    elif shape == "dangling-link":
+        state.symlink_to(tmp_data_root / "gone")
+    else:
+        state.mkdir()
+        (state / "locks").write_text("x")
+    assert main(["lora", "create", "--lora", "m", "--name", "M", "--scope", "baseline", "--checkpoint", "tiny-sd15",
+                 "--asset-types", "ui_icon"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert ("broken symbolic link" if shape == "dangling-link" else "is not a folder") in err
+    assert "remove it" in err
+    assert not (tmp_data_root / "shared" / "loras").exists()

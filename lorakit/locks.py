@@ -1,0 +1,160 @@
+"""Record locks: one lock file per record under ``<dataRoot>/.lorakit/locks/``, held with ``flock``.
+
+A lock file says who holds it (pid, host, since when), so a writer that waits too long can name the holder and
+how to clear a stale lock. A lock file deleted while held (someone cleaning ``.lorakit/``) would let a second
+writer in with a new file of the same name; the holder checks, right before it replaces the record, that its
+lock is still the file at that path, and refuses the write when it is not, so no update is lost silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .errors import RecordError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: filelock's own locking, without the holder checks
+    fcntl = None
+
+_POLL_S = 0.01
+_held = threading.local()  # lock path -> [RecordLock, depth] of this thread: a nested lock of one record is free
+
+
+def state_folder(root: Path, *parts: str) -> Path:
+    """A folder under ``<dataRoot>/.lorakit`` (locks, caches), created when missing. ``.lorakit`` or one of its
+    folders being a file or a broken symbolic link (a bad checkout, a stray copy) is a clear error."""
+    folder = root.joinpath(".lorakit", *parts)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if folder.is_dir():
+            return folder
+    except (FileExistsError, NotADirectoryError):
+        pass
+    except OSError as exc:
+        raise RecordError(f"cannot create {folder}: {exc.strerror}") from None
+    bad = next((p for p in [root / ".lorakit", *[root.joinpath(".lorakit", *parts[:i + 1]) for i in range(len(parts))]]
+                if p.is_symlink() or (p.exists() and not p.is_dir())), folder)
+    what = "a broken symbolic link" if bad.is_symlink() and not bad.exists() else "not a folder"
+    raise RecordError(f"{bad} is {what}; lorakit keeps its locks and caches there: remove it "
+                      "(it holds nothing that cannot be rebuilt) and run the command again")
+
+
+class RecordLock:
+    """An exclusive lock on one record, from every process and thread. Use as a context manager."""
+
+    def __init__(self, lock_path: Path, what: object, timeout: float):
+        self.path, self.what, self.timeout = Path(lock_path), what, timeout
+        self._fd: int | None = None
+        self._inode: int | None = None
+
+    def __enter__(self) -> RecordLock:
+        table = _table()
+        entry = table.get(self.path)
+        if entry is not None:
+            entry[1] += 1
+            return entry[0]
+        if fcntl is None:  # pragma: no cover
+            from filelock import FileLock
+
+            self._fallback = FileLock(str(self.path), timeout=self.timeout)
+            self._fallback.acquire()
+        else:
+            self._acquire()
+        table[self.path] = [self, 1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        entry = _table()[self.path]
+        entry[1] -= 1
+        if entry[1]:
+            return
+        del _table()[self.path]
+        owner = entry[0]
+        if fcntl is None:  # pragma: no cover
+            owner._fallback.release()
+            return
+        fd, owner._fd = owner._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _acquire(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() >= deadline:
+                    raise RecordError(self._timeout_message()) from None
+                time.sleep(_POLL_S)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            # The file may have been deleted (and re-created by someone else) between open and flock: only a
+            # lock on the file that is at the path now counts.
+            inode = os.fstat(fd).st_ino
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != inode:
+                os.close(fd)
+                continue
+            self._fd, self._inode = fd, inode
+            holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": datetime.now(UTC).isoformat(timespec="seconds")}).encode()
+            with contextlib.suppress(OSError):  # the note is for people; a full disk must not stop the lock
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, holder + b"\n", 0)
+            return
+
+    def verify(self) -> None:
+        """Refuse to go on when the lock file was removed or replaced while held."""
+        if fcntl is None or self._inode is None:  # pragma: no cover
+            return
+        try:
+            current = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current != self._inode:
+            raise RecordError(f"{self.what}: its lock file {self.path} was removed while this command held it, so "
+                              "another writer may have changed the record meanwhile; nothing was written: run the "
+                              "command again (and do not delete .lorakit/locks while lorakit runs)")
+
+    def _timeout_message(self) -> str:
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        if isinstance(holder, dict) and holder.get("pid"):
+            who = f"process {holder['pid']} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+        else:
+            who = "another process"
+        return (f"{self.what} is locked by {who}; waited {self.timeout:g} s. If that process is still working, wait "
+                f"and try again; if it is gone (killed, another machine's stale lock), delete {self.path}")
+
+
+def held_lock(lock_path: Path) -> RecordLock | None:
+    """The lock this thread holds on ``lock_path``, if any."""
+    entry = _table().get(Path(lock_path))
+    return entry[0] if entry else None
+
+
+def _table() -> dict[Path, list]:
+    table = getattr(_held, "table", None)
+    if table is None:
+        table = _held.table = {}
+    return table
+
