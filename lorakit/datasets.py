@@ -419,11 +419,12 @@ def png_problem(data: bytes) -> str | None:
 
 
 def hash_and_verify(path: str) -> str:
-    """The sha256 of an image file, after checking that it is an image that parses.
+    """The sha256 of an image file, after checking that it decodes.
 
-    One read per file: the bytes are hashed and checked in memory. PNGs get :func:`png_problem` (every
-    chunk and CRC, no pixel decompression); other formats go to Pillow, which identifies the format from
-    the header and ``verify``-s what it can. Either way the check costs about as much as the hash.
+    One read per file: the bytes are hashed and checked in memory. PNGs first get :func:`png_problem` (every
+    chunk and CRC), which words a broken file best; then every image is decoded in full, because pixel data can
+    be garbage while every checksum passes, and the trainer must not be the first to find out. Only images not
+    in the hash cache get here, so a warm build decodes nothing.
     """
     with open(path, "rb") as handle:
         data = handle.read()
@@ -432,12 +433,11 @@ def hash_and_verify(path: str) -> str:
         problem = png_problem(data)
         if problem:
             raise UnreadableImageError(f"broken PNG: {problem}")
-        return digest
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image.verify()
+            image.load()
     except UnidentifiedImageError:
         raise UnreadableImageError("not an image Pillow can identify") from None
     except Exception as exc:  # Pillow raises many kinds (SyntaxError, OSError, struct.error...) for broken files

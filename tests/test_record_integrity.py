@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +252,37 @@ def test_a_broken_lorakit_folder_is_a_clear_error(tmp_data_root: Path, checkpoin
     assert ("broken symbolic link" if shape == "dangling-link" else "is not a folder") in err
     assert "remove it" in err
     assert not (tmp_data_root / "shared" / "loras").exists()
+
+
+def garbage_pixels_png(path: Path) -> None:
+    """Rewrite a PNG so its pixel data is garbage while every chunk's CRC still passes."""
+    data = path.read_bytes()
+    out, pos = bytearray(data[:8]), 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        if kind == b"IDAT":
+            body = bytes((b * 7 + 3) % 256 for b in body)
+        out += length.to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+        pos += 12 + length
+    path.write_bytes(bytes(out))
+
+
+def test_an_image_whose_pixels_do_not_decode_is_left_out_at_build(tmp_data_root: Path, tmp_path: Path, capsys) -> None:
+    ws = open_workspace()
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((16, 16, 3), 60 + i, dtype=np.uint8)).save(drop / f"icon{i}.png")
+    report = import_assets(ws, "game", drop, asset_type="ui_icon", status="approved")
+    bad, good = sorted(report.imported, key=lambda r: r["path"])
+    path = ws.store.file_path(variant_path(ws, bad["asset_id"]))
+    garbage_pixels_png(path)
+    assert main(["dataset", "build", "--project", "game", "--id", "d", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "unreadable" in out and bad["asset_id"] in out
+    assert [i["assetId"] for i in ws.store.read("dataset", "d", "game")["items"]] == [good["asset_id"]]
+
+
+def variant_path(ws, asset_id: str) -> str:
+    return ws.store.read("asset", asset_id, "game")["versions"][0]["variants"][0]["originalPath"]

@@ -68,9 +68,10 @@ def check_items(store: Store, items: list[dict]) -> list[TrainItem]:
             continue
         try:
             with Image.open(path) as img:
+                img.load()  # decoded now: pixel data can be garbage while every checksum passes
                 width, height = img.size
-        except Exception as exc:
-            problems.append(f"{label}: not a readable image ({exc})")
+        except Exception as exc:  # Pillow raises many kinds for broken files
+            problems.append(f"{label}: not a readable image ({type(exc).__name__}: {exc})")
             continue
         checked.append(TrainItem(index, path, rel, digest, item.get("caption") or "", width, height))
     if problems:
