@@ -407,6 +407,44 @@ def test_non_finite_weights_are_never_recorded(ws):
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.parametrize(("case", "flags", "blamed", "not_blamed"), [
+    ("lr", ["--lr", "0"], "lr must be a number > 0", "text_encoder_lr"),
+    ("alpha", ["--alpha", "0"], "alpha must be a number > 0", "conv_alpha"),
+    ("rank", ["--rank", "0"], "rank must be a positive integer", "conv_rank"),
+    ("res", ["--resolution", "65536"], "resolution must be at most 2048 for this checkpoint family", "bucket_"),
+    ("seed", ["--seed", "18446744073709551616"], "seed must be at most 4294967295", "Traceback"),
+])
+def test_bad_settings_name_the_setting_the_user_gave(ws, capsys, case, flags, blamed, not_blamed):
+    from lorakit.cli import main
+
+    lora = f"flags_{case}"
+    record_path = new_lora(ws, lora)
+    write_dataset(ws, f"{lora}_gems", n=1, seed=9)
+    before = record_path.read_bytes()
+    assert main(["lora", "train", "--lora", lora, "--dataset", f"{lora}_gems", "--project", "demo",
+                 "--preset", "tiny-demo", *flags, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid training config: ") and blamed in err and not_blamed not in err, err
+    assert record_path.read_bytes() == before
+    assert not (ws.config.loras_root / lora).exists()
+
+
+def test_an_unknown_target_module_is_named_before_training(ws, capsys):
+    from lorakit.cli import main
+
+    record_path = new_lora(ws, "targets")
+    write_dataset(ws, "targets_gems", n=1, seed=10)
+    before = record_path.read_bytes()
+    assert main(["lora", "train", "--lora", "targets", "--dataset", "targets_gems", "--project", "demo",
+                 "--preset", "tiny-demo", "--config", json.dumps({"unet_target_modules": ["to_q", "to_qq"]}),
+                 "--release", "r1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "error: unet_target_modules 'to_qq' match no module of this UNet" in err and "to_out.0" in err, err
+    assert "Traceback" not in err
+    assert record_path.read_bytes() == before
+    assert json.loads((ws.config.loras_root / "targets" / "r1" / "run.json").read_text())["status"] == "failed"
+
+
 # ---- bad inputs: a clear error before training, records untouched -----------------------------------------------
 def test_bad_inputs_are_clear_errors_and_leave_records_untouched(ws):
     record_path = new_lora(ws, "bad")

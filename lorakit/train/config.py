@@ -100,12 +100,15 @@ POSITIVE_INTS = ("rank", "epochs", "batch_size", "gradient_accumulation_steps", 
                  "sample_every_n_epochs", "sample_steps")
 OPTIONAL_POSITIVE_INTS = ("resolution", "steps", "conv_rank", "save_every_n_epochs", "bucket_min_side", "bucket_max_side")
 NON_NEGATIVE_INTS = ("lr_warmup_steps", "keep_tokens", "seed", "save_state_every", "sample_seed", "clip_skip")
-NON_NEGATIVE_FLOATS = ("alpha", "lr", "weight_decay", "max_grad_norm", "noise_offset", "adam_epsilon", "sample_guidance_scale")
+POSITIVE_FLOATS = ("alpha", "lr")  # 0 would train nothing (lr) or scale the LoRA to nothing (alpha)
+NON_NEGATIVE_FLOATS = ("weight_decay", "max_grad_norm", "noise_offset", "adam_epsilon", "sample_guidance_scale")
 OPTIONAL_FLOATS = ("min_snr_gamma", "text_encoder_lr", "conv_alpha")
 PROBABILITIES = ("caption_dropout", "lora_dropout", "adam_beta1", "adam_beta2")
 BOOLS = ("bucket_no_upscale", "shuffle_tags", "cache_latents", "cache_text_embeddings", "train_conv",
          "train_text_encoder", "gradient_checkpointing")
 FAMILY_RESOLUTION = {"sd15": 512, "sdxl": 1024}
+MAX_RESOLUTION_FACTOR = 4  # sizes up to 4x the family's native side (2048 for SD1.5, 4096 for SDXL)
+MAX_SEED = 2**32 - 1  # what kohya, A1111 and numpy take; torch's own limit is larger
 
 # Settings that change the numbers a run computes; anything else (where samples go, how often state is saved)
 # may differ between an interrupted run and its resume.
@@ -224,25 +227,27 @@ def finalize_config(cfg: dict, family: str) -> dict:
         cfg["resolution"] = FAMILY_RESOLUTION.get(family, 512)
     if cfg["vae_fp32"] is None:
         cfg["vae_fp32"] = family == "sdxl"
+    # Settings filled from another one are not blamed for that one's bad value: the user gave the other.
+    derived = set()
     for key in ("bucket_min_side", "bucket_max_side"):
         if cfg[key] is None:
             cfg[key] = max(cfg["bucket_step"], cfg["resolution"] // 2) if key == "bucket_min_side" else cfg["resolution"] * 2
-    if cfg["conv_rank"] is None:
-        cfg["conv_rank"] = cfg["rank"]
-    if cfg["conv_alpha"] is None:
-        cfg["conv_alpha"] = cfg["alpha"]
-    if cfg["text_encoder_lr"] is None:
-        cfg["text_encoder_lr"] = cfg["lr"]
-    check_config(cfg)
+            derived.add(key)
+    for key, source in (("conv_rank", "rank"), ("conv_alpha", "alpha"), ("text_encoder_lr", "lr")):
+        if cfg[key] is None:
+            cfg[key] = cfg[source]
+            derived.add(key)
+    check_config(cfg, derived, max_side=FAMILY_RESOLUTION.get(family, 1024) * MAX_RESOLUTION_FACTOR)
     # Numbers from JSON may be ints where floats are meant; store one spelling so configs compare equal.
-    for key in NON_NEGATIVE_FLOATS + OPTIONAL_FLOATS + PROBABILITIES:
+    for key in POSITIVE_FLOATS + NON_NEGATIVE_FLOATS + OPTIONAL_FLOATS + PROBABILITIES:
         if cfg[key] is not None:
             cfg[key] = float(cfg[key])
     return cfg
 
 
-def check_config(cfg: dict) -> None:
-    """Raise :class:`TrainingError` listing every bad value of a (complete) config."""
+def check_config(cfg: dict, derived: set[str] | frozenset[str] = frozenset(), max_side: int | None = None) -> None:
+    """Raise :class:`TrainingError` listing every bad value of a (complete) config. ``derived`` settings were
+    filled from another one and are not reported; ``max_side`` bounds the image sizes."""
     problems = []
 
     def is_int(v):
@@ -260,6 +265,9 @@ def check_config(cfg: dict) -> None:
     for key in NON_NEGATIVE_INTS:
         if not (is_int(cfg[key]) and cfg[key] >= 0):
             problems.append(f"{key} must be an integer >= 0, got {cfg[key]!r}")
+    for key in POSITIVE_FLOATS:
+        if not (is_num(cfg[key]) and cfg[key] > 0):
+            problems.append(f"{key} must be a number > 0, got {cfg[key]!r}")
     for key in NON_NEGATIVE_FLOATS:
         if not (is_num(cfg[key]) and cfg[key] >= 0):
             problems.append(f"{key} must be a number >= 0, got {cfg[key]!r}")
@@ -279,6 +287,13 @@ def check_config(cfg: dict) -> None:
         problems.append(f"bucket_step must be a multiple of 8 (the VAE's downscale), got {cfg['bucket_step']}")
     if is_int(cfg["resolution"]) and is_int(cfg["bucket_step"]) and cfg["resolution"] % cfg["bucket_step"]:
         problems.append(f"resolution {cfg['resolution']} must be a multiple of bucket_step {cfg['bucket_step']}")
+    for key in ("seed", "sample_seed"):
+        if is_int(cfg[key]) and cfg[key] > MAX_SEED:
+            problems.append(f"{key} must be at most {MAX_SEED}, got {cfg[key]}")
+    if max_side is not None:  # a bucket's long side may be twice the resolution (a 1:4 image of the same area)
+        for key, limit in (("resolution", max_side), ("bucket_min_side", max_side), ("bucket_max_side", 2 * max_side)):
+            if is_int(cfg[key]) and cfg[key] > limit:
+                problems.append(f"{key} must be at most {limit} for this checkpoint family, got {cfg[key]}")
     if cfg["clip_skip"] == 0:
         problems.append("clip_skip must be >= 1")
     if not (isinstance(cfg["unet_target_modules"], list) and cfg["unet_target_modules"]
@@ -290,6 +305,7 @@ def check_config(cfg: dict) -> None:
         problems.append(f"background must be a colour like '#ffffff', got {cfg['background']!r}")
     if cfg["latent_cache_dir"] is not None and not isinstance(cfg["latent_cache_dir"], str):
         problems.append(f"latent_cache_dir must be a path or null, got {cfg['latent_cache_dir']!r}")
+    problems = [p for p in problems if p.split(" ", 1)[0] not in derived]
     if problems:
         raise TrainingError("invalid training config: " + "; ".join(problems))
 

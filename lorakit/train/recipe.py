@@ -231,6 +231,15 @@ def train_lora(
     # ---- 5. LoRA adapters (peft), initialised from the seed; trained weights stay in fp32 -------------------
     torch.manual_seed(cfg["seed"])
     unet_targets = list(cfg["unet_target_modules"])
+    module_names = [n for n, _ in unet.named_modules()]
+    unknown = [t for t in unet_targets if not any(_matches(n, [t]) for n in module_names)]
+    if unknown:
+        if is_main:
+            _update_run(out_dir, status="failed")
+        leaves = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1]
+                         for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise TrainingError(f"unet_target_modules {', '.join(map(repr, unknown))} match no module of this UNet; "
+                            f"names end a module path, e.g. {', '.join(leaves[:12])}")
     rank_pattern, alpha_pattern = {}, {}
     if cfg["train_conv"]:
         conv_modules = r".*(resnets\.\d+\.conv1|resnets\.\d+\.conv2|downsamplers\.0\.conv|upsamplers\.0\.conv)$"
