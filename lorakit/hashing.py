@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -13,6 +15,27 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 RACY_WINDOW_NS = 2_000_000_000
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def safetensors_header(path: str | os.PathLike) -> dict | None:
+    """The JSON header of a safetensors file (tensor names to dtype/shape/offsets, plus ``__metadata__``), or
+    ``None`` when the file is not one: empty, truncated, or another format under a ``.safetensors`` name.
+
+    Only the header is read (no tensors, no torch): 8 bytes of little-endian length, then that much JSON.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return None
+            (length,) = struct.unpack("<Q", head)
+            if length > _MAX_SAFETENSORS_HEADER or length > os.fstat(handle.fileno()).st_size - 8:
+                return None
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return header if isinstance(header, dict) else None
 
 
 def stat_key(st: os.stat_result) -> list[int]:

@@ -319,3 +319,44 @@ def test_errors_are_clear_and_leave_records_untouched(ws, capsys):
     with pytest.raises(ConfigError, match="weights file not found"):
         load_pipeline(ws, record)
     assert record_bytes(ws, "tiny") == before
+
+
+def test_weights_that_are_not_what_they_claim_are_refused_at_add_and_verify(ws, no_network, capsys):
+    root = ws.config.checkpoints_root
+    (root / "empty.safetensors").write_bytes(b"")
+    torch.save({"state_dict": {}}, root / "renamed.safetensors")  # a pickle under a safetensors name
+    for name in ("empty", "renamed"):
+        assert main(["checkpoint", "add", name, "--family", "sd15", "--path", f"{name}.safetensors"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: checkpoint '{name}': ") and "is not a safetensors file" in err
+        assert not ws.store.exists("checkpoint", name)
+
+    make_tiny_checkpoint(ws, "t15", "sd15")
+    folder = root / "t15"
+    export_single_file(build_tiny_pipeline("sd15", 2), root / "single15.safetensors")
+    for path in ("t15", "single15.safetensors"):
+        assert main(["checkpoint", "add", "wrong", "--family", "sdxl", "--path", path]) == 1
+        err = capsys.readouterr().err
+        assert "is an SD1.5 checkpoint, registered as SDXL; add it with --family sd15" in err, err
+    assert not ws.store.exists("checkpoint", "wrong")
+
+    # Records from a shared data folder can say anything: verify (and every loader) checks again.
+    for name, ref in (("edited", {"kind": "config_relative", "base": "checkpointsRoot", "path": "t15"}),
+                      ("hollow", {"kind": "config_relative", "base": "checkpointsRoot", "path": "empty.safetensors"})):
+        record = {**get_checkpoint(ws, "t15"), "id": name, "family": "sdxl" if name == "edited" else "sd15",
+                  "weights": ref}
+        ws.store.write("checkpoint", record)
+        assert main(["checkpoint", "verify", name]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.startswith(f"error: checkpoint '{name}': ")
+    assert folder.is_dir()
+
+
+def test_a_pickle_that_is_not_a_checkpoint_fails_verify_with_an_error(ws, no_network, capsys):
+    torch.save({"state_dict": {}}, ws.config.checkpoints_root / "bare.ckpt")
+    assert main(["checkpoint", "add", "bare", "--family", "sd15", "--path", "bare.ckpt", "--allow-pickle"]) == 0
+    capsys.readouterr()
+    assert main(["checkpoint", "verify", "bare"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "error: checkpoint 'bare': " in err and "does not load as an sd15 checkpoint" in err

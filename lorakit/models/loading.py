@@ -27,11 +27,12 @@ import torch
 from filelock import FileLock
 
 from ..config import resolve_weights
-from ..errors import ConfigError
+from ..errors import ConfigError, LorakitError
 from ..workspace import Workspace, as_workspace
 from .registry import (
     SIDECAR_CONFIG_SUFFIX,
     check_pickle_allowed,
+    check_weights_files,
     checkpoint_family,
     get_checkpoint,
     weights_format,
@@ -210,6 +211,7 @@ def load_pipeline(
     paths = checkpoint_paths(ws, record, config_dir)
     weights = paths["weights"]
     check_pickle_allowed(weights, allow, what)
+    check_weights_files(weights, family, what)  # a record from Git may name the wrong family or a broken file
     if paths.get("vae") is not None:
         check_pickle_allowed(paths["vae"], allow, f"{what} vaeWeights")
     cls = pipeline_class(family)
@@ -321,7 +323,16 @@ def verify_checkpoint(
     ws = as_workspace(ws)
     record = get_checkpoint(ws, checkpoint_id)
     paths = checkpoint_paths(ws, record)
-    pipe = load_pipeline(ws, record, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
+    what = f"checkpoint {checkpoint_id!r}"
+    family = checkpoint_family(record)
+    try:
+        pipe = load_pipeline(ws, record, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
+    except LorakitError:
+        raise
+    except Exception as exc:  # diffusers, safetensors and torch raise many kinds for a file they cannot read
+        raise ConfigError(f"{what}: {paths['weights']} does not load as an {family} checkpoint "
+                          f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}); "
+                          "check that it is a complete SD1.5/SDXL checkpoint of that family") from None
     report = {"id": checkpoint_id, "family": checkpoint_family(record), "format": weights_format(paths["weights"]),
               "path": str(paths["weights"]), **describe_pipeline(pipe)}
     del pipe

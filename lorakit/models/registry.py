@@ -18,7 +18,7 @@ from filelock import FileLock
 
 from ..config import ROOT_NAMES, resolve_weights
 from ..errors import ConfigError, RecordError, RecordNotFoundError
-from ..hashing import file_sha256
+from ..hashing import file_sha256, safetensors_header
 from ..ids import check_id
 from ..store import now_iso
 from ..workspace import Workspace, as_workspace
@@ -66,6 +66,43 @@ def check_pickle_allowed(path: Path, allow_pickle: bool, what: str) -> None:
             ".safetensors, or opt in with --allow-pickle (allow_pickle=True, or allowPickle: true on the record) "
             "if you trust its source"
         )
+
+
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+# Keys only one family's original-layout single files have: SDXL's second text encoder, SD1.5's one.
+_FAMILY_KEY_PREFIXES = (("sdxl", "conditioner.embedders.1."), ("sd15", "cond_stage_model."))
+
+
+def detect_family(path: Path) -> str | None:
+    """The family a checkpoint's files say they are, when they say: a diffusers folder by its pipeline class,
+    a ``.safetensors`` file by its tensor names (read from the header, nothing loaded). None when unknown."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            name = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(name, str):
+            return None
+        return "sdxl" if "XL" in name else "sd15" if name.startswith("StableDiffusion") else None
+    header = safetensors_header(path) if path.suffix.lower() in SAFE_SUFFIXES else None
+    for family, prefix in _FAMILY_KEY_PREFIXES:
+        if header and any(key.startswith(prefix) for key in header):
+            return family
+    return None
+
+
+def check_weights_files(path: Path, family: str, what: str) -> None:
+    """Refuse weights that are not what they claim: a ``.safetensors`` file without a valid header (empty, or
+    another format renamed), or files of another model family than the record says."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in SAFE_SUFFIXES and safetensors_header(path) is None:
+        raise ConfigError(f"{what}: {path} is not a safetensors file (empty, truncated, or another format renamed "
+                          "to .safetensors); download it again, or give the real file")
+    found = detect_family(path)
+    if found is not None and found != family:
+        raise ConfigError(f"{what}: {path} is an {FAMILY_NAMES[found]} checkpoint, registered as "
+                          f"{FAMILY_NAMES.get(family, family)}; add it with --family {found}")
 
 
 # ---- hashing -------------------------------------------------------------------------------------------
@@ -254,6 +291,7 @@ def add_checkpoint(
     local = resolve_weights(weights, ws.config, what=what)
     uses_pickle = weights_format(local) == "pickle"
     check_pickle_allowed(local, allow_pickle, what)
+    check_weights_files(local, family, what)
     if local.is_dir() and not (local / "model_index.json").is_file():
         raise ConfigError(f"{what}: {local} is a folder but not a diffusers pipeline (no model_index.json)")
     if config_path is not None:
@@ -270,6 +308,8 @@ def add_checkpoint(
         vae_local = resolve_weights(vae, ws.config, what=f"{what} vaeWeights")
         uses_pickle = uses_pickle or weights_format(vae_local) == "pickle"
         check_pickle_allowed(vae_local, allow_pickle, f"{what} vaeWeights")
+        if vae_local.is_file() and vae_local.suffix.lower() in SAFE_SUFFIXES and safetensors_header(vae_local) is None:
+            raise ConfigError(f"{what} vaeWeights: {vae_local} is not a safetensors file")
     fields = {
         "family": family, "name": name, "weights": weights, "vaeWeights": vae,
         "supportedAssetTypes": list(asset_types) if asset_types is not None else None,

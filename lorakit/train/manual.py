@@ -14,17 +14,15 @@ safetensors header, and turning a weights file into a release.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..config import ROOT_NAMES, WEIGHT_KINDS, Config, resolve_weights
 from ..datasets import load_manifest, manifest_hash
 from ..errors import ConfigError, RecordError, RecordNotFoundError
-from ..hashing import file_sha256
+from ..hashing import file_sha256, safetensors_header
 from ..ids import check_id, new_ulid
 from ..loras import add_release, find_lora, get_release, make_release
 from ..workspace import Workspace, as_workspace
@@ -195,22 +193,9 @@ def release_entry(release_id: str, *, weights: dict, sha256: str | None, trainin
 
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str] | None:
-    """The ``__metadata__`` of a safetensors file, or ``None`` when the file is not one.
-
-    Only the header is read (no tensors, no torch): 8 bytes of little-endian length, then that much JSON.
-    """
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                return None
-            (length,) = struct.unpack("<Q", head)
-            if length > _MAX_HEADER_BYTES or length > os.fstat(handle.fileno()).st_size - 8:
-                return None
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(header, dict):
+    """The ``__metadata__`` of a safetensors file, or ``None`` when the file is not one."""
+    header = safetensors_header(path)
+    if header is None:
         return None
     metadata = header.get("__metadata__") or {}
     return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else None
