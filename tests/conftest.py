@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,27 @@ def copy_demo_data(root: Path, models: Path) -> tuple[Path, Path]:
     config.write_text(json.dumps({"paths": {"modelsRoot": str(models), "checkpointsRoot": str(models / "checkpoints"),
                                             "lorasRoot": str(root / "loras")}}), encoding="utf-8")
     return data, config
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, size: str, *, read_only: bool = False):
+    """A real tmpfs mounted over ``folder`` (which must exist), unmounted afterwards. Skips where the test may
+    not mount (not root, or no mount namespace rights)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'}); needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> None:
+    """Write to ``folder`` until its file system has no space left."""
+    with open(folder / "filler", "wb") as handle:
+        with contextlib.suppress(OSError):
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, fill, mounted_tmpfs
 from PIL import Image
 
 from lorakit.assets import import_assets
@@ -286,3 +286,34 @@ def test_an_image_whose_pixels_do_not_decode_is_left_out_at_build(tmp_data_root:
 
 def variant_path(ws, asset_id: str) -> str:
     return ws.store.read("asset", asset_id, "game")["versions"][0]["variants"][0]["originalPath"]
+
+
+@pytest.mark.parametrize("failure", ["full", "read-only"])
+def test_a_full_or_read_only_disk_is_an_error_and_the_record_stays(tmp_path: Path, monkeypatch, capsys,
+                                                                   failure: str) -> None:
+    disk = tmp_path / "disk"
+    with mounted_tmpfs(disk, "2m"):
+        data = disk / "data"
+        (data / "shared" / "checkpoints").mkdir(parents=True)
+        shutil.copy(REPO_ROOT / "data" / "shared" / "checkpoints" / "tiny-sd15.json", data / "shared" / "checkpoints")
+        monkeypatch.setenv("LORAKIT_DATA_ROOT", str(data))
+        monkeypatch.setenv("LORAKIT_CONFIG", str(tmp_path / "none.json"))
+        (tmp_path / "none.json").write_text("{}")
+        create = ["lora", "create", "--lora", "m", "--name", "M", "--scope", "baseline", "--checkpoint",
+                  "tiny-sd15", "--asset-types", "ui_icon"]
+        assert main(create) == 0
+        record = data / "shared" / "loras" / "m.json"
+        before = record.read_bytes()
+        if failure == "full":
+            fill(disk)
+        else:
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        assert main(["lora", "create", "--lora", "n", "--name", "N", "--scope", "baseline", "--checkpoint",
+                     "tiny-sd15", "--asset-types", "ui_icon"]) == 1
+        err = capsys.readouterr().err
+        expected = "the disk is full" if failure == "full" else "the file system is read-only"
+        assert "error: " in err and expected in err and "Traceback" not in err, err
+        assert record.read_bytes() == before
+        assert not (data / "shared" / "loras" / "n.json").exists()
+        if failure == "read-only":
+            subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)

@@ -3,7 +3,6 @@ processes on one queue, a worker killed mid-job, failing jobs, auto-cleanup."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fill, mounted_tmpfs
 from PIL import Image
 
 from lorakit.evals import cleanup_eval, create_eval_grid, normalize_evals
@@ -407,30 +407,6 @@ def test_grid_of_a_release_trained_by_the_native_trainer(ws):
 
 
 # ---- a full or read-only disk: jobs stay retryable, evals stay consistent ---------------------------------------
-@contextlib.contextmanager
-def mounted_tmpfs(folder: Path, size: str, *, read_only: bool = False):
-    """A real tmpfs mounted over ``folder`` (which must exist), unmounted afterwards. Skips where the test may
-    not mount (not root, or no mount namespace rights)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    options = f"size={size}" + (",ro" if read_only else "")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'}); needs root")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path) -> None:
-    """Write to ``folder`` until its file system has no space left."""
-    with open(folder / "filler", "wb") as handle:
-        with contextlib.suppress(OSError):
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-
-
 def test_a_full_image_disk_leaves_the_jobs_retryable(ws):
     create_eval_grid(ws, PROJECT, "icons", "r1", prompts=["a"], seeds=[1], strengths=[], eval_id="full1",
                      batch_size=1, max_attempts=3)

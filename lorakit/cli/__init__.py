@@ -7,6 +7,7 @@ exit 2 (argparse); Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from importlib import import_module
 
@@ -27,6 +28,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DISK_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space and run the command again",
+    errno.EDQUOT: "the disk quota is used up: free some space and run the command again",
+    errno.EROFS: "the file system is read-only: run where it can be written, or remount it read-write",
+    errno.EACCES: "no permission: check the folder's owner and mode",
+    errno.EPERM: "not permitted: check the folder's owner and mode",
+}
+
+
+def disk_error_message(exc: OSError) -> str:
+    """An ``OSError`` from the machine (full disk, read-only mount, permissions) in words a user can act on.
+    Records are replaced atomically, so a failed write leaves the old record as it was.
+
+    >>> disk_error_message(OSError(errno.ENOSPC, "No space left on device", "/data/x.json"))
+    '/data/x.json: No space left on device; the disk is full: free some space and run the command again (records are written whole or not at all)'
+    """
+    where = f"{exc.filename}: " if exc.filename else ""
+    hint = _DISK_HINTS.get(exc.errno, "")
+    return f"{where}{exc.strerror or exc}" + (f"; {hint}" if hint else "") + \
+        " (records are written whole or not at all)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -45,3 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # the machine, not the user's input: a full or read-only disk, permissions
+        print(f"error: {disk_error_message(exc)}", file=sys.stderr)
+        return 1
