@@ -42,12 +42,18 @@ def load_project(ws: Workspace | str | Path | None, project: str) -> dict:
 
 
 def require_project(store: Store, project: str) -> Path:
-    """The project's folder, or :class:`RecordNotFoundError` naming the project and where it was looked for."""
+    """The project's folder, or :class:`RecordNotFoundError` naming the project and where it was looked for. A
+    ``project.json`` that is broken or invalid is a :class:`RecordError` naming the file and the JSON path: its
+    defaults and policies decide what a command does, so it is never skipped."""
     folder = store.project_dir(project)
     if not os.path.isfile(os.path.join(folder, "project.json")):
         raise RecordNotFoundError(
             f"project {project!r} does not exist (no projects/{project}/project.json under {store.root})"
         )
+    record = store.read("project", project)
+    if record.get("id", project) != project:
+        raise RecordError(f"{store.path('project', project)}: at $.id: {record.get('id')!r} is not the project's "
+                          f"folder name {project!r}")
     return folder
 
 

@@ -317,3 +317,20 @@ def test_a_full_or_read_only_disk_is_an_error_and_the_record_stays(tmp_path: Pat
         assert not (data / "shared" / "loras" / "n.json").exists()
         if failure == "read-only":
             subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('{"id": "demo", oops', "malformed JSON at line 1"),
+    ('{"id": "demo", "name": 5}', "at $.name: 5 is not of type 'string'"),
+    ("[1]", "is not of type 'object'"),
+])
+def test_a_broken_project_json_is_never_skipped(tmp_path: Path, capsys, text: str, expected: str) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(REPO_ROOT / "data", data, ignore=shutil.ignore_patterns(".lorakit"))
+    project = data / "projects" / "demo" / "project.json"
+    project.write_text(text, encoding="utf-8")
+    assert main(["dataset", "build", "--data-root", str(data), "--project", "demo", "--asset-type", "ui_icon",
+                 "--id", "d"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {project}: ") and expected in err, err
+    assert not (data / "projects" / "demo" / "datasets").exists()
