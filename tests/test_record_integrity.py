@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -334,3 +335,27 @@ def test_a_broken_project_json_is_never_skipped(tmp_path: Path, capsys, text: st
     err = capsys.readouterr().err
     assert err.startswith(f"error: {project}: ") and expected in err, err
     assert not (data / "projects" / "demo" / "datasets").exists()
+
+
+@pytest.mark.parametrize("shape", ["folder", "latin-1", "deep"])
+def test_a_config_file_that_is_no_json_text_is_an_error(tmp_data_root: Path, tmp_path: Path, monkeypatch, capsys,
+                                                        shape: str) -> None:
+    bad = tmp_path / "settings.json"
+    if shape == "folder":
+        bad.mkdir()
+    elif shape == "latin-1":
+        bad.write_bytes('{"notes": "café"}'.encode("latin-1"))
+    else:
+        bad.write_text("[" * 100_000 + "]" * 100_000)
+    expected = {"folder": "is a folder", "latin-1": "not UTF-8 text", "deep": "not valid JSON"}[shape]
+    # As the training settings (--config-file) ...
+    from lorakit.train.config import TrainingError, read_config_file
+
+    train_expected = {"folder": "is a folder", "latin-1": "not UTF-8 text", "deep": "nested too deeply"}[shape]
+    with pytest.raises(TrainingError, match=f"config file {re.escape(str(bad))}.*{train_expected}"):
+        read_config_file(bad)
+    # ... and as lorakit's own config (LORAKIT_CONFIG).
+    monkeypatch.setenv("LORAKIT_CONFIG", str(bad))
+    assert main(["validate"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(bad) in err and expected in err and "Traceback" not in err, err
