@@ -32,6 +32,10 @@ def state_folder(root: Path, *parts: str) -> Path:
     """A folder under ``<dataRoot>/.lorakit`` (locks, caches), created when missing. ``.lorakit`` or one of its
     folders being a file or a broken symbolic link (a bad checkout, a stray copy) is a clear error."""
     folder = root.joinpath(".lorakit", *parts)
+    real, real_root = os.path.realpath(folder), os.path.realpath(root)  # checked before anything is created
+    if not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise RecordError(f"{folder} leads out of the data root to {real} through a symbolic link; make "
+                          f"{root / '.lorakit'} a real folder (it holds only locks and caches)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if folder.is_dir():

@@ -162,6 +162,7 @@ class Store:
 
     def __init__(self, data_root: str | Path):
         self.root = Path(data_root).resolve()
+        self._real_dirs: dict[str, str] = {}  # resolved record folders (see contained_path)
 
     # ---- paths -------------------------------------------------------------------------------------
     def project_dir(self, project: str) -> Path:
@@ -171,13 +172,13 @@ class Store:
         """The folder that holds records of ``kind`` (for ``project``, or shared)."""
         if kind in SCOPED_KINDS:
             base = self.root / "shared" if project is None else self.project_dir(project)
-            return base / SCOPED_KINDS[kind]
+            return self._inside(base / SCOPED_KINDS[kind])
         if kind in PROJECT_KINDS:
             if project is None:
                 raise RecordError(f"{kind} records belong to a project: give a project id")
-            return self.project_dir(project) / PROJECT_KINDS[kind]
+            return self._inside(self.project_dir(project) / PROJECT_KINDS[kind])
         if kind in SHARED_KINDS:
-            return self.root / "shared" / SHARED_KINDS[kind]
+            return self._inside(self.root / "shared" / SHARED_KINDS[kind])
         raise KeyError(f"unknown record kind {kind!r}")
 
     def path(self, kind: str, record_id: str, project: str | None = None) -> Path:
@@ -211,9 +212,14 @@ class Store:
         return Path(os.path.relpath(Path(path).resolve(), self.root)).as_posix()
 
     def _inside(self, path: Path, what: str | None = None) -> Path:
+        """``path`` (a record file or folder) normalized, refused when it leaves the data root, in its text or
+        through a symbolic link: a folder of a shared data root linked elsewhere must not take writes there."""
         resolved = Path(os.path.normpath(path))
-        if resolved != self.root and self.root not in resolved.parents:
+        if resolved == self.root or self.root not in resolved.parents:
             raise RecordError(f"{what or path} leaves the data root {self.root}")
+        problem, _ = contained_path(os.fspath(self.root), resolved.relative_to(self.root).as_posix(), self._real_dirs)
+        if problem:
+            raise RecordError(f"{what or resolved} {problem}; make it a real folder or file of the data root")
         return resolved
 
     def lock_path(self, path: Path) -> Path:

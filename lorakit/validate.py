@@ -41,6 +41,9 @@ def path_problems(ws: Workspace, kind: str, record: dict) -> list[str]:
             elif root_name == "weights" and isinstance(value, dict) and value.get("kind") in ("config_relative",
                                                                                               "repo_relative"):
                 resolve_weights(value, ws.config, what=f"at {where}", must_exist=False)
+                if isinstance(value.get("config"), str):  # a single file's config folder, beside it
+                    resolve_weights({**value, "path": value["config"]}, ws.config, what=f"at {where}.config",
+                                    must_exist=False)
         except ConfigError as exc:
             messages.append(str(exc))
     return messages

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from .errors import LorakitError, RecordNotFoundError
+from .errors import LorakitError, RecordError, RecordNotFoundError
 from .evals import (
     JOB_TYPE,
     EvalError,
@@ -178,11 +178,20 @@ def claim_job(ws: Workspace, project: str, job_id: str, owner: str, lease_s: flo
 
 
 def claim_next_job(ws: Workspace, projects: list[str], owner: str, lease_s: float,
-                   on_exhausted: Callable[[dict, str], None] | None = None) -> Claim | None:
-    """Claim the oldest claimable ``eval_render`` job of ``projects``, or None when there is none."""
+                   on_exhausted: Callable[[dict, str], None] | None = None,
+                   on_invalid: Callable[[str], None] | None = None) -> Claim | None:
+    """Claim the oldest claimable ``eval_render`` job of ``projects``, or None when there is none.
+
+    A job record that is broken or invalid (a hand edit, a bad merge) is passed over, with ``on_invalid`` told
+    why, so one bad file does not stop the queue behind it; ``lorakit validate`` names it too."""
     for project in projects:
         for job_id in ws.store.list_ids("job", project):
-            claim = claim_job(ws, project, job_id, owner, lease_s, on_exhausted)
+            try:
+                claim = claim_job(ws, project, job_id, owner, lease_s, on_exhausted)
+            except RecordError as exc:
+                if on_invalid is not None:
+                    on_invalid(str(exc))
+                continue
             if claim is not None:
                 return claim
     return None
@@ -226,7 +235,10 @@ def claim_batch(ws: Workspace, first: Claim, owner: str, lease_s: float, limit: 
         job_id = member.get("jobId")
         if not job_id or job_id == first.job["id"]:
             continue
-        claim = claim_job(ws, first.project, job_id, owner, lease_s, on_exhausted, accept=same_batch)
+        try:
+            claim = claim_job(ws, first.project, job_id, owner, lease_s, on_exhausted, accept=same_batch)
+        except RecordError:
+            continue  # a broken member stays where it is; claim_next_job reports it
         if claim is not None:
             claims.append(claim)
     return claims
@@ -666,6 +678,13 @@ def run_worker(
     stats = WorkerStats(owner)
     start = time.perf_counter()
 
+    reported: set[str] = set()
+
+    def note_invalid(message: str) -> None:
+        if message not in reported:  # polled again and again: once per run is enough
+            reported.add(message)
+            log(f"[{owner}] skipping a job record: {message}")
+
     def note_expired(job: dict, job_project: str) -> None:
         stats.expired.append(job["id"])
         log(f"[{owner}] job {job['id']} failed: {job.get('error')}")
@@ -680,7 +699,7 @@ def run_worker(
     restore = _sigterm_as_interrupt()
     try:
         while max_jobs is None or stats.processed < max_jobs:
-            claim = claim_next_job(ws, _job_projects(ws, project), owner, lease_seconds, note_expired)
+            claim = claim_next_job(ws, _job_projects(ws, project), owner, lease_seconds, note_expired, note_invalid)
             if claim is None:
                 if once:
                     break

@@ -87,7 +87,7 @@ def path_fields(schema_name: str, record: object) -> list[tuple[str, str, object
     def walk(schema: dict, value: object, where: str) -> None:
         if "$ref" in schema:
             walk(by_id[schema["$ref"]], value, where)
-        for part in schema.get("allOf", []):
+        for part in [*schema.get("allOf", []), *schema.get("anyOf", [])]:
             walk(part, value, where)
         if PATH_KEYWORD in schema:
             found.append((where, schema[PATH_KEYWORD], value))
