@@ -69,9 +69,9 @@ def setup(root: Path, family: str):
     from lorakit.loras import add_release, create_lora, make_release
     from lorakit.models.registry import make_tiny_checkpoint
     from lorakit.store import now_iso
-    from lorakit.workspace import open_workspace
+    from lorakit.workspace import init_data_root
 
-    ws = open_workspace()
+    ws = init_data_root()
     now = now_iso()
     ws.store.write("project", {"id": PROJECT, "name": "Benchmark", "createdAt": now, "updatedAt": now})
     make_tiny_checkpoint(ws, "tiny", family, asset_types=["ui_icon"])

@@ -25,7 +25,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lorakit.assets import find_duplicates, import_assets  # noqa: E402
-from lorakit.workspace import open_workspace  # noqa: E402
+from lorakit.workspace import init_data_root  # noqa: E402
 
 
 def make_folder(root: Path, count: int, size: int) -> None:
@@ -62,7 +62,7 @@ def main() -> int:
         started = time.perf_counter()
         make_folder(source, args.images, args.size)
         print(f"made {args.images} images of {args.size}x{args.size} px in {time.perf_counter() - started:.1f} s")
-        ws = open_workspace(data_root)
+        ws = init_data_root(data_root)
 
         started = time.perf_counter()
         report = import_assets(ws, "bench", source, asset_type="sprite", recursive=True, license="CC0")

@@ -43,7 +43,7 @@ def setup(root: Path, family: str, n_images: int, source_size: int = 512):
     from lorakit.models import make_tiny_checkpoint
     from lorakit.store import now_iso
 
-    ws = lorakit.open_workspace()
+    ws = lorakit.init_data_root()
     now = now_iso()
     ws.store.write("project", {"id": "bench", "name": "Bench", "createdAt": now, "updatedAt": now})
     make_tiny_checkpoint(ws, f"tiny_{family}", family, asset_types=["icon"])
