@@ -42,8 +42,10 @@ _EXPORTS = {
     "verify_checkpoint": ".models",
     "load_catalogs": ".catalog", "load_project": ".catalog", "load_specs": ".catalog",
     "Config": ".config", "load_config": ".config", "resolve_weights": ".config",
-    "ConfigError": ".errors", "DatasetError": ".errors", "InvalidIdError": ".errors", "LorakitError": ".errors",
-    "RecordError": ".errors", "RecordNotFoundError": ".errors",
+    **{name: ".errors" for name in (
+        "AssetError", "ConfigError", "DatasetError", "EvalError", "GateRefusal", "InvalidIdError",
+        "KohyaSetupError", "LeaseLost", "LorakitError", "NotebookError", "RecordError", "RecordNotFoundError",
+        "SelectionError", "TrainingError", "WizardRefusal")},
     "activate_release": ".gate", "deprecate_release": ".gate", "review_release": ".gate",
     "set_recommended": ".gate",
     "check_id": ".ids", "new_ulid": ".ids",

@@ -51,7 +51,7 @@ from .datasets import (
     pick_version,
     spec_tags,
 )
-from .errors import LorakitError, RecordNotFoundError
+from .errors import AssetError, BadImage, LorakitError, RecordNotFoundError
 from .hashing import file_sha256
 from .ids import check_id, new_ulid
 from .imagehash import DEFAULT_THRESHOLD, dhash, has_alpha, hash_hex, near_pairs
@@ -76,10 +76,6 @@ DEFAULT_LORA_SELECTION = {
     "releasePolicy": "active_or_latest_approved",
 }
 _KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
-
-
-class AssetError(LorakitError):
-    """An import or curation request that cannot be carried out as asked."""
 
 
 # ---- pure decisions ---------------------------------------------------------------------------------
@@ -172,10 +168,6 @@ class ImageFacts:
     format: str
     mode: str
     has_alpha: bool
-
-
-class BadImage(Exception):
-    """An image file that cannot be imported; the message says why."""
 
 
 def inspect_image(data: bytes) -> ImageFacts:

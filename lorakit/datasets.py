@@ -40,7 +40,7 @@ from .catalog import (
     require_project,
     variant_looks_valid,
 )
-from .errors import DatasetError, RecordError
+from .errors import DatasetError, RecordError, UnreadableImageError
 from .hashing import cache_entry, cached_value, is_racy
 from .ids import check_id, given_or_new_id
 from .store import contained_path, now_iso, write_cache
@@ -379,10 +379,6 @@ def clean_provenance(provenance: dict | None) -> dict | None:
 
 
 # ---- image hashing (I/O) -------------------------------------------------------------------------------
-class UnreadableImageError(Exception):
-    pass
-
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import resolve_local_path, resolve_weights
-from .errors import ConfigError, LorakitError, RecordError, RecordNotFoundError
+from .errors import ConfigError, EvalError, LorakitError, RecordError, RecordNotFoundError
 from .hashing import file_sha256
 from .ids import check_id, given_or_new_id, new_ulid
 from .store import now_iso, write_atomic
@@ -47,10 +47,6 @@ DEFAULT_BATCH_SIZE = 4
 FAMILY_DEFAULTS = {"sd15": {"width": 512, "height": 512}, "sdxl": {"width": 1024, "height": 1024}}
 FALLBACK_PARAMS = {"width": 512, "height": 512, "steps": 20, "cfg": 7.0}
 BASELINE_FOLDER = "baseline"  # files/evals/<this>/ holds images of baseline evals
-
-
-class EvalError(LorakitError):
-    """An eval or eval grid that cannot be created, rendered or read as asked."""
 
 
 # ---- canonical prompts ---------------------------------------------------------------------------------

@@ -40,16 +40,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LorakitError, RecordNotFoundError
+from .errors import GateRefusal, RecordNotFoundError
 from .ids import check_id
 from .store import Store, now_iso
 from .workspace import Workspace, as_workspace
 
 OUTCOMES = ("approved", "rejected")
-
-
-class GateRefusal(LorakitError):
-    """A lifecycle transition that the gate does not allow (the message says which condition fails)."""
 
 
 class _NoChange(Exception):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .errors import LorakitError, RecordNotFoundError
+from .errors import LorakitError, NotebookError, RecordNotFoundError
 from .notebook_helpers import BATCH_ENV
 from .workspace import Workspace, as_workspace
 
@@ -36,14 +36,6 @@ REPORT_NOTEBOOK = "04_eval_report"
 KERNEL_NAME = "python3"
 _NAME_PART = re.compile(r"[^A-Za-z0-9._-]+")
 _ENV_LOCK = threading.Lock()
-
-
-class NotebookError(LorakitError):
-    """A notebook run whose cell failed; ``run`` says which cell, the error, and where the files are."""
-
-    def __init__(self, run: NotebookRun):
-        super().__init__(run.describe_failure())
-        self.run = run
 
 
 @dataclass

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import resolve_local_path, resolve_weights
-from .errors import ConfigError, LorakitError
+from .errors import ConfigError, SelectionError
 from .gate import eval_state, evals_of_release, latest_review, review_state
 from .workspace import Workspace, as_workspace
 
@@ -41,10 +41,6 @@ if TYPE_CHECKING:
 MODES = ("baseline_then_project", "project_then_baseline", "baseline_only", "project_only", "manual")
 RELEASE_POLICIES = ("active_or_latest_approved", "active_only")
 DEFAULT_STRENGTH = 1.0
-
-
-class SelectionError(LorakitError):
-    """A selection policy or pick that cannot be used as given."""
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------

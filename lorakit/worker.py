@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from .errors import LorakitError, RecordError, RecordNotFoundError
+from .errors import LeaseLost, LorakitError, RecordError, RecordNotFoundError
 from .evals import (
     JOB_TYPE,
     EvalError,
@@ -52,10 +52,6 @@ from .workspace import Workspace, as_workspace
 
 DEFAULT_LEASE_S = 120.0
 DEFAULT_POLL_S = 2.0
-
-
-class LeaseLost(LorakitError):
-    """Another worker took over a job whose lease had run out."""
 
 
 # ---- identity and leases (pure) ------------------------------------------------------------------------

@@ -13,13 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import LorakitError
+from ..errors import TrainingError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-
-
-class TrainingError(LorakitError):
-    """A training run that cannot start or cannot go on (bad config, changed images, NaN loss, ...)."""
 
 
 # Every key a config may set, with its default. Values of None mean "decided from the checkpoint or other keys"

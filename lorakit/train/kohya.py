@@ -49,7 +49,7 @@ from filelock import FileLock
 
 from ..config import CHECKOUT_ROOT, resolve_weights
 from ..datasets import export_dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, KohyaSetupError
 from ..ids import check_id, new_ulid
 from ..loras import add_release, find_lora
 from ..store import dump_json, now_iso, write_atomic
@@ -90,10 +90,6 @@ FLAG_TO_KOHYA = {"resolution": "resolution", "steps": "max_train_steps", "rank":
 KOHYA_MIXED_PRECISION = ("no", "fp16", "bf16")
 # kohya options lorakit fills in when neither the config nor --adapter-args sets them.
 NETWORK_MODULE = "networks.lora"
-
-
-class KohyaSetupError(TrainingError):
-    """``lorakit lora setup`` failed; the message names the step and the log."""
 
 
 # ---- install location and marker --------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from ..datasets import build_manifest
-from ..errors import DatasetError, LorakitError, RecordNotFoundError
+from ..errors import DatasetError, LorakitError, RecordNotFoundError, WizardRefusal
 from ..evals import contact_sheet, create_eval_grid
 from ..gate import (
     GateRefusal,
@@ -60,10 +60,6 @@ ADVANCED = (("steps", "steps (0: epochs)", int), ("epochs", "epochs", int), ("ra
             ("alpha", "alpha", float), ("lr", "learning rate", float), ("batch_size", "batch size", int),
             ("resolution", "resolution", int))
 TINY_PRESET = "tiny-demo"
-
-
-class WizardRefusal(LorakitError):
-    """A step the wizard will not take (yet); the message says what to do instead."""
 
 
 @dataclass
