@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from hashlib import sha1
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -73,7 +74,8 @@ def _has_non_finite(value: object) -> bool:
         return not math.isfinite(value)
     if type(value) not in (dict, list):
         return False
-    stack, isfinite = [value], math.isfinite
+    stack: list[Any] = [value]  # dicts and lists only: each is checked with type() before it is pushed
+    isfinite = math.isfinite
     while stack:
         container = stack.pop()
         for item in container.values() if type(container) is dict else container:
@@ -240,14 +242,29 @@ class Store:
         path = self.path(kind, record_id, project)
         return self.read_path(path, kind, validate=validate, missing=_missing_message(kind, record_id, project))
 
+    def find(self, kind: str, record_id: str, project: str | None = None, *,
+             hint: str = "") -> tuple[dict, str | None]:
+        """A record looked up in ``project`` first, then the shared scope: ``(record, where it lives)``.
+
+        The one lookup for records that may be a project's own or shared (LoRAs, datasets, evals). ``hint`` is
+        added to the not-found message (what to do about it).
+        """
+        places = ([project] if project else []) + [None]
+        for where in places:
+            if self.exists(kind, record_id, where):
+                return self.read(kind, record_id, where), where
+        searched = " or ".join(f"project {p!r}" if p else "the shared scope" for p in places)
+        label = {"lora": "LoRA"}.get(kind, kind)
+        raise RecordNotFoundError(f"{label} {record_id!r} not found in {searched}" + (f"; {hint}" if hint else ""))
+
     def read_path(self, path: Path, kind: str, validate: bool = True, missing: str | None = None) -> dict:
         try:
             record = parse_json(path)
         except FileNotFoundError:
             raise RecordNotFoundError(missing or f"{path} does not exist") from None
         if validate:
-            self.check(kind, record, path)
-        elif not isinstance(record, dict):
+            self.check(kind, record, path)  # every record schema is of type object
+        if not isinstance(record, dict):
             raise RecordError(f"{path}: expected a JSON object, got {type(record).__name__}")
         return record
 

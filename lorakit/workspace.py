@@ -12,6 +12,11 @@ from .store import Store
 
 @dataclass(frozen=True)
 class Workspace:
+    """An opened data root: the resolved local config (where the roots are) and the record store on it.
+
+    Every library function takes one (or a data root path, or ``None`` for the default) as its first argument.
+    """
+
     config: Config
     store: Store
 

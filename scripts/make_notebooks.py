@@ -193,15 +193,15 @@ print(nh.ensure_demo_checkpoint(ws, lora_record["checkpointId"], build_tiny=buil
 if sample_prompts is None:
     sample_prompts = [lorakit.canonical_prompts(ws, t, project=project)[0] for t in lora_record["assetTypes"]]
 settings = {**config, "sample_prompts": sample_prompts, "sample_steps": sample_steps}
-plan = lorakit.train_lora(ws, lora, dataset, project=project, preset=preset, config=settings, release=release,
-                          dry_run=True).plan
-print(f"{plan['images']} images, {plan['steps']} steps ({plan['epochs']} epochs), buckets {plan['buckets']}")
-nh.key_values(plan["config"])
+plan = lorakit.plan_training(ws, lora, dataset, project=project, preset=preset, config=settings, release_id=release,
+                             set_active=set_active, notes=notes)
+print(f"{len(plan.items)} images, {plan.total_steps} steps ({plan.num_epochs} epochs), "
+      f"buckets {plan.describe()['buckets']}")
+nh.key_values(plan.cfg)
 """),
     md("## Train"),
     code("""
-result = lorakit.train_lora(ws, lora, dataset, project=project, preset=preset, config=settings, release=release,
-                            set_active=set_active, notes=notes)
+result = lorakit.run_plan(ws, plan)
 print(f"release {result.release_id}: {result.steps} steps in {result.duration_s:.0f} s, final loss {result.final_loss:.4f}")
 print("weights:", result.weights_path)
 """),

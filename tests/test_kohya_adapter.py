@@ -23,7 +23,7 @@ import pytest
 from test_manual_adapter import CAPTIONS, Studio, build_studio
 
 from lorakit.cli import main
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, DatasetError
 from lorakit.train.kohya import (
     MARKER_NAME,
     KohyaInstall,
@@ -318,7 +318,7 @@ def test_configs_lorakit_cannot_honour_are_refused(studio: Studio, config: dict,
 def test_dataset_for_another_checkpoint_and_a_base_model_of_ones_own(studio: Studio) -> None:
     studio.ws.store.update("dataset", "hero_v1", lambda m: {**m, "selection": {**m["selection"], "checkpoints": ["ckptxl"]}},
                            project="demo")
-    with pytest.raises(ConfigError, match="was built for checkpoint"):
+    with pytest.raises(DatasetError, match="was built for checkpoint"):
         train_kohya(studio.ws, "hero", "hero_v1", project="demo", dry_run=True)
     shutil.rmtree(studio.ws.config.checkpoints_root / "ckpt15")  # not needed when the config names the base model
     result = train_kohya(studio.ws, "hero", "hero_v1", project="demo", force=True, dry_run=True,
@@ -333,7 +333,7 @@ def test_kohya_needs_run_or_dry_run_and_a_dataset_id(studio: Studio, capsys: pyt
         train_kohya(studio.ws, "hero", "some/manifest.json", project="demo", dry_run=True)
     with pytest.raises(ConfigError, match="kohya's mixed_precision is one of no, fp16, bf16"):
         train_kohya(studio.ws, "hero", "hero_v1", project="demo", config={"mixed_precision": "fp16"},
-                    flags={"mixed_precision": "auto"}, dry_run=True)
+                    overrides={"mixed_precision": "auto"}, dry_run=True)
 
 
 # ---- the pure parts --------------------------------------------------------------------------------------

@@ -363,7 +363,7 @@ def test_resume_never_unpickles_a_planted_state_file(ws, tmp_path):
 def test_resume_of_a_run_already_recorded_finishes_only_its_bookkeeping(ws):
     record_path = new_lora(ws, "rec")
     write_dataset(ws, "rec_gems", seed=5)
-    done = train_lora(ws, "rec", "rec_gems", project="demo", config={**FAST, "steps": 2}, release="r1", progress=False)
+    done = train_lora(ws, "rec", "rec_gems", project="demo", config={**FAST, "steps": 2}, release_id="r1", progress=False)
     weights = done.weights_path
     before = (weights.read_bytes(), weights.stat().st_mtime_ns, record_path.read_bytes())
     # As if killed between recording the release and marking run.json complete.
@@ -381,7 +381,7 @@ def test_resume_of_a_run_already_recorded_finishes_only_its_bookkeeping(ws):
 def test_a_run_json_naming_a_manifest_outside_the_data_root_is_refused(ws, tmp_path):
     new_lora(ws, "esc")
     write_dataset(ws, "esc_gems", seed=6)
-    done = train_lora(ws, "esc", "esc_gems", project="demo", config={**FAST, "steps": 2}, release="r1", progress=False)
+    done = train_lora(ws, "esc", "esc_gems", project="demo", config={**FAST, "steps": 2}, release_id="r1", progress=False)
     outside = tmp_path / "elsewhere.json"
     outside.write_text(ws.store.path("dataset", "esc_gems", "demo").read_text())
     run_file = done.weights_path.parent / "run.json"
@@ -399,7 +399,7 @@ def test_non_finite_weights_are_never_recorded(ws):
     write_dataset(ws, "hot_gems", seed=7)
     before = record_path.read_bytes()
     with pytest.raises(TrainingError, match=r"values inf or NaN .*was not written and nothing is recorded"):
-        train_lora(ws, "hot", "hot_gems", project="demo", config={**FAST, "lr": 1e5, "steps": 1}, release="r1",
+        train_lora(ws, "hot", "hot_gems", project="demo", config={**FAST, "lr": 1e5, "steps": 1}, release_id="r1",
                    progress=False)
     assert record_path.read_bytes() == before
     out = ws.config.loras_root / "hot" / "r1"
@@ -475,7 +475,7 @@ def test_bad_inputs_are_clear_errors_and_leave_records_untouched(ws):
         train_lora(ws, "bad", "fine", project="demo", overrides={"rank": -1})
     with pytest.raises(RecordNotFoundError, match="LoRA 'ghost'"):
         train_lora(ws, "ghost", "for_xl", **kwargs)
-    with pytest.raises(DatasetError, match="dataset 'nope' not found"):
+    with pytest.raises(RecordNotFoundError, match="dataset .nope. not found"):
         train_lora(ws, "bad", "nope", **kwargs)
     with pytest.raises(TrainingError, match="no interrupted run"):
         train_lora(ws, "bad", project="demo", resume=True)
@@ -491,7 +491,7 @@ def test_nan_loss_stops_the_run_and_records_nothing(ws):
     # A noise offset beyond float32's range turns the first step's noise, and so its loss, into inf/NaN.
     with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step 1.*nothing recorded"):
         train_lora(ws, "nan", "nan_gems", project="demo", progress=False,
-                   config={**FAST, "steps": 3, "noise_offset": 1e39}, release="r1")
+                   config={**FAST, "steps": 3, "noise_offset": 1e39}, release_id="r1")
     assert record_path.read_bytes() == before
     out = ws.config.loras_root / "nan" / "r1"
     assert not (out / "nan.safetensors").exists()

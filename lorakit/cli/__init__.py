@@ -14,7 +14,7 @@ from importlib import import_module
 from ..errors import LorakitError
 
 # Each module registers its sub-commands with ``register(subparsers, common)``.
-COMMAND_MODULES = ["records", "dataset", "assets", "gate", "checkpoint", "evals", "lora", "adapters", "notebooks"]
+COMMAND_MODULES = ["records", "dataset", "assets", "gate", "checkpoint", "evals", "lora", "notebooks"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def disk_error_message(exc: OSError) -> str:
     '/data/x.json: No space left on device; the disk is full: free some space and run the command again (records are written whole or not at all)'
     """
     where = f"{exc.filename}: " if exc.filename else ""
-    hint = _DISK_HINTS.get(exc.errno, "")
+    hint = _DISK_HINTS.get(exc.errno, "") if exc.errno is not None else ""
     return f"{where}{exc.strerror or exc}" + (f"; {hint}" if hint else "") + \
         " (records are written whole or not at all)"
 

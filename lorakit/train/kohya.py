@@ -49,21 +49,15 @@ from filelock import FileLock
 
 from ..config import CHECKOUT_ROOT, resolve_weights
 from ..datasets import export_dataset
-from ..errors import ConfigError, KohyaSetupError
+from ..errors import ConfigError, KohyaSetupError, TrainingError
 from ..ids import check_id, new_ulid
-from ..loras import add_release, find_lora
+from ..loras import add_release
 from ..store import dump_json, now_iso, write_atomic
 from ..workspace import Workspace, as_workspace
-from .config import TrainingError, parse_config_json
-from .manual import (
-    RecordedRun,
-    find_dataset,
-    inspect_weights,
-    is_manifest_path,
-    new_release_id,
-    release_entry,
-    training_block,
-)
+from .config import parse_config_json
+from .inputs import RunInputs, is_manifest_path, resolve_run_inputs
+from .manual import RecordedRun, inspect_weights, release_entry, training_block
+from .settings import BY_NAME, canonical_name
 
 ADAPTER_KIND = "kohya_ss"
 DEFAULT_REPO = "https://github.com/kohya-ss/sd-scripts.git"
@@ -82,11 +76,6 @@ CAPTION_EXTENSION = ".txt"
 DEFAULT_REPEATS = 10
 # Keys of a kohya config that lorakit consumes itself rather than passing to the script (which rejects them).
 LORAKIT_KEYS = ("sdxl", "num_repeats", "class_tokens", "caption_extension")
-# The original tool's config flags, as kohya spells them.
-FLAG_TO_KOHYA = {"resolution": "resolution", "steps": "max_train_steps", "rank": "network_dim",
-                 "lr": "learning_rate", "batch": "train_batch_size", "epochs": "max_train_epochs",
-                 "alpha": "network_alpha", "seed": "seed", "mixed_precision": "mixed_precision",
-                 "save_every_n_epochs": "save_every_n_epochs"}
 KOHYA_MIXED_PRECISION = ("no", "fp16", "bf16")
 # kohya options lorakit fills in when neither the config nor --adapter-args sets them.
 NETWORK_MODULE = "networks.lora"
@@ -529,24 +518,38 @@ def adapter_arg_value(args: Sequence[str], name: str) -> str | None:
     return found
 
 
-def kohya_flag_values(flags: dict | None) -> dict:
-    """The original tool's ``--resolution/--steps/--rank/--lr/--batch/--epochs`` as kohya options.
+def kohya_flag_values(overrides: dict | None) -> dict:
+    """Settings given as flags (by setting name or alias) as kohya options, under the names sd-scripts uses.
 
     >>> kohya_flag_values({"resolution": 512, "rank": 8, "lr": None})
     {'resolution': '512,512', 'network_dim': 8}
     """
     out = {}
-    for flag, value in (flags or {}).items():
+    for flag, value in (overrides or {}).items():
         if value is None:
             continue
-        if flag not in FLAG_TO_KOHYA:
-            raise ConfigError(f"unknown training flag {flag!r} for kohya_ss (known: {', '.join(FLAG_TO_KOHYA)})")
-        if flag == "mixed_precision" and value not in KOHYA_MIXED_PRECISION:
+        setting = BY_NAME.get(canonical_name(flag))
+        if setting is None or setting.kohya is None:
+            known = ", ".join(s.name for s in BY_NAME.values() if s.kohya)
+            raise ConfigError(f"unknown training flag {flag!r} for kohya_ss (known: {known})")
+        if setting.name == "mixed_precision" and value not in KOHYA_MIXED_PRECISION:
             raise ConfigError(f"kohya's mixed_precision is one of {', '.join(KOHYA_MIXED_PRECISION)}, got {value!r}")
-        if flag == "resolution" and isinstance(value, int):
+        if setting.name == "resolution" and isinstance(value, int):
             value = f"{value},{value}"  # kohya reads "W,H" (or a single side) from a string
-        out[FLAG_TO_KOHYA[flag]] = value
+        out[setting.kohya] = value
     return out
+
+
+def kohya_options(config_file: str | Path | None, config: dict | str | None, overrides: dict | None) -> dict:
+    """The kohya options of a run: the kohya config file < ``config`` (a dict or JSON text) < the flags."""
+    options = read_kohya_config(config_file) if config_file else {}
+    if config is not None:
+        layer = parse_config_json(config) if isinstance(config, str) else config
+        if not isinstance(layer, dict):
+            raise ConfigError("--config must be a JSON object of kohya options")
+        options.update(flatten_sections(layer))
+    options.update(kohya_flag_values(overrides))
+    return options
 
 
 @dataclass(frozen=True)
@@ -658,17 +661,6 @@ def plan_kohya_run(
                      output_name=output_name, sdxl=sdxl)
 
 
-def check_dataset_checkpoint(manifest: dict, checkpoint_id: str, force: bool = False) -> None:
-    """A dataset filtered for other checkpoints was curated for another base model: refuse it unless forced.
-
-    >>> check_dataset_checkpoint({"id": "d", "selection": {"checkpoints": ["sd15_base"]}}, "sd15_base")
-    """
-    wanted = list((manifest.get("selection") or {}).get("checkpoints") or [])
-    if wanted and checkpoint_id not in wanted and not force:
-        raise ConfigError(f"dataset {manifest['id']!r} was built for checkpoint(s) {', '.join(wanted)}, but this LoRA "
-                          f"trains on {checkpoint_id!r}; build a dataset for it, or pass --force to train anyway")
-
-
 def kohya_command(plan: KohyaPlan, install: KohyaInstall, accelerate_config: Path | None = None) -> list[str]:
     """The command line of a run: the script from the kohya venv, via ``accelerate launch`` with a config.
 
@@ -727,7 +719,7 @@ def train_kohya(
     notes: str | None = None,
     config_file: str | Path | None = None,
     config: dict | str | None = None,
-    flags: dict | None = None,
+    overrides: dict | None = None,
     adapter_args: str | Sequence[str] | None = None,
     accelerate_config: str | Path | None = None,
     force: bool = False,
@@ -738,7 +730,7 @@ def train_kohya(
     """Train a release with kohya sd-scripts and record it (``lorakit lora train --adapter kohya_ss --run``).
 
     ``config_file`` is a kohya options file (TOML like sd-scripts' ``--config_file``, or JSON); ``config`` (a
-    dict or JSON text) and ``flags`` (``resolution/steps/rank/lr/batch/epochs``) override it, and
+    dict or JSON text) and ``overrides`` (settings given as flags, by setting name) override it, and
     ``adapter_args`` (a JSON array of strings, or a list) are passed last on the command line. lorakit-only
     keys in the config: ``sdxl`` (script choice), ``num_repeats`` (default 10), ``class_tokens``.
 
@@ -752,41 +744,17 @@ def train_kohya(
     >>> result.recorded.release["training"]["adapter"]["commit"]                    # doctest: +SKIP
     """
     ws = as_workspace(ws)
-    echo = sys.stdout if echo is None else echo
-    from ..models import checkpoint_family, get_checkpoint
-
     extra_args = parse_adapter_args(adapter_args)
-    lora, where = find_lora(ws, lora_id, project=project, scope=scope)
     if is_manifest_path(dataset):
         raise ConfigError("--adapter kohya_ss needs a dataset id (it exports the dataset with `lorakit dataset "
                           f"export`), not a manifest file: {dataset}")
-    manifest = find_dataset(ws, dataset, project)
-    checkpoint = get_checkpoint(ws, lora["checkpointId"])
-    family = checkpoint_family(checkpoint)
-    check_dataset_checkpoint(manifest, checkpoint["id"], force)
-    rid = new_release_id(lora, release_id)
-
-    options = read_kohya_config(config_file) if config_file else {}
-    if config is not None:
-        layer = parse_config_json(config) if isinstance(config, str) else config
-        if not isinstance(layer, dict):
-            raise ConfigError("--config must be a JSON object of kohya options")
-        options.update(flatten_sections(layer))
-    options.update(kohya_flag_values(flags))
+    inputs = resolve_run_inputs(ws, lora_id, dataset, adapter=ADAPTER_KIND, project=project, scope=scope,
+                                release_id=release_id, config=config, config_file=config_file, overrides=overrides,
+                                force=force)
     accel = Path(accelerate_config).expanduser().resolve() if accelerate_config else None
     if accel is not None and not accel.is_file():
         raise ConfigError(f"accelerate config {accel} does not exist")
-    # The checkpoint's weights are the base model unless the user names another (a file or a Hub id).
-    model_path = None
-    if "pretrained_model_name_or_path" not in options and \
-            adapter_arg_value(extra_args, "pretrained_model_name_or_path") is None:
-        if "weights" not in checkpoint:
-            raise ConfigError(f"checkpoint {checkpoint['id']!r} has no weights reference to train on")
-        model_path = resolve_weights(checkpoint["weights"], ws.config, what=f"checkpoint {checkpoint['id']}")
-
-    run_dir = ws.config.loras_root / lora["id"] / rid
-    plan = plan_kohya_run(options, extra_args, family=family, model_path=model_path, run_dir=run_dir,
-                          lora_id=lora["id"], dataset_name=check_id(manifest["id"], "dataset id"))
+    plan = _plan(ws, inputs, extra_args)
     install = read_install(root)
     if dry_run:
         shown = install or _placeholder_install(root)
@@ -795,7 +763,32 @@ def train_kohya(
                               description=describe_plan(plan, command, installed=install is not None))
     install = install or require_install(root)
     command = kohya_command(plan, install, accel)
+    _write_run_folder(ws, inputs, plan)
+    started = time.time()
+    _run_script(plan, install, command, started, what=f"{inputs.lora_id}/{inputs.release_id}",
+                echo=sys.stdout if echo is None else echo)
+    recorded = _record_run(ws, inputs, plan, install, accel, started, set_active=set_active, notes=notes)
+    return KohyaRunResult(plan, command, recorded=recorded)
 
+
+def _plan(ws: Workspace, inputs: RunInputs, extra_args: list[str]) -> KohyaPlan:
+    """The run's plan: the base model is the checkpoint's weights unless the options name another (a file or a
+    Hub id)."""
+    checkpoint = inputs.checkpoint
+    model_path = None
+    if "pretrained_model_name_or_path" not in inputs.settings and \
+            adapter_arg_value(extra_args, "pretrained_model_name_or_path") is None:
+        if "weights" not in checkpoint:
+            raise ConfigError(f"checkpoint {checkpoint['id']!r} has no weights reference to train on")
+        model_path = resolve_weights(checkpoint["weights"], ws.config, what=f"checkpoint {checkpoint['id']}")
+    run_dir = ws.config.loras_root / inputs.lora_id / inputs.release_id
+    return plan_kohya_run(inputs.settings, extra_args, family=inputs.family, model_path=model_path, run_dir=run_dir,
+                          lora_id=inputs.lora_id, dataset_name=check_id(inputs.manifest["id"], "dataset id"))
+
+
+def _write_run_folder(ws: Workspace, inputs: RunInputs, plan: KohyaPlan) -> None:
+    """The exported dataset and both TOML files, in a run folder that must not hold an earlier run."""
+    run_dir, rid, manifest = plan.run_dir, inputs.release_id, inputs.manifest
     if run_dir.exists() and any(run_dir.iterdir()):
         raise TrainingError(f"run folder {run_dir} already exists (an earlier run of release {rid}?); "
                             "remove it or pick another --release")
@@ -806,11 +799,14 @@ def train_kohya(
     header = (f"kohya dataset config written by lorakit for dataset {manifest['id']} "
               f"(manifest {manifest.get('manifestHash', '')[:12]}), release {rid}")
     plan.dataset_toml_path.write_text(dump_toml(plan.dataset_toml, header), encoding="utf-8")
-    plan.args_toml_path.write_text(dump_toml(plan.args, f"kohya options written by lorakit for {lora['id']}/{rid}"),
+    plan.args_toml_path.write_text(dump_toml(plan.args, f"kohya options written by lorakit for {inputs.lora_id}/{rid}"),
                                    encoding="utf-8")
 
-    started = time.time()
-    echo.write(f"training {lora['id']}/{rid} with kohya sd-scripts {install.ref} ({install.commit[:12]}); "
+
+def _run_script(plan: KohyaPlan, install: KohyaInstall, command: list[str], started: float, *, what: str,
+                echo: IO[str]) -> None:
+    """Run kohya's script with its output in the log (and on ``echo``); a failure or a missing file records nothing."""
+    echo.write(f"training {what} with kohya sd-scripts {install.ref} ({install.commit[:12]}); "
                f"log: {plan.log_path}\n$ {shlex.join(command)}\n")
     echo.flush()
     with open(plan.log_path, "wb") as log:
@@ -822,20 +818,24 @@ def train_kohya(
         raise TrainingError(f"kohya {plan.script} finished but did not write {weights}; nothing was recorded; "
                             f"log: {plan.log_path}")
 
+
+def _record_run(ws: Workspace, inputs: RunInputs, plan: KohyaPlan, install: KohyaInstall, accel: Path | None,
+                started: float, *, set_active: bool, notes: str | None) -> RecordedRun:
+    """The candidate release of a finished kohya run."""
+    weights = plan.weights_path
     digest, summary = inspect_weights(weights, None)
     adapter = {"kind": ADAPTER_KIND, "repo": install.repo, "ref": install.ref, "commit": install.commit,
                "script": plan.script, "adapterArgs": list(plan.adapter_args)}
     if accel is not None:
         adapter["accelerateConfig"] = str(accel)
-    training = training_block(adapter, manifest, plan.args, checkpoint_id=checkpoint["id"], weights_metadata=summary)
-    training["checkpointFamily"] = family
+    training = training_block(adapter, inputs, plan.args, weights_metadata=summary)
+    training["checkpointFamily"] = inputs.family
     training["durationS"] = round(time.time() - started, 3)
-    training["log"] = f"{lora['id']}/{rid}/{plan.log_path.name}"
-    release = release_entry(rid, weights=weights_reference_for(weights, ws.config.loras_root), sha256=digest,
-                            training=training, notes=notes)
-    updated = add_release(ws, lora["id"], release, project=where, set_active=set_active)
-    recorded = RecordedRun(lora=updated, release=release, lora_project=where, weights_path=weights)
-    return KohyaRunResult(plan, command, recorded=recorded)
+    training["log"] = f"{inputs.lora_id}/{inputs.release_id}/{plan.log_path.name}"
+    release = release_entry(inputs.release_id, weights=weights_reference_for(weights, ws.config.loras_root),
+                            sha256=digest, training=training, notes=notes)
+    updated = add_release(ws, inputs.lora_id, release, project=inputs.lora_project, set_active=set_active)
+    return RecordedRun(lora=updated, release=release, lora_project=inputs.lora_project, weights_path=weights)
 
 
 def _placeholder_install(root: str | Path | None) -> KohyaInstall:

@@ -8,30 +8,26 @@ review gate treats them all alike.
 When the weights file is reachable from this machine lorakit hashes it itself (a ``--sha256`` that disagrees
 is refused) and reads the rank, alpha and base model from the kohya ``ss_*`` metadata in its header.
 
-The pieces the kohya adapter shares live here too: finding the dataset, the dataset reference, reading a
-safetensors header, and turning a weights file into a release.
+The pieces the kohya adapter shares live here too: reading a safetensors header and turning a weights file
+into a release. Finding the LoRA, the dataset and the checkpoint is :func:`lorakit.train.inputs.resolve_run_inputs`.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..config import ROOT_NAMES, WEIGHT_KINDS, Config, resolve_weights
-from ..datasets import load_manifest, manifest_hash
-from ..errors import ConfigError, RecordError, RecordNotFoundError
+from ..errors import ConfigError, TrainingError
 from ..hashing import file_sha256, safetensors_header
-from ..ids import check_id, new_ulid
-from ..loras import add_release, find_lora, get_release, make_release
+from ..loras import add_release, make_release
 from ..workspace import Workspace, as_workspace
-from .config import TrainingError, parse_config_json, read_config_file
+from .inputs import RunInputs, release_dataset_fields, resolve_run_inputs
+from .inputs import dataset_reference as _dataset_reference
+from .settings import canonical_name
 
 ADAPTER_KIND = "manual"
-# The original tool's config flags, by the names the native trainer's config uses for them.
-CONFIG_FLAGS = {"resolution": "resolution", "steps": "steps", "rank": "rank", "lr": "lr", "batch": "batch_size",
-                "epochs": "epochs"}
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 # A safetensors header is JSON of a few KB to a few MB; anything far larger is not a safetensors file.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -93,11 +89,11 @@ def check_sha256(value: str | None, what: str = "--sha256") -> str | None:
     return value.strip().lower()
 
 
-def manual_config(config_file: dict | None = None, config: dict | None = None, flags: dict | None = None) -> dict:
+def manual_config(config_file: dict | None = None, config: dict | None = None, overrides: dict | None = None) -> dict:
     """The config a manual release records: the config file, then ``--config``, then the flags, later winning.
 
     Kept as given (no defaults filled in): lorakit did not run the training, so it only records what it was told.
-    Flags use the original tool's names (``--batch``) and are stored under the native trainer's (``batch_size``).
+    Flags are stored under the setting's name (``--batch`` as ``batch_size``).
 
     >>> manual_config({"rank": 8, "optimizer": "prodigy"}, None, {"rank": 16, "lr": None, "batch": 2})
     {'rank': 16, 'optimizer': 'prodigy', 'batch_size': 2}
@@ -109,9 +105,9 @@ def manual_config(config_file: dict | None = None, config: dict | None = None, f
         if not isinstance(layer, dict):
             raise TrainingError(f"{source}: a training config must be a JSON object, got {type(layer).__name__}")
         merged.update(layer)
-    for flag, value in (flags or {}).items():
+    for flag, value in (overrides or {}).items():
         if value is not None:
-            merged[CONFIG_FLAGS.get(flag, flag)] = value
+            merged[canonical_name(flag)] = value
     return merged
 
 
@@ -121,11 +117,7 @@ def dataset_reference(manifest: dict) -> dict:
     >>> dataset_reference({"id": "d1", "scope": "project", "projectId": "demo", "manifestHash": "ab", "items": []})
     {'datasetId': 'd1', 'datasetScope': 'project', 'datasetProjectId': 'demo', 'manifestHash': 'ab'}
     """
-    return {
-        "datasetId": manifest["id"], "datasetScope": manifest.get("scope", "project"),
-        "datasetProjectId": manifest.get("projectId"),
-        "manifestHash": manifest.get("manifestHash") or manifest_hash(manifest.get("items", [])),
-    }
+    return release_dataset_fields(_dataset_reference(manifest, None))
 
 
 def weights_summary(metadata: dict[str, str]) -> dict:
@@ -160,17 +152,15 @@ def weights_summary(metadata: dict[str, str]) -> dict:
     return summary
 
 
-def training_block(adapter: dict, manifest: dict, config: dict, *, checkpoint_id: str | None = None,
-                   weights_metadata: dict | None = None) -> dict:
+def training_block(adapter: dict, inputs: RunInputs, config: dict, *, weights_metadata: dict | None = None) -> dict:
     """The ``training`` object of a release: adapter, dataset reference, the dataset's selection, the config.
 
     Field names follow the native trainer's releases (``datasetId``, ``manifestHash``, ``config`` ...), so the
     review gate and reports read every release the same way; ``adapter.kind`` says what trained it.
     """
-    block = {"adapter": adapter, **dataset_reference(manifest), "selection": manifest.get("selection", {})}
-    if checkpoint_id:
-        block["checkpointId"] = checkpoint_id
-    block["config"] = config
+    block = {"adapter": adapter, **release_dataset_fields(inputs.dataset),
+             "selection": inputs.manifest.get("selection", {}), "checkpointId": inputs.checkpoint["id"],
+             "config": config}
     if weights_metadata:
         block["weightsMetadata"] = weights_metadata
     return block
@@ -199,44 +189,6 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str] | None:
         return None
     metadata = header.get("__metadata__") or {}
     return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else None
-
-
-def is_manifest_path(dataset: str | Path) -> bool:
-    """A ``--dataset`` value that names a manifest file rather than a dataset id (as the original tool allowed)."""
-    text = str(dataset)
-    return text.endswith(".json") or "/" in text or os.sep in text
-
-
-def find_dataset(ws: Workspace, dataset: str | Path, project: str | None) -> dict:
-    """The manifest ``dataset``: an id (the project's own dataset first, then the shared one) or a manifest file.
-
-    A relative manifest path is tried against the data root, then the working directory.
-    """
-    text = str(dataset)
-    if is_manifest_path(text):
-        path = Path(text)
-        if not path.is_absolute():
-            path = ws.data_root / text if (ws.data_root / text).exists() else Path.cwd() / text
-        return ws.store.read_path(path, "dataset", missing=f"dataset manifest file {text} does not exist")
-    check_id(text, "dataset id")
-    if project is not None and ws.store.exists("dataset", text, project):
-        return load_manifest(ws, text, project)
-    if ws.store.exists("dataset", text, None):
-        return load_manifest(ws, text, None)
-    where = f"project {project!r} nor the shared scope" if project else "the shared scope (give --project for a project dataset)"
-    raise RecordNotFoundError(f"dataset {text!r} not found in {where}; build it with `lorakit dataset build`")
-
-
-def new_release_id(lora: dict, release_id: str | None) -> str:
-    """``release_id`` (checked, and not taken yet) or a new ULID."""
-    if release_id is None:
-        return new_ulid()
-    check_id(release_id, "release id")
-    try:
-        get_release(lora, release_id)
-    except RecordNotFoundError:
-        return release_id
-    raise RecordError(f"LoRA {lora['id']!r} already has a release {release_id!r}; pick another --release")
 
 
 def reachable_weights(ref: dict, config: Config) -> Path | None:
@@ -279,45 +231,52 @@ def record_manual_run(
     notes: str | None = None,
     config: dict | str | None = None,
     config_file: str | Path | None = None,
-    flags: dict | None = None,
+    overrides: dict | None = None,
+    force: bool = False,
     dry_run: bool = False,
 ) -> RecordedRun:
     """Append a ``candidate`` release for weights trained elsewhere (``lorakit lora train --adapter manual``).
 
-    ``dataset`` is a dataset id or a manifest file path. ``flags`` holds the original tool's ``resolution/steps/rank/lr/batch/epochs`` (``None`` = not given); they
-    win over ``config`` (a dict or JSON text), which wins over ``config_file`` (a JSON file). ``dry_run`` checks
+    ``dataset`` is a dataset id or a manifest file path; one built for another checkpoint is refused unless
+    ``force``. ``overrides`` holds settings given as flags, by setting name (``None`` = not given); they win
+    over ``config`` (a dict or JSON text), which wins over ``config_file`` (a JSON file). ``dry_run`` checks
     and hashes everything and returns the release without recording it.
 
     >>> run = record_manual_run(ws, "hero", "hero_v1", project="demo", weights_kind="config_relative",
     ...                         weights_base="lorasRoot", weights_path="hero/hero_v1.safetensors",
-    ...                         flags={"rank": 16, "steps": 2000})            # doctest: +SKIP
-    >>> run.release["training"]["weightsMetadata"]                            # doctest: +SKIP
+    ...                         overrides={"rank": 16, "steps": 2000})            # doctest: +SKIP
+    >>> run.release["training"]["weightsMetadata"]                                # doctest: +SKIP
     {'rank': 16, 'alpha': 8.0, 'baseModel': 'v1-5-pruned.safetensors', 'baseModelVersion': 'sd_v1'}
     """
     ws = as_workspace(ws)
-    lora, where = find_lora(ws, lora_id, project=project, scope=scope)
-    manifest = find_dataset(ws, dataset, project)
     ref = weights_reference(weights_kind, base=weights_base, path=weights_path, uri=weights_uri)
     given = check_sha256(sha256)
-    cfg = manual_config(read_config_file(config_file) if config_file else None,
-                        parse_config_json(config) if isinstance(config, str) else config, flags)
-    rid = new_release_id(lora, release_id)
+    inputs = resolve_run_inputs(ws, lora_id, dataset, adapter=ADAPTER_KIND, project=project, scope=scope,
+                                release_id=release_id, config=config, config_file=config_file, overrides=overrides,
+                                force=force)
+    return record_weights(ws, inputs, ref, given, set_active=set_active, notes=notes, dry_run=dry_run)
 
+
+def record_weights(ws: Workspace, inputs: RunInputs, ref: dict, given_sha256: str | None, *, set_active: bool,
+                   notes: str | None, dry_run: bool) -> RecordedRun:
+    """Hash and inspect the weights when they are on this machine, then append the release (unless ``dry_run``)."""
+    cfg = inputs.settings
     warnings = []
     path = reachable_weights(ref, ws.config)
     summary: dict = {}
     if path is not None:
-        digest, summary = inspect_weights(path, given)
+        digest, summary = inspect_weights(path, given_sha256)
         if summary.get("rank") is not None and cfg.get("rank") not in (None, summary["rank"]):
             warnings.append(f"config says rank {cfg['rank']} but {path.name} was trained with rank {summary['rank']}")
     else:
-        digest = given
+        digest = given_sha256
         shown = ref.get("uri") or ref.get("path")
         warnings.append(f"weights {shown} are not on this machine: recorded without checking "
-                        + ("the given sha256" if given else "a hash (pass --sha256 to record one)"))
+                        + ("the given sha256" if given_sha256 else "a hash (pass --sha256 to record one)"))
 
-    training = training_block({"kind": ADAPTER_KIND}, manifest, cfg, checkpoint_id=lora.get("checkpointId"),
-                              weights_metadata=summary)
-    release = release_entry(rid, weights=ref, sha256=digest, training=training, notes=notes)
-    updated = lora if dry_run else add_release(ws, lora["id"], release, project=where, set_active=set_active)
-    return RecordedRun(lora=updated, release=release, lora_project=where, weights_path=path, warnings=warnings)
+    training = training_block({"kind": ADAPTER_KIND}, inputs, cfg, weights_metadata=summary)
+    release = release_entry(inputs.release_id, weights=ref, sha256=digest, training=training, notes=notes)
+    lora = inputs.lora if dry_run else add_release(ws, inputs.lora_id, release, project=inputs.lora_project,
+                                                   set_active=set_active)
+    return RecordedRun(lora=lora, release=release, lora_project=inputs.lora_project, weights_path=path,
+                       warnings=warnings)

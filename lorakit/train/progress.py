@@ -1,17 +1,60 @@
-"""What a run shows and leaves behind about its progress: the per-step CSV log and the loss plot."""
+"""What a run shows and leaves behind about its progress.
+
+The recipe reports each optimizer step once, as a :class:`StepReport`, to every :class:`StepCallback` it was
+given. The CSV log (:class:`LossLog`), the terminal's progress bar (:class:`ProgressBar`) and the wizard's
+progress bar are such callbacks; none of them reads another's output.
+"""
 
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 LOG_NAME = "train_log.csv"
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "elapsed_s")
 
 
+@dataclass(frozen=True)
+class StepReport:
+    """One finished optimizer step: ``step`` counts from 1 up to ``total``; ``epoch`` from 1."""
+
+    step: int
+    total: int
+    epoch: int
+    loss: float
+    lr: float
+    elapsed_s: float
+
+
+class StepCallback(Protocol):
+    """Anything called with each :class:`StepReport` of a run (a function will do)."""
+
+    def __call__(self, report: StepReport) -> None: ...
+
+
+class ProgressBar:
+    """The terminal's progress bar (tqdm) as a step callback."""
+
+    def __init__(self, total: int, initial: int, description: str, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, initial=initial, desc=description, unit="step", disable=not enabled,
+                         dynamic_ncols=True)
+
+    def __call__(self, report: StepReport) -> None:
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.lr:.2e}", refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 class LossLog:
     """``train_log.csv`` next to the weights: one row per optimizer step, flushed as it is written, so a
-    killed run leaves a readable log. Reopening for a resumed run drops the rows after the resumed step."""
+    killed run leaves a readable log. Reopening for a resumed run drops the rows after the resumed step.
+    As a step callback it writes the report's row."""
 
     def __init__(self, path: str | Path, resume_from_step: int = 0):
         self.path = Path(path)
@@ -22,6 +65,9 @@ class LossLog:
         self._handle.write(",".join(LOG_COLUMNS) + "\n")
         for r in kept:
             self.write(r["step"], r["epoch"], r["loss"], r["lr"], r["elapsed_s"])
+
+    def __call__(self, report: StepReport) -> None:
+        self.write(report.step, report.epoch, report.loss, report.lr, report.elapsed_s)
 
     def write(self, step: int, epoch: int, loss: float, lr: float, elapsed_s: float) -> None:
         self._handle.write(f"{step},{epoch},{loss:.8g},{lr:.8g},{elapsed_s:.4f}\n")

@@ -1,12 +1,18 @@
-"""The native LoRA trainer: one recipe, read top to bottom.
+"""The native LoRA trainer: one recipe, read top to bottom as named phases.
 
-    dataset manifest -> checked images -> aspect-ratio buckets -> VAE latents (cached in memory and on disk)
-    -> text embeddings (cached when nothing about them changes) -> LoRA (peft) on the UNet's attention
-    projections [+ text encoders, + convolutions] -> accelerate loop -> kohya .safetensors -> candidate release
+    plan_training()      the LoRA, dataset and checkpoint (resolve_run_inputs), checked images, buckets, the
+                         step plan and the resume checks, as one frozen TrainingPlan; no model is loaded
+    _start_run()         accelerate, dtypes, the checkpoint hash, run.json
+    _setup_model()       the frozen base model and the peft LoRA adapters
+    TrainingData         the latent and text-embedding caches and how a batch is assembled
+    _setup_optimizer()   optimizer, learning-rate schedule, accelerate, a resumed state
+    loss_step()          noise, timesteps, target and min-SNR weighting for one micro-batch
+    _train_loop()        the steps, with the step callbacks, saved states, epoch files and samples
+    _save_and_record()   the kohya .safetensors file, then (and only then) the candidate release
 
-:func:`train_lora` is the whole recipe; the steps it takes are the numbered sections below. The parts it
-uses are small plain modules: ``config`` (presets and precedence), ``data`` (files, buckets, captions, the
-latent cache), ``kohya_format`` (file layout and metadata) and ``progress`` (CSV log, loss plot).
+:func:`train_lora` runs them in that order. The parts the phases use are small plain modules: ``settings``
+and ``config`` (the settings and their precedence), ``data`` (files, buckets, captions, the latent cache),
+``kohya_format`` (file layout and metadata) and ``progress`` (the step callbacks, CSV log, loss plot).
 
 Reproducibility: every random draw of a step (noise, timesteps, caption shuffle and dropout) comes from a
 generator seeded by ``(seed, step, micro-batch, process)``, and the batch order of an epoch from
@@ -31,15 +37,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..errors import DatasetError, RecordError
-from ..ids import check_id, given_or_new_id
+from ..errors import TrainingError
+from ..ids import check_id
 from ..loras import add_release, find_lora, make_release
 from ..store import now_iso, write_atomic
 from ..workspace import Workspace, as_workspace
-from .config import TrainingError, numeric_config_diff, resolve_config
-from .data import check_items, epoch_batches, make_buckets, padded_batches, pick_bucket
-from .progress import LOG_NAME
+from .config import numeric_config_diff, resolve_config
+from .data import TrainItem, check_items, epoch_batches, make_buckets, padded_batches, pick_bucket, step_seed
+from .inputs import RunInputs, release_dataset_fields, resolve_run_inputs
+from .progress import LOG_NAME, StepCallback, StepReport
 
 RUN_FILE = "run.json"
 STATE_FILE = "state.pt"
@@ -68,7 +76,7 @@ def train_lora(
     *,
     project: str | None = None,
     scope: str | None = None,
-    release: str | None = None,
+    release_id: str | None = None,
     set_active: bool = False,
     notes: str | None = None,
     preset: str | None = None,
@@ -80,6 +88,7 @@ def train_lora(
     resume: bool | str = False,
     cpu: bool = False,
     progress: bool = True,
+    on_step: StepCallback | None = None,
 ) -> TrainResult:
     """Train a LoRA release on a dataset manifest and append it to the LoRA record as a ``candidate``.
 
@@ -89,448 +98,753 @@ def train_lora(
     ``config_file`` < ``config`` < ``overrides`` (see :func:`lorakit.train.resolve_config`). ``dry_run``
     checks everything and returns the plan without loading a model. ``resume=True`` continues the latest
     interrupted run of this LoRA (or ``resume="<release id>"`` that one) with its stored config and dataset.
+    ``on_step`` is called with a :class:`~lorakit.train.progress.StepReport` after every optimizer step.
 
     >>> result = train_lora(ws, "hero", "hero_v1", project="demo", preset="sd15-style", set_active=True)  # doctest: +SKIP
     >>> result.weights_path                                                                            # doctest: +SKIP
     PosixPath('/models/loras/hero/01J.../hero.safetensors')
     """
     ws = as_workspace(ws)
+    resumed = find_resumed_run(ws, lora, resume, project=project, scope=scope) if resume else None
+    if resumed is not None and resumed.recorded is not None:
+        return _finish_recorded_run(resumed)
+    training = plan_training(ws, lora, dataset, project=project, scope=scope, release_id=release_id, set_active=set_active,
+                    notes=notes, preset=preset, config=config, config_file=config_file, overrides=overrides,
+                    force=force, resumed=resumed)
+    if dry_run:
+        return TrainResult(training.lora_id, training.release_id, training.out_dir, plan=training.describe())
+    return run_plan(ws, training, cpu=cpu, progress=progress, on_step=on_step)
 
-    # ---- 1. Records: the LoRA, its checkpoint, the dataset, the config -----------------------------------
-    from ..models import checkpoint_family, get_checkpoint
 
-    check_id(lora, "LoRA id")
-    runs_root = ws.config.loras_root / lora
-    previous_run = _find_run(runs_root, resume) if resume else None
-    if previous_run and project is None and scope is None:
-        project = previous_run.get("loraProject")
-    lora_record, lora_project = find_lora(ws, lora, project=project, scope=scope)
-    lora_id = lora_record["id"]
-    if previous_run:
-        recorded = next((r for r in lora_record.get("releases", []) if r.get("id") == previous_run["releaseId"]), None)
-        if recorded is not None:
-            # Killed after the release was recorded but before run.json said so: the file on the record is the
-            # result. Training again would overwrite it and break its sha256, so only the bookkeeping is left.
-            return _finish_recorded_run(runs_root / previous_run["releaseId"], lora_id, previous_run, recorded)
-    checkpoint = get_checkpoint(ws, lora_record["checkpointId"])
-    family = checkpoint_family(checkpoint)
-    if previous_run:
-        # A resumed run uses what the interrupted one stored: same dataset, config and release id. A manifest
-        # path in run.json (a file anyone may have edited) must lie inside the data root.
-        stored_path = previous_run["dataset"]["path"]
-        if stored_path:
-            ws.store.file_path(stored_path, what=f"run {previous_run['releaseId']} dataset path (run.json)")
-        dataset = stored_path or previous_run["dataset"]["id"]
-        project = previous_run["dataset"]["projectId"] or project
-        release = previous_run["releaseId"]
-        notes = notes if notes is not None else previous_run.get("notes")
-        set_active = set_active or previous_run.get("setActive", False)
-        preset = previous_run.get("preset")
-    if dataset is None:
-        raise TrainingError("give a dataset (--dataset ID or a manifest path)")
-    manifest, dataset_ref = _load_manifest(ws, dataset, project)
-    _check_dataset_checkpoint(manifest, lora_record["checkpointId"], force)
-    if previous_run:
-        cfg = previous_run["config"]
-        if previous_run["dataset"]["manifestHash"] != dataset_ref["manifestHash"]:
-            raise TrainingError(f"cannot resume {release}: dataset {dataset_ref['id']!r} changed since the run started")
-        if any(v is not None for v in (config, config_file)) or any(v is not None for v in (overrides or {}).values()):
-            asked = resolve_config(family, preset=preset, config_file=config_file, config=config,
-                                   overrides=overrides, force=force)
-            changed = numeric_config_diff(asked, cfg)
-            if changed:
-                raise TrainingError(f"cannot resume {release} with different settings ({', '.join(changed)}); "
-                                    "resume without them, or start a new run")
+def run_plan(ws: Workspace | str | Path | None, training: TrainingPlan, *, cpu: bool = False, progress: bool = True,
+             on_step: StepCallback | None = None) -> TrainResult:
+    """Train what :func:`plan_training` decided: every phase after the plan, in order."""
+    ws = as_workspace(ws)
+    run = _start_run(ws, training, cpu)
+    model = _setup_model(ws, training, run)
+    data = TrainingData(ws, training, run, model)
+    optim = _setup_optimizer(training, run, model)
+    step, loss = _train_loop(training, run, model, data, optim, progress=progress, on_step=on_step)
+    return _save_and_record(ws, training, run, model, optim, step, loss)
+
+
+# ---- phase 1: the plan ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResumedRun:
+    """An interrupted run to continue: its ``run.json``, and its release when that was recorded already."""
+
+    run: dict
+    out_dir: Path
+    recorded: dict | None = None
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Everything decided before a model is loaded. :meth:`describe` is what ``--dry-run`` prints."""
+
+    inputs: RunInputs
+    items: tuple[TrainItem, ...]
+    buckets: tuple[tuple[int, int], ...]
+    world_size: int
+    steps_per_epoch: int
+    total_steps: int
+    num_epochs: int
+    out_dir: Path
+    preset: str | None
+    notes: str | None
+    set_active: bool
+    resumed: dict | None = None
+
+    @property
+    def cfg(self) -> dict:
+        return self.inputs.settings
+
+    @property
+    def lora_id(self) -> str:
+        return self.inputs.lora_id
+
+    @property
+    def release_id(self) -> str:
+        return self.inputs.release_id
+
+    @property
+    def weights_path(self) -> Path:
+        return self.out_dir / f"{self.lora_id}.safetensors"
+
+    @property
+    def micro_per_step(self) -> int:
+        """Micro-batches one optimizer step takes, over all processes."""
+        return self.cfg["gradient_accumulation_steps"] * self.world_size
+
+    def describe(self) -> dict:
+        i = self.inputs
+        return {
+            "lora": i.lora_id, "loraProject": i.lora_project, "release": i.release_id, "checkpoint": i.checkpoint["id"],
+            "family": i.family, "dataset": i.dataset, "images": len(self.items), "buckets": _bucket_counts(self.buckets),
+            "stepsPerEpoch": self.steps_per_epoch, "steps": self.total_steps, "epochs": self.num_epochs,
+            "worldSize": self.world_size, "weights": str(self.weights_path), "config": i.settings,
+            "resumeFrom": self.resumed["step"] if self.resumed else None,
+        }
+
+
+def plan_training(
+    ws: Workspace | str | Path | None,
+    lora: str,
+    dataset: str | Path | None = None,
+    *,
+    project: str | None = None,
+    scope: str | None = None,
+    release_id: str | None = None,
+    set_active: bool = False,
+    notes: str | None = None,
+    preset: str | None = None,
+    config: dict | str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict | None = None,
+    force: bool = False,
+    resume: bool | str = False,
+    resumed: ResumedRun | None = None,
+) -> TrainingPlan:
+    """Check everything a run needs and decide its steps, without loading a model (the arguments are
+    :func:`train_lora`'s). A resumed run takes its dataset, config and release id from its ``run.json``."""
+    ws = as_workspace(ws)
+    if resume and resumed is None:
+        resumed = find_resumed_run(ws, lora, resume, project=project, scope=scope)
+    if resumed is not None:
+        if resumed.recorded is not None:
+            raise TrainingError(f"run {resumed.run['releaseId']} is recorded already; `lorakit lora train --lora "
+                                f"{lora} --resume {resumed.run['releaseId']}` finishes its bookkeeping")
+        inputs = _resumed_inputs(ws, resumed.run, scope=scope, preset=preset, config=config, config_file=config_file,
+                                 overrides=overrides, force=force)
+        notes = notes if notes is not None else resumed.run.get("notes")
+        set_active = set_active or resumed.run.get("setActive", False)
+        preset = resumed.run.get("preset")
     else:
-        cfg = resolve_config(family, preset=preset, config_file=config_file, config=config, overrides=overrides,
-                             force=force)
-    release_id = given_or_new_id(release, "release id")
-    if not previous_run and any(r.get("id") == release_id for r in lora_record.get("releases", [])):
-        raise RecordError(f"LoRA {lora_id!r} already has a release {release_id!r}")
-    out_dir = runs_root / release_id
-    weights_path = out_dir / f"{lora_id}.safetensors"
-
-    # ---- 2. Data: every image must exist and match the manifest, before anything is loaded -------------------
-    items = check_items(ws.store, manifest["items"])
-    buckets_available = make_buckets(cfg["resolution"], cfg["bucket_step"], cfg["bucket_min_side"], cfg["bucket_max_side"])
-    item_buckets = [pick_bucket(it.width, it.height, buckets_available, no_upscale=cfg["bucket_no_upscale"],
-                                step=cfg["bucket_step"]) for it in items]
-
-    # ---- 3. The distributed setup and the step plan -----------------------------------------------------------
+        inputs = resolve_run_inputs(ws, lora, dataset, project=project, scope=scope, release_id=release_id,
+                                    preset=preset, config=config, config_file=config_file, overrides=overrides,
+                                    force=force)
+    cfg = inputs.settings
+    # Every image must exist and match the manifest before anything is loaded.
+    items = check_items(ws.store, inputs.manifest["items"])
+    available = make_buckets(cfg["resolution"], cfg["bucket_step"], cfg["bucket_min_side"], cfg["bucket_max_side"])
+    buckets = [pick_bucket(it.width, it.height, available, no_upscale=cfg["bucket_no_upscale"], step=cfg["bucket_step"])
+               for it in items]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     micro_per_step = cfg["gradient_accumulation_steps"] * world_size
-    batches_per_epoch = len(padded_batches(epoch_batches(item_buckets, cfg["batch_size"], cfg["repeats"], cfg["seed"], 0),
+    batches_per_epoch = len(padded_batches(epoch_batches(buckets, cfg["batch_size"], cfg["repeats"], cfg["seed"], 0),
                                            micro_per_step))
     steps_per_epoch = batches_per_epoch // micro_per_step
     total_steps = cfg["steps"] or cfg["epochs"] * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    plan = {
-        "lora": lora_id, "loraProject": lora_project, "release": release_id, "checkpoint": checkpoint["id"],
-        "family": family, "dataset": dataset_ref, "images": len(items),
-        "buckets": _bucket_counts(item_buckets), "stepsPerEpoch": steps_per_epoch, "steps": total_steps,
-        "epochs": num_epochs, "worldSize": world_size, "weights": str(weights_path), "config": cfg,
-        "resumeFrom": previous_run["step"] if previous_run else None,
-    }
-    if dry_run:
-        return TrainResult(lora_id, release_id, out_dir, plan=plan)
+    return TrainingPlan(
+        inputs=inputs, items=tuple(items), buckets=tuple(buckets), world_size=world_size,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, num_epochs=math.ceil(total_steps / steps_per_epoch),
+        out_dir=ws.config.loras_root / inputs.lora_id / inputs.release_id, preset=preset, notes=notes,
+        set_active=set_active, resumed=resumed.run if resumed else None,
+    )
 
+
+def find_resumed_run(ws: Workspace, lora: str, resume: bool | str, *, project: str | None,
+                     scope: str | None) -> ResumedRun:
+    """The run ``resume`` names (a release id, or ``True``/``"latest"``: the newest interrupted one)."""
+    check_id(lora, "LoRA id")
+    runs_root = ws.config.loras_root / lora
+    run = _find_run(runs_root, resume)
+    lora_record, _ = find_lora(ws, lora, project=project or run.get("loraProject"), scope=scope)
+    recorded = next((r for r in lora_record.get("releases", []) if r.get("id") == run["releaseId"]), None)
+    # Killed after the release was recorded but before run.json said so: the file on the record is the result.
+    # Training again would overwrite it and break its sha256, so only the bookkeeping is left.
+    return ResumedRun(run=run, out_dir=runs_root / run["releaseId"], recorded=recorded)
+
+
+def _resumed_inputs(ws: Workspace, run: dict, *, scope: str | None, preset: str | None, config: dict | str | None,
+                    config_file: str | Path | None, overrides: dict | None, force: bool) -> RunInputs:
+    """The inputs of a resumed run: what the interrupted one stored. Settings asked for now must match."""
+    stored_path = run["dataset"]["path"]
+    if stored_path:
+        # A manifest path in run.json (a file anyone may have edited) must lie inside the data root.
+        ws.store.file_path(stored_path, what=f"run {run['releaseId']} dataset path (run.json)")
+    release = run["releaseId"]
+    inputs = resolve_run_inputs(ws, run["loraId"], stored_path or run["dataset"]["id"],
+                                project=run["dataset"]["projectId"] or run.get("loraProject"), scope=scope,
+                                release_id=release, force=force, settings=run["config"], resuming=True)
+    if run["dataset"]["manifestHash"] != inputs.dataset["manifestHash"]:
+        raise TrainingError(f"cannot resume {release}: dataset {inputs.dataset['id']!r} changed since the run started")
+    if any(v is not None for v in (config, config_file)) or any(v is not None for v in (overrides or {}).values()):
+        asked = resolve_config(inputs.family, preset=run.get("preset"), config_file=config_file, config=config,
+                               overrides=overrides, force=force)
+        changed = numeric_config_diff(asked, run["config"])
+        if changed:
+            raise TrainingError(f"cannot resume {release} with different settings ({', '.join(changed)}); "
+                                "resume without them, or start a new run")
+    return inputs
+
+
+# ---- phase 2: the run's place and processes ---------------------------------------------------------------------
+@dataclass
+class RunContext:
+    """The accelerator and what follows from it for this process, plus the run's fixed facts."""
+
+    accelerator: Any
+    weight_dtype: Any
+    vae_dtype: Any
+    checkpoint_hash: str
+    started_at: float
+
+    @property
+    def device(self) -> Any:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+
+def _start_run(ws: Workspace, training: TrainingPlan, cpu: bool) -> RunContext:
+    """Accelerate, the dtypes, the checkpoint's weights hash and the run folder's ``run.json``."""
     import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import compute_snr
-    from peft import LoraConfig
-    from tqdm.auto import tqdm
 
-    from ..models import checkpoint_weights_hash, load_pipeline
-    from . import kohya_format
-    from .data import LatentCache, caption_for_step, latent_cache_key, load_pixels, step_seed
-    from .progress import LossLog
+    from ..models import checkpoint_weights_hash
 
+    cfg, inputs, resumed = training.cfg, training.inputs, training.resumed
     accelerator = _make_accelerator(cfg, cpu)
-    device, rank, is_main = accelerator.device, accelerator.process_index, accelerator.is_main_process
-    if accelerator.num_processes != world_size:
-        raise TrainingError(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE is {world_size}")
-    mixed_precision = accelerator.mixed_precision
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-    vae_dtype = torch.float32 if cfg["vae_fp32"] else weight_dtype
+    if accelerator.num_processes != training.world_size:
+        raise TrainingError(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE is "
+                            f"{training.world_size}")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # The main process hashes the weights (and records the hash) first; the others then read the recorded one.
-    if is_main:
-        checkpoint_hash = checkpoint_weights_hash(ws, checkpoint)
+    if accelerator.is_main_process:
+        checkpoint_hash = checkpoint_weights_hash(ws, inputs.checkpoint)
     accelerator.wait_for_everyone()
-    if not is_main:
-        checkpoint_hash = checkpoint_weights_hash(ws, checkpoint["id"])
-    started_at = time.time()
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_run(out_dir, {
-            "releaseId": release_id, "loraId": lora_id, "loraProject": lora_project, "status": "running",
-            "step": previous_run["step"] if previous_run else 0, "config": cfg, "dataset": dataset_ref,
-            "checkpointId": checkpoint["id"], "worldSize": world_size, "notes": notes, "setActive": set_active,
-            "preset": preset,
-            "startedAt": previous_run["startedAt"] if previous_run else now_iso(),
+    if not accelerator.is_main_process:
+        checkpoint_hash = checkpoint_weights_hash(ws, inputs.checkpoint["id"])
+    run = RunContext(accelerator, weight_dtype, torch.float32 if cfg["vae_fp32"] else weight_dtype, checkpoint_hash,
+                     time.time())
+    if run.is_main:
+        training.out_dir.mkdir(parents=True, exist_ok=True)
+        _write_run(training.out_dir, {
+            "releaseId": inputs.release_id, "loraId": inputs.lora_id, "loraProject": inputs.lora_project,
+            "status": "running", "step": resumed["step"] if resumed else 0, "config": cfg, "dataset": inputs.dataset,
+            "checkpointId": inputs.checkpoint["id"], "worldSize": training.world_size, "notes": training.notes,
+            "setActive": training.set_active, "preset": training.preset,
+            "startedAt": resumed["startedAt"] if resumed else now_iso(),
             "host": socket.gethostname(), "pid": os.getpid(),
         })
-    if previous_run and previous_run.get("worldSize", 1) != world_size:
-        raise TrainingError(f"run {release_id} used {previous_run['worldSize']} processes; resume it with the same number")
+    if resumed and resumed.get("worldSize", 1) != training.world_size:
+        raise TrainingError(f"run {inputs.release_id} used {resumed['worldSize']} processes; resume it with the "
+                            "same number")
+    return run
 
-    # ---- 4. The base model: frozen, in the training dtype, SDPA attention (diffusers' default in torch 2) ----
-    pipe = load_pipeline(ws, checkpoint, torch_dtype=torch.float32, device="cpu")
+
+# ---- phase 3: the model ---------------------------------------------------------------------------------------
+@dataclass
+class Model:
+    """The base model's parts, frozen, with LoRA adapters on what is trained (``trained[0]`` is the UNet)."""
+
+    pipe: Any
+    unet: Any
+    vae: Any
+    tokenizers: list
+    text_encoders: list
+    trained: list
+    noise_scheduler: Any
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+
+def _setup_model(ws: Workspace, training: TrainingPlan, run: RunContext) -> Model:
+    """The base model in the training dtypes (SDPA attention, diffusers' default in torch 2) with its LoRAs."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from ..models import load_pipeline
+
+    family = training.inputs.family
+    pipe = load_pipeline(ws, training.inputs.checkpoint, torch_dtype=torch.float32, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     unet, vae = pipe.unet, pipe.vae
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
     text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
     for module in [unet, vae, *text_encoders]:
         module.requires_grad_(False)
-    for module, dtype in [(unet, weight_dtype), (vae, vae_dtype)] + [(e, weight_dtype) for e in text_encoders]:
+    for module, dtype in [(unet, run.weight_dtype), (vae, run.vae_dtype)] + [(e, run.weight_dtype) for e in text_encoders]:
         # Only cast when the dtype changes (diffusers warns about every cast, even to the same dtype).
-        module.to(device) if module.dtype == dtype else module.to(device, dtype)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = noise_scheduler.config.prediction_type
+        module.to(run.device) if module.dtype == dtype else module.to(run.device, dtype)
+    model = Model(pipe, unet, vae, tokenizers, text_encoders, [unet], DDPMScheduler.from_config(pipe.scheduler.config))
+    _add_adapters(training, run, model)
+    return model
 
-    # ---- 5. LoRA adapters (peft), initialised from the seed; trained weights stay in fp32 -------------------
+
+def _add_adapters(training: TrainingPlan, run: RunContext, model: Model) -> None:
+    """peft LoRAs initialised from the seed, on the UNet [+ convolutions, + text encoders]; trained in fp32."""
+    import torch
+    from peft import LoraConfig
+
+    cfg, unet = training.cfg, model.unet
     torch.manual_seed(cfg["seed"])
-    unet_targets = list(cfg["unet_target_modules"])
-    module_names = [n for n, _ in unet.named_modules()]
-    unknown = [t for t in unet_targets if not any(_matches(n, [t]) for n in module_names)]
-    if unknown:
-        if is_main:
-            _update_run(out_dir, status="failed")
-        leaves = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1]
-                         for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise TrainingError(f"unet_target_modules {', '.join(map(repr, unknown))} match no module of this UNet; "
-                            f"names end a module path, e.g. {', '.join(leaves[:12])}")
+    unet_targets = _unet_targets(training, run, unet)
     rank_pattern, alpha_pattern = {}, {}
     if cfg["train_conv"]:
-        conv_modules = r".*(resnets\.\d+\.conv1|resnets\.\d+\.conv2|downsamplers\.0\.conv|upsamplers\.0\.conv)$"
-        names = [n for n, _ in unet.named_modules() if _matches(n, unet_targets) or _regex_match(conv_modules, n)]
-        rank_pattern = {n: cfg["conv_rank"] for n in names if _regex_match(conv_modules, n)}
+        names = [n for n, _ in unet.named_modules() if _matches(n, unet_targets) or _regex_match(CONV_MODULES, n)]
+        rank_pattern = {n: cfg["conv_rank"] for n in names if _regex_match(CONV_MODULES, n)}
         alpha_pattern = {n: cfg["conv_alpha"] for n in rank_pattern}
         unet_targets = names
     unet.add_adapter(LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg["lora_dropout"],
                                 target_modules=unet_targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern))
-    trained = [unet]
     if cfg["train_text_encoder"]:
-        for encoder in text_encoders:
+        for encoder in model.text_encoders:
             encoder.add_adapter(LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg["lora_dropout"],
                                            target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
-        trained += text_encoders
-    for module in trained:
+        model.trained += model.text_encoders
+    for module in model.trained:
         for param in module.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
     if cfg["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
-        for encoder in trained[1:]:
+        for encoder in model.trained[1:]:
             encoder.gradient_checkpointing_enable()
     unet.train()
-    for encoder in text_encoders:
+    for encoder in model.text_encoders:
         encoder.train(cfg["train_text_encoder"])
 
-    # ---- 6. Caches: latents once per run (and on disk), text embeddings when captions are fixed -------------
-    def encode_pixels(pixels):
-        with torch.no_grad():
-            latents = vae.encode(pixels.to(device, vae_dtype)).latent_dist.mode()
-        return latents.float() * vae.config.scaling_factor
 
-    latents_in_memory: dict[int, torch.Tensor] = {}
-    if cfg["cache_latents"]:
-        cache = LatentCache(cfg["latent_cache_dir"] or ws.data_root / ".lorakit" / "cache" / "latents")
-        keys = [latent_cache_key(it.sha256, checkpoint["id"], checkpoint_hash, b, cfg["background"], str(vae_dtype))
-                for it, b in zip(items, item_buckets, strict=True)]
+CONV_MODULES = r".*(resnets\.\d+\.conv1|resnets\.\d+\.conv2|downsamplers\.0\.conv|upsamplers\.0\.conv)$"
+
+
+def _unet_targets(training: TrainingPlan, run: RunContext, unet: Any) -> list[str]:
+    """``unet_target_modules``, each of which must end the path of some UNet module."""
+    import torch
+
+    targets = list(training.cfg["unet_target_modules"])
+    module_names = [n for n, _ in unet.named_modules()]
+    unknown = [t for t in targets if not any(_matches(n, [t]) for n in module_names)]
+    if unknown:
+        if run.is_main:
+            _update_run(training.out_dir, status="failed")
+        leaves = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1]
+                         for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise TrainingError(f"unet_target_modules {', '.join(map(repr, unknown))} match no module of this UNet; "
+                            f"names end a module path, e.g. {', '.join(leaves[:12])}")
+    return targets
+
+
+# ---- phase 4: the data ----------------------------------------------------------------------------------------
+class TrainingData:
+    """The run's images as the model sees them: VAE latents (cached once per run, and on disk) and text
+    embeddings (cached when nothing about them changes), and the pieces a micro-batch is made of."""
+
+    def __init__(self, ws: Workspace, training: TrainingPlan, run: RunContext, model: Model):
+        self.training, self.run, self.model = training, run, model
+        self.cfg = cfg = training.cfg
+        self.latents_in_memory: dict[int, Any] = {}
+        self.text_cache: dict[str, tuple] = {}
+        if cfg["cache_latents"]:
+            self._fill_latent_cache(cfg["latent_cache_dir"] or ws.data_root / ".lorakit" / "cache" / "latents")
+        captions_fixed = not cfg["shuffle_tags"] and not cfg["train_text_encoder"]
+        if cfg["cache_text_embeddings"] and captions_fixed:
+            self._fill_text_cache()
+
+    def _fill_latent_cache(self, folder: str | Path) -> None:
+        from .data import LatentCache, latent_cache_key, load_pixels
+
+        training, run = self.training, self.run
+        cache = LatentCache(folder)
+        checkpoint = training.inputs.checkpoint
+        keys = [latent_cache_key(it.sha256, checkpoint["id"], run.checkpoint_hash, b, self.cfg["background"],
+                                 str(run.vae_dtype)) for it, b in zip(training.items, training.buckets, strict=True)]
         # One process per machine fills the disk cache, then the others read it.
         for fill in (True, False):
-            if fill == accelerator.is_local_main_process:
-                for position, (item, key) in enumerate(zip(items, keys, strict=True)):
+            if fill == run.accelerator.is_local_main_process:
+                for position, (item, key) in enumerate(zip(training.items, keys, strict=True)):
                     latent = cache.get(key)
                     if latent is None:
                         # One image at a time, so a latent never depends on which others were cached already.
-                        pixels = load_pixels(item, item_buckets[position], cfg["background"])[None]
-                        latent = encode_pixels(pixels)[0].cpu()
+                        pixels = load_pixels(item, training.buckets[position], self.cfg["background"])[None]
+                        latent = self.encode_pixels(pixels)[0].cpu()
                         cache.put(key, latent)
-                    latents_in_memory[position] = latent
+                    self.latents_in_memory[position] = latent
             if fill:
-                accelerator.wait_for_everyone()
+                run.accelerator.wait_for_everyone()
 
-    def batch_latents(positions: list[int]):
-        if cfg["cache_latents"]:
-            return torch.stack([latents_in_memory[p] for p in positions]).to(device)
-        pixels = torch.stack([load_pixels(items[p], item_buckets[p], cfg["background"]) for p in positions])
-        return encode_pixels(pixels)
+    def _fill_text_cache(self) -> None:
+        import torch
 
-    def encode_captions(captions: list[str]):
+        items, cfg = self.training.items, self.cfg
+        with torch.no_grad():
+            for caption in sorted({it.caption for it in items} | ({""} if cfg["caption_dropout"] else set())):
+                embeds, pooled = self.encode_captions([caption])
+                self.text_cache[caption] = (embeds[0], None if pooled is None else pooled[0])
+        if not cfg["sample_prompts"]:
+            for encoder in self.model.text_encoders:
+                encoder.to("cpu")  # not needed on the accelerator any more
+
+    def encode_pixels(self, pixels: Any) -> Any:
+        import torch
+
+        vae = self.model.vae
+        with torch.no_grad():
+            latents = vae.encode(pixels.to(self.run.device, self.run.vae_dtype)).latent_dist.mode()
+        return latents.float() * vae.config.scaling_factor
+
+    def encode_captions(self, captions: list[str]) -> tuple[Any, Any]:
         """Prompt embeddings (and SDXL's pooled embedding) as the family's pipeline computes them."""
+        import torch
+
         hidden, pooled = [], None
-        for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
+        sdxl = self.training.inputs.family == "sdxl"
+        for tokenizer, encoder in zip(self.model.tokenizers, self.model.text_encoders, strict=True):
             ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(device)
+                            return_tensors="pt").input_ids.to(self.run.device)
             out = encoder(ids, output_hidden_states=True)
-            if family == "sdxl":
+            if sdxl:
                 hidden.append(out.hidden_states[-2])   # SDXL conditions on the penultimate layer of both encoders
                 pooled = out[0]                        # the second encoder's projected pooled output
-            elif cfg["clip_skip"] > 1:
-                hidden.append(encoder.text_model.final_layer_norm(out.hidden_states[-cfg["clip_skip"]]))
+            elif self.cfg["clip_skip"] > 1:
+                hidden.append(encoder.text_model.final_layer_norm(out.hidden_states[-self.cfg["clip_skip"]]))
             else:
                 hidden.append(out.last_hidden_state)
         return torch.cat(hidden, dim=-1), pooled
 
-    captions_fixed = not cfg["shuffle_tags"] and not cfg["train_text_encoder"]
-    text_cache: dict[str, tuple] = {}
-    if cfg["cache_text_embeddings"] and captions_fixed:
-        with torch.no_grad():
-            for caption in sorted({it.caption for it in items} | ({""} if cfg["caption_dropout"] else set())):
-                embeds, pooled = encode_captions([caption])
-                text_cache[caption] = (embeds[0], None if pooled is None else pooled[0])
-        if not cfg["sample_prompts"]:
-            for encoder in text_encoders:
-                encoder.to("cpu")  # not needed on the accelerator any more
+    def captions(self, positions: list[int], rng: random.Random) -> list[str]:
+        """The captions of one micro-batch, shuffled and dropped as the settings say."""
+        from .data import caption_for_step
 
-    def batch_text(captions: list[str]):
-        if text_cache:
-            embeds = torch.stack([text_cache[c][0] for c in captions])
-            pooled = torch.stack([text_cache[c][1] for c in captions]) if family == "sdxl" else None
+        cfg = self.cfg
+        return [caption_for_step(self.training.items[p].caption, rng, shuffle_tags=cfg["shuffle_tags"],
+                                 keep_tokens=cfg["keep_tokens"], dropout=cfg["caption_dropout"]) for p in positions]
+
+    def latents(self, positions: list[int]) -> Any:
+        import torch
+
+        from .data import load_pixels
+
+        if self.cfg["cache_latents"]:
+            return torch.stack([self.latents_in_memory[p] for p in positions]).to(self.run.device)
+        items, buckets = self.training.items, self.training.buckets
+        pixels = torch.stack([load_pixels(items[p], buckets[p], self.cfg["background"]) for p in positions])
+        return self.encode_pixels(pixels)
+
+    def text(self, captions: list[str]) -> tuple[Any, Any]:
+        import torch
+
+        if self.text_cache:
+            embeds = torch.stack([self.text_cache[c][0] for c in captions])
+            pooled = (torch.stack([self.text_cache[c][1] for c in captions])
+                      if self.training.inputs.family == "sdxl" else None)
             return embeds, pooled
-        with contextlib.nullcontext() if cfg["train_text_encoder"] else torch.no_grad():
-            return encode_captions(captions)
+        with contextlib.nullcontext() if self.cfg["train_text_encoder"] else torch.no_grad():
+            return self.encode_captions(captions)
 
-    def sdxl_time_ids(positions: list[int]):
+    def conditioning(self, positions: list[int], captions: list[str]) -> dict:
+        """The UNet's conditioning: ``encoder_hidden_states`` [+ SDXL's pooled embedding and size ids]."""
+        import torch
+
         from .data import crop_and_size
 
-        rows = []
-        for p in positions:
-            bw, bh = item_buckets[p]
-            crop, original = crop_and_size(items[p].width, items[p].height, item_buckets[p])
-            rows.append([*original, *crop, bh, bw])   # (orig h, orig w, crop top, crop left, target h, target w)
-        return torch.tensor(rows, dtype=weight_dtype, device=device)
+        embeds, pooled = self.text(captions)
+        dtype, device = self.run.weight_dtype, self.run.device
+        conditioning: dict = {"encoder_hidden_states": embeds.to(device, dtype)}
+        if self.training.inputs.family == "sdxl":
+            rows = []
+            for p in positions:
+                bw, bh = self.training.buckets[p]
+                item = self.training.items[p]
+                crop, original = crop_and_size(item.width, item.height, (bw, bh))
+                rows.append([*original, *crop, bh, bw])   # (orig h, orig w, crop top, crop left, target h, target w)
+            conditioning["added_cond_kwargs"] = {"text_embeds": pooled.to(device, dtype),
+                                                 "time_ids": torch.tensor(rows, dtype=dtype, device=device)}
+        return conditioning
 
-    # ---- 7. Optimizer, learning-rate schedule, accelerate ---------------------------------------------------
-    param_groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg["lr"]}]
-    for encoder in trained[1:]:
+
+# ---- phase 5: the optimizer -----------------------------------------------------------------------------------
+@dataclass
+class Optimization:
+    """The optimizer and schedule, the models as accelerate prepared them, and the step to start from."""
+
+    optimizer: Any
+    optimizer_name: str
+    lr_scheduler: Any
+    trained_models: list
+    trainable: list
+    start_step: int
+
+
+def _setup_optimizer(training: TrainingPlan, run: RunContext, model: Model) -> Optimization:
+    from diffusers.optimization import get_scheduler
+
+    cfg = training.cfg
+    param_groups = [{"params": [p for p in model.unet.parameters() if p.requires_grad], "lr": cfg["lr"]}]
+    for encoder in model.trained[1:]:
         param_groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg["text_encoder_lr"]})
-    optimizer, optimizer_name = _make_optimizer(cfg, param_groups, device)
+    optimizer, optimizer_name = _make_optimizer(cfg, param_groups, run.device)
     lr_scheduler = get_scheduler("cosine" if cfg["lr_scheduler"] == "cosine" else "constant_with_warmup", optimizer,
-                                 num_warmup_steps=cfg["lr_warmup_steps"], num_training_steps=total_steps)
+                                 num_warmup_steps=cfg["lr_warmup_steps"], num_training_steps=training.total_steps)
     # The scheduler is stepped by hand once per optimizer step, so it is not handed to accelerate (which would
     # step it once per process).
-    prepared = accelerator.prepare(*trained, optimizer)
+    prepared = run.accelerator.prepare(*model.trained, optimizer)
     trained_models, optimizer = list(prepared[:-1]), prepared[-1]
-    unet_for_training = trained_models[0]
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-
     start_step = 0
-    state_path = out_dir / "state" / STATE_FILE
-    if previous_run and state_path.exists():
-        start_step = _load_state(state_path, trained, optimizer, lr_scheduler, accelerator)
-    log = LossLog(out_dir / LOG_NAME, resume_from_step=start_step) if is_main else None
+    state_path = training.out_dir / "state" / STATE_FILE
+    if training.resumed and state_path.exists():
+        start_step = _load_state(state_path, model.trained, optimizer, lr_scheduler, run.accelerator)
+    return Optimization(optimizer, optimizer_name, lr_scheduler, trained_models, trainable, start_step)
 
-    def save_state(step: int) -> None:
-        if is_main:
-            _save_state(state_path, step, trained, optimizer, lr_scheduler, accelerator)
-            _update_run(out_dir, step=step)
-        accelerator.wait_for_everyone()
 
-    def lora_tensors():
-        encoders = [accelerator.unwrap_model(m) for m in trained_models[1:]]
-        return kohya_format.kohya_state_dict(family, accelerator.unwrap_model(unet_for_training), encoders,
-                                             dtype=kohya_format.SAVE_DTYPES["fp16"])
+# ---- phase 6: one micro-batch's loss ----------------------------------------------------------------------------
+def loss_step(unet: Any, noise_scheduler: Any, latents: Any, conditioning: dict, generator: Any, *,
+              noise_offset: float = 0.0, min_snr_gamma: float | None = None, dtype: Any = None) -> Any:
+    """The denoising loss of one micro-batch: noise and timesteps drawn from ``generator``, the target the
+    scheduler's prediction type asks for, and min-SNR-gamma weighting (Hang et al. 2023) when it is set.
 
-    def metadata(step: int, epoch: int, finished_at: float, final: bool) -> dict[str, str]:
-        return kohya_format.build_metadata(
-            family=family, cfg=cfg, title=lora_record["name"], output_name=lora_id,
-            dataset_name=dataset_ref["id"], captions=[it.caption for it in items], num_images=len(items), steps=step,
-            epoch=epoch, num_epochs=num_epochs, batches_per_epoch=steps_per_epoch, world_size=world_size,
-            optimizer_name=optimizer_name, mixed_precision=mixed_precision, started_at=started_at,
-            finished_at=finished_at, bucket_info=plan["buckets"], session_id=step_seed(cfg["seed"], release_id) % 2**31,
-            checkpoint_name=checkpoint["id"], checkpoint_sha256=checkpoint_hash, prediction_type=prediction_type,
-            lorakit={"release_id": release_id, "lora_id": lora_id, "checkpoint_id": checkpoint["id"],
-                     "checkpoint_sha256": checkpoint_hash, "dataset_id": dataset_ref["id"],
-                     "dataset_scope": dataset_ref["scope"], "dataset_project": dataset_ref["projectId"],
-                     "manifest_hash": dataset_ref["manifestHash"], "config": cfg, "final": "true" if final else "false",
-                     "notes": notes},
-        )
+    ``conditioning`` holds the UNet's keyword arguments (``encoder_hidden_states``, SDXL's ``added_cond_kwargs``).
+    Returns the mean loss as a scalar tensor.
+    """
+    import torch
+    import torch.nn.functional as F
+    from diffusers.training_utils import compute_snr
 
-    # ---- 8. The loop --------------------------------------------------------------------------------------
-    if is_main and start_step:
-        print(f"resuming {lora_id}/{release_id} at step {start_step} of {total_steps}", file=sys.stderr)
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"{lora_id} {release_id[-6:]}", unit="step",
-               disable=not (progress and is_main), dynamic_ncols=True)
-    stop = _StopRequest(world_size > 1)
-    step, loss_value, loop_start = start_step, float("nan"), time.perf_counter()
-    snr_gamma = cfg["min_snr_gamma"]
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator, device=device)
+    if noise_offset:
+        noise += noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                              device=device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(noisy.to(dtype or latents.dtype), timesteps, **conditioning).sample
+    epsilon = noise_scheduler.config.prediction_type == "epsilon"
+    target = noise if epsilon else noise_scheduler.get_velocity(latents, noise, timesteps)
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        # Cap each timestep's weight at gamma / SNR (v-prediction's target already carries an SNR + 1 factor).
+        snr = compute_snr(noise_scheduler, timesteps)
+        weight = torch.clamp(snr, max=min_snr_gamma) / (snr if epsilon else snr + 1)
+        loss = loss * weight
+    return loss.mean()
+
+
+# ---- phase 7: the loop ----------------------------------------------------------------------------------------
+def _train_loop(training: TrainingPlan, run: RunContext, model: Model, data: TrainingData, optim: Optimization, *,
+                progress: bool, on_step: StepCallback | None) -> tuple[int, float]:
+    """Every optimizer step from the start (or the resumed) step; returns the last step and its loss. Ctrl-C or
+    SIGTERM stops after the current step with the state saved; anything else marks the run failed."""
+    from .progress import LossLog, ProgressBar
+
+    lora_id, release_id, start = training.lora_id, training.release_id, optim.start_step
+    if run.is_main and start:
+        print(f"resuming {lora_id}/{release_id} at step {start} of {training.total_steps}", file=sys.stderr)
+    log = LossLog(training.out_dir / LOG_NAME, resume_from_step=start) if run.is_main else None
+    bar = ProgressBar(training.total_steps, start, f"{lora_id} {release_id[-6:]}", enabled=progress and run.is_main)
+    callbacks: list[StepCallback] = [c for c in (log, bar, on_step) if c is not None]
+    stop = _StopRequest(training.world_size > 1)
+    step, loss = start, float("nan")
     with stop.installed():
         try:
-            for epoch in range(start_step // steps_per_epoch, num_epochs):
-                batches = padded_batches(epoch_batches(item_buckets, cfg["batch_size"], cfg["repeats"], cfg["seed"], epoch),
-                                         micro_per_step)
-                for step_in_epoch in range(step - epoch * steps_per_epoch, steps_per_epoch):
-                    if step >= total_steps:
-                        break
-                    step_loss = torch.zeros((), device=device)
-                    for micro in range(cfg["gradient_accumulation_steps"]):
-                        positions = batches[(step_in_epoch * cfg["gradient_accumulation_steps"] + micro) * world_size + rank]
-                        seed = step_seed(cfg["seed"], step, micro, rank)
-                        generator = torch.Generator(device=device).manual_seed(seed)
-                        if cfg["lora_dropout"]:
-                            torch.manual_seed(seed)
-                        caption_rng = random.Random(seed)
-                        captions = [caption_for_step(items[p].caption, caption_rng, shuffle_tags=cfg["shuffle_tags"],
-                                                     keep_tokens=cfg["keep_tokens"], dropout=cfg["caption_dropout"])
-                                    for p in positions]
-                        # Only the last micro-batch of a step synchronises gradients across processes.
-                        sync = micro == cfg["gradient_accumulation_steps"] - 1
-                        with _no_sync(accelerator, trained_models, not sync), accelerator.autocast():
-                            latents = batch_latents(positions)
-                            noise = torch.randn(latents.shape, generator=generator, device=device)
-                            if cfg["noise_offset"]:
-                                noise += cfg["noise_offset"] * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
-                                                                           device=device)
-                            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(positions),),
-                                                      generator=generator, device=device)
-                            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                            embeds, pooled = batch_text(captions)
-                            extra = ({"added_cond_kwargs": {"text_embeds": pooled.to(device, weight_dtype),
-                                                            "time_ids": sdxl_time_ids(positions)}}
-                                     if family == "sdxl" else {})
-                            pred = unet_for_training(noisy.to(weight_dtype), timesteps, embeds.to(device, weight_dtype),
-                                                     **extra).sample
-                            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-                            loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                            if snr_gamma:
-                                # min-SNR-gamma (Hang et al. 2023): cap each timestep's weight at gamma / SNR.
-                                snr = compute_snr(noise_scheduler, timesteps)
-                                weight = torch.clamp(snr, max=snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
-                                loss = loss * weight
-                            loss = loss.mean()
-                        accelerator.backward(loss / cfg["gradient_accumulation_steps"])
-                        step_loss += loss.detach()
-                    step_loss = step_loss / cfg["gradient_accumulation_steps"]
-                    if world_size > 1:
-                        step_loss = accelerator.reduce(step_loss, reduction="mean")
-                    loss_value = step_loss.item()
-                    if not math.isfinite(loss_value):
-                        # Checked before the optimizer step, so no NaN ever reaches the weights or a saved state.
-                        raise TrainingError(
-                            f"loss is {loss_value} at step {step + 1} (epoch {epoch + 1}); stopping, nothing recorded. "
-                            "Lower the learning rate, use fp32/bf16 instead of fp16, or check the images"
-                        )
-                    if cfg["max_grad_norm"]:
-                        accelerator.clip_grad_norm_(trainable, cfg["max_grad_norm"])
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    lr = lr_scheduler.get_last_lr()[0]
-                    if log:
-                        log.write(step, epoch + 1, loss_value, lr, time.perf_counter() - loop_start)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-                    if cfg["save_state_every"] and step % cfg["save_state_every"] == 0 and step < total_steps:
-                        save_state(step)
-                    if stop.requested():
-                        save_state(step)
-                        raise KeyboardInterrupt
-                # End of an epoch: optional intermediate file and sample images.
-                epoch_done = step % steps_per_epoch == 0 or step >= total_steps
-                if epoch_done and is_main and step < total_steps:
-                    every = cfg["save_every_n_epochs"]
-                    if every and (epoch + 1) % every == 0:
-                        tensors = lora_tensors()
-                        kohya_format.save_lora_file(out_dir / f"{lora_id}-{epoch + 1:06d}.safetensors", tensors,
-                                                    kohya_format.finish_metadata(tensors, metadata(step, epoch + 1, time.time(), False)))
-                if epoch_done and is_main and cfg["sample_prompts"] and (epoch + 1) % cfg["sample_every_n_epochs"] == 0:
-                    _render_samples(pipe, cfg, out_dir / "samples", epoch + 1, accelerator)
-                    unet.train()
+            loop_start = time.perf_counter()
+            for epoch in range(start // training.steps_per_epoch, training.num_epochs):
+                step, loss = _train_epoch(training, run, model, data, optim, epoch, step, loss, stop,
+                                          lambda s, e, v, lr: [c(StepReport(s, training.total_steps, e, v, lr,
+                                                                            time.perf_counter() - loop_start))
+                                                               for c in callbacks])
+                _end_of_epoch(training, run, model, optim, epoch, step)
         except BaseException as exc:
-            bar.close()
-            if log:
-                log.close()
-            interrupted = isinstance(exc, KeyboardInterrupt)
-            if is_main:
-                _update_run(out_dir, status="interrupted" if interrupted else "failed")
-                if interrupted:
-                    print(f"\ninterrupted at step {step}; nothing recorded. Continue with: lorakit lora train --lora "
-                          f"{lora_id}{' --project ' + lora_project if lora_project else ''} --resume {release_id}",
-                          file=sys.stderr)
+            _close(bar, log)
+            if run.is_main:
+                _mark_stopped(training, step, interrupted=isinstance(exc, KeyboardInterrupt))
             raise
-    bar.close()
-    if log:
-        log.close()
+    _close(bar, log)
+    return step, loss
 
-    # ---- 9. The weights file, then (and only then) the release ---------------------------------------------
-    result = TrainResult(lora_id, release_id, out_dir, weights_path=weights_path, steps=step, final_loss=loss_value,
-                         duration_s=time.time() - started_at, plan=plan)
-    if is_main:
+
+def _train_epoch(training: TrainingPlan, run: RunContext, model: Model, data: TrainingData, optim: Optimization,
+                 epoch: int, step: int, loss_value: float, stop: _StopRequest, report) -> tuple[int, float]:
+    """The steps of one epoch (from ``step``, for a resumed run); ``report(step, epoch, loss, lr)`` after each."""
+    import torch
+
+    cfg, accumulation = training.cfg, training.cfg["gradient_accumulation_steps"]
+    batches = padded_batches(epoch_batches(list(training.buckets), cfg["batch_size"], cfg["repeats"], cfg["seed"],
+                                           epoch), training.micro_per_step)
+    for step_in_epoch in range(step - epoch * training.steps_per_epoch, training.steps_per_epoch):
+        if step >= training.total_steps:
+            break
+        step_loss = torch.zeros((), device=run.device)
+        for micro in range(accumulation):
+            positions = batches[(step_in_epoch * accumulation + micro) * training.world_size + run.rank]
+            step_loss += _micro_batch(training, run, model, data, optim, positions, step, micro)
+        step_loss = step_loss / accumulation
+        if training.world_size > 1:
+            step_loss = run.accelerator.reduce(step_loss, reduction="mean")
+        loss_value = step_loss.item()
+        if not math.isfinite(loss_value):
+            # Checked before the optimizer step, so no NaN ever reaches the weights or a saved state.
+            raise TrainingError(
+                f"loss is {loss_value} at step {step + 1} (epoch {epoch + 1}); stopping, nothing recorded. "
+                "Lower the learning rate, use fp32/bf16 instead of fp16, or check the images"
+            )
+        if cfg["max_grad_norm"]:
+            run.accelerator.clip_grad_norm_(optim.trainable, cfg["max_grad_norm"])
+        optim.optimizer.step()
+        optim.lr_scheduler.step()
+        optim.optimizer.zero_grad(set_to_none=True)
+        step += 1
+        report(step, epoch + 1, loss_value, optim.lr_scheduler.get_last_lr()[0])
+        if cfg["save_state_every"] and step % cfg["save_state_every"] == 0 and step < training.total_steps:
+            _save_state_everywhere(training, run, model, optim, step)
+        if stop.requested():
+            _save_state_everywhere(training, run, model, optim, step)
+            raise KeyboardInterrupt
+    return step, loss_value
+
+
+def _micro_batch(training: TrainingPlan, run: RunContext, model: Model, data: TrainingData, optim: Optimization,
+                 positions: list[int], step: int, micro: int) -> Any:
+    """Forward and backward of one micro-batch, its random draws seeded by (seed, step, micro-batch, process)."""
+    import torch
+
+    cfg = training.cfg
+    seed = step_seed(cfg["seed"], step, micro, run.rank)
+    generator = torch.Generator(device=run.device).manual_seed(seed)
+    if cfg["lora_dropout"]:
+        torch.manual_seed(seed)
+    captions = data.captions(positions, random.Random(seed))
+    # Only the last micro-batch of a step synchronises gradients across processes.
+    sync = micro == cfg["gradient_accumulation_steps"] - 1
+    with _no_sync(run.accelerator, optim.trained_models, not sync), run.accelerator.autocast():
+        latents = data.latents(positions)
+        loss = loss_step(optim.trained_models[0], model.noise_scheduler, latents, data.conditioning(positions, captions),
+                         generator, noise_offset=cfg["noise_offset"], min_snr_gamma=cfg["min_snr_gamma"],
+                         dtype=run.weight_dtype)
+    run.accelerator.backward(loss / cfg["gradient_accumulation_steps"])
+    return loss.detach()
+
+
+def _end_of_epoch(training: TrainingPlan, run: RunContext, model: Model, optim: Optimization, epoch: int,
+                  step: int) -> None:
+    """After a full epoch (not the last step): an intermediate weights file and sample images when asked."""
+    from . import kohya_format
+
+    cfg = training.cfg
+    epoch_done = step % training.steps_per_epoch == 0 or step >= training.total_steps
+    if not (epoch_done and run.is_main):
+        return
+    every = cfg["save_every_n_epochs"]
+    if step < training.total_steps and every and (epoch + 1) % every == 0:
+        tensors = _lora_tensors(training, run, optim)
+        metadata = _metadata(training, run, model, optim, step, epoch + 1, time.time(), final=False)
+        kohya_format.save_lora_file(training.out_dir / f"{training.lora_id}-{epoch + 1:06d}.safetensors", tensors,
+                                    kohya_format.finish_metadata(tensors, metadata))
+    if cfg["sample_prompts"] and (epoch + 1) % cfg["sample_every_n_epochs"] == 0:
+        _render_samples(model.pipe, cfg, training.out_dir / "samples", epoch + 1, run.accelerator)
+        model.unet.train()
+
+
+def _mark_stopped(training: TrainingPlan, step: int, *, interrupted: bool) -> None:
+    _update_run(training.out_dir, status="interrupted" if interrupted else "failed")
+    if interrupted:
+        lora_project = training.inputs.lora_project
+        print(f"\ninterrupted at step {step}; nothing recorded. Continue with: lorakit lora train --lora "
+              f"{training.lora_id}{' --project ' + lora_project if lora_project else ''} --resume "
+              f"{training.release_id}", file=sys.stderr)
+
+
+def _close(*things: Any) -> None:
+    for thing in things:
+        if thing is not None:
+            thing.close()
+
+
+def _save_state_everywhere(training: TrainingPlan, run: RunContext, model: Model, optim: Optimization,
+                           step: int) -> None:
+    if run.is_main:
+        _save_state(training.out_dir / "state" / STATE_FILE, step, model.trained, optim.optimizer, optim.lr_scheduler,
+                    run.accelerator)
+        _update_run(training.out_dir, step=step)
+    run.accelerator.wait_for_everyone()
+
+
+# ---- phase 8: the weights file, then (and only then) the release -------------------------------------------------
+def _save_and_record(ws: Workspace, training: TrainingPlan, run: RunContext, model: Model, optim: Optimization,
+                     step: int, loss: float) -> TrainResult:
+    from . import kohya_format
+
+    inputs, out_dir = training.inputs, training.out_dir
+    result = TrainResult(inputs.lora_id, inputs.release_id, out_dir, weights_path=training.weights_path, steps=step,
+                         final_loss=loss, duration_s=time.time() - run.started_at, plan=training.describe())
+    if run.is_main:
         finished_at = time.time()
-        tensors = lora_tensors()
+        tensors = _lora_tensors(training, run, optim)
+        metadata = _metadata(training, run, model, optim, step, training.num_epochs, finished_at, final=True)
         try:
-            sha256 = kohya_format.save_lora_file(
-                weights_path, tensors, kohya_format.finish_metadata(tensors, metadata(step, num_epochs, finished_at, True)))
+            sha256 = kohya_format.save_lora_file(training.weights_path, tensors,
+                                                 kohya_format.finish_metadata(tensors, metadata))
         except TrainingError:
             _update_run(out_dir, status="failed")
             raise
-        training = {
-            "config": cfg, "preset": preset, "datasetId": dataset_ref["id"],
-            "datasetScope": dataset_ref["scope"], "datasetProjectId": dataset_ref["projectId"],
-            "manifestHash": dataset_ref["manifestHash"], "checkpointId": checkpoint["id"], "checkpointFamily": family,
-            "checkpointSha256": checkpoint_hash, "seed": cfg["seed"], "steps": step, "epochs": num_epochs,
-            "images": len(items), "worldSize": world_size, "mixedPrecision": mixed_precision, "device": str(device),
-            "optimizer": optimizer_name, "finalLoss": loss_value, "durationS": round(finished_at - started_at, 3),
+        training_block = {
+            "config": training.cfg, "preset": training.preset, **release_dataset_fields(inputs.dataset),
+            "checkpointId": inputs.checkpoint["id"], "checkpointFamily": inputs.family,
+            "checkpointSha256": run.checkpoint_hash, "seed": training.cfg["seed"], "steps": step,
+            "epochs": training.num_epochs, "images": len(training.items), "worldSize": training.world_size,
+            "mixedPrecision": run.accelerator.mixed_precision, "device": str(run.device),
+            "optimizer": optim.optimizer_name, "finalLoss": loss, "durationS": round(finished_at - run.started_at, 3),
             "startedAt": _read_run(out_dir)["startedAt"], "finishedAt": now_iso(), "libraries": _library_versions(),
-            "lossLog": f"{lora_id}/{release_id}/{LOG_NAME}",
+            "lossLog": f"{inputs.lora_id}/{inputs.release_id}/{LOG_NAME}",
         }
-        weights = {"kind": "config_relative", "base": "lorasRoot", "path": f"{lora_id}/{release_id}/{weights_path.name}"}
-        release_entry = make_release(release_id, weights=weights, sha256=sha256, training=training, notes=notes)
-        add_release(ws, lora_id, release_entry, project=lora_project, set_active=set_active)
+        weights = {"kind": "config_relative", "base": "lorasRoot",
+                   "path": f"{inputs.lora_id}/{inputs.release_id}/{training.weights_path.name}"}
+        release = make_release(inputs.release_id, weights=weights, sha256=sha256, training=training_block,
+                               notes=training.notes)
+        add_release(ws, inputs.lora_id, release, project=inputs.lora_project, set_active=training.set_active)
         _update_run(out_dir, status="complete", step=step)
         _remove_state(out_dir)
-        result.release = release_entry
-    accelerator.wait_for_everyone()
+        result.release = release
+    run.accelerator.wait_for_everyone()
     return result
 
 
-# ---- helpers the recipe uses ---------------------------------------------------------------------------------
-def _finish_recorded_run(out_dir: Path, lora_id: str, run: dict, release: dict) -> TrainResult:
+def _lora_tensors(training: TrainingPlan, run: RunContext, optim: Optimization) -> dict:
+    from . import kohya_format
+
+    unwrap = run.accelerator.unwrap_model
+    encoders = [unwrap(m) for m in optim.trained_models[1:]]
+    return kohya_format.kohya_state_dict(training.inputs.family, unwrap(optim.trained_models[0]), encoders,
+                                         dtype=kohya_format.SAVE_DTYPES["fp16"])
+
+
+def _metadata(training: TrainingPlan, run: RunContext, model: Model, optim: Optimization, step: int, epoch: int,
+              finished_at: float, *, final: bool) -> dict[str, str]:
+    """The kohya ``ss_*`` metadata of a weights file, with lorakit's own block."""
+    from . import kohya_format
+
+    inputs, cfg, ref = training.inputs, training.cfg, training.inputs.dataset
+    checkpoint_id = inputs.checkpoint["id"]
+    return kohya_format.build_metadata(
+        family=inputs.family, cfg=cfg, title=inputs.lora["name"], output_name=inputs.lora_id,
+        dataset_name=ref["id"], captions=[it.caption for it in training.items], num_images=len(training.items),
+        steps=step, epoch=epoch, num_epochs=training.num_epochs, batches_per_epoch=training.steps_per_epoch,
+        world_size=training.world_size, optimizer_name=optim.optimizer_name,
+        mixed_precision=run.accelerator.mixed_precision, started_at=run.started_at, finished_at=finished_at,
+        bucket_info=_bucket_counts(training.buckets), session_id=step_seed(cfg["seed"], inputs.release_id) % 2**31,
+        checkpoint_name=checkpoint_id, checkpoint_sha256=run.checkpoint_hash,
+        prediction_type=model.prediction_type,
+        lorakit={"release_id": inputs.release_id, "lora_id": inputs.lora_id, "checkpoint_id": checkpoint_id,
+                 "checkpoint_sha256": run.checkpoint_hash, "dataset_id": ref["id"], "dataset_scope": ref["scope"],
+                 "dataset_project": ref["projectId"], "manifest_hash": ref["manifestHash"], "config": cfg,
+                 "final": "true" if final else "false", "notes": training.notes},
+    )
+
+
+# ---- helpers the phases use -------------------------------------------------------------------------------------
+def _finish_recorded_run(resumed: ResumedRun) -> TrainResult:
     """Close a run whose release is already on the LoRA record: mark it complete and drop its state."""
+    run, release, out_dir = resumed.run, resumed.recorded or {}, resumed.out_dir
+    lora_id = run["loraId"]
     print(f"run {lora_id}/{run['releaseId']} was already recorded as a release; finishing its bookkeeping only",
           file=sys.stderr)
     _update_run(out_dir, status="complete")
@@ -538,48 +852,6 @@ def _finish_recorded_run(out_dir: Path, lora_id: str, run: dict, release: dict) 
     return TrainResult(lora_id, run["releaseId"], out_dir, weights_path=out_dir / f"{lora_id}.safetensors",
                        release=release, steps=int(release.get("training", {}).get("steps") or run.get("step") or 0),
                        final_loss=release.get("training", {}).get("finalLoss"))
-
-
-
-def _load_manifest(ws: Workspace, dataset: str | Path, project: str | None) -> tuple[dict, dict]:
-    """The manifest and the reference the release keeps: ``{id, scope, projectId, manifestHash, path}``."""
-    from ..datasets import manifest_hash
-
-    text = str(dataset)
-    if text.endswith(".json") or os.sep in text or "/" in text:
-        path = Path(text)
-        if not path.is_absolute():
-            # Relative paths are tried against the data root (how a run stores them) and then the cwd.
-            path = ws.data_root / text if (ws.data_root / text).exists() else Path.cwd() / text
-        manifest = ws.store.read_path(path, "dataset", missing=f"dataset manifest file {text} does not exist")
-        rel = os.path.relpath(path.resolve(), ws.data_root)
-        path_ref = rel.replace(os.sep, "/") if not rel.startswith("..") else str(path.resolve())
-    else:
-        check_id(text, "dataset id")
-        places = ([project] if project else []) + [None]
-        for where in places:
-            if ws.store.exists("dataset", text, project=where):
-                manifest = ws.store.read("dataset", text, project=where)
-                break
-        else:
-            searched = " and ".join(f"project {p!r}" if p else "the shared scope" for p in places)
-            raise DatasetError(f"dataset {text!r} not found in {searched}")
-        path_ref = None
-    ref = {"id": manifest["id"], "scope": manifest["scope"], "projectId": manifest.get("projectId"),
-           "manifestHash": manifest.get("manifestHash") or manifest_hash(manifest["items"]), "path": path_ref}
-    return manifest, ref
-
-
-def _check_dataset_checkpoint(manifest: dict, checkpoint_id: str, force: bool) -> None:
-    """A dataset filtered for other checkpoints is for another base model: refuse it unless forced."""
-    selection = manifest.get("selection") or {}
-    wanted = list(selection.get("checkpoints") or []) + [c for c in (selection.get("checkpoint"), selection.get("checkpointId"))
-                                                         if isinstance(c, str)]
-    if wanted and checkpoint_id not in wanted and not force:
-        raise DatasetError(
-            f"dataset {manifest['id']!r} was built for checkpoint(s) {', '.join(wanted)}, but this LoRA trains on "
-            f"{checkpoint_id!r}; build a dataset for {checkpoint_id!r}, or pass --force to train on it anyway"
-        )
 
 
 def _bucket_counts(buckets: list[tuple[int, int]]) -> dict:

@@ -742,7 +742,7 @@ class Wizard(widgets.VBox):
             create_lora(self.ws, s.lora_id, name=self.lora_name.value.strip() or s.lora_id, scope="project",
                         project=self.project, checkpoint=s.checkpoint, asset_types=list(s.asset_types))
         release_id = new_ulid()
-        kwargs = {"project": self.project, "preset": s.preset, "config": self._train_config(), "release": release_id}
+        kwargs = {"project": self.project, "preset": s.preset, "config": self._train_config(), "release_id": release_id}
         plan = train_lora(self.ws, s.lora_id, s.dataset_id, dry_run=True, **kwargs).plan
         self._progress = {"total": plan["steps"], "log": self.ws.config.loras_root / s.lora_id / release_id / LOG_NAME}
         self.train_progress.max = plan["steps"]
