@@ -27,6 +27,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check lorakit tests benchmarks scripts
+	$(BIN)/mypy
 
 # Speed and memory figures for the README (minutes; run on a quiet machine).
 bench: install

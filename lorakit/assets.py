@@ -213,7 +213,7 @@ def build_asset_record(*, asset_id: str, project: str, spec_id: str, path: str, 
                        tags: Sequence[str], status: str, provenance: dict, created_at: str) -> dict:
     """One imported image: one version with one (primary, selected) variant."""
     version_id, variant_id = new_ulid(), new_ulid()
-    variant = {"id": variant_id, "originalPath": path}
+    variant: dict[str, object] = {"id": variant_id, "originalPath": path}
     if facts.has_alpha:
         variant["alphaPath"] = path  # the file itself carries the alpha channel
     variant |= {
@@ -611,7 +611,7 @@ def _file_sha256(store: Store, rel: str) -> str | None:
 
 def _imported_specs(ws: Workspace, project: str) -> dict[tuple[str, str, str], str]:
     """(group folder, asset type, checkpoint) -> spec id, for specs earlier imports made."""
-    specs = {}
+    specs: dict[tuple[str, str, str], str] = {}
     for spec_id, spec in load_specs(ws, project).items():
         folder = (spec.get("import") or {}).get("folder") if isinstance(spec.get("import"), dict) else None
         if folder:
@@ -641,7 +641,9 @@ def _chosen_images(ws: Workspace, project: str, status: str | None) -> Iterable[
     assets without one are passed over."""
     for asset in iter_assets(ws, project):
         version = version_of(asset, status)
-        variant = pick_variant(version) if version else None
+        if not version:
+            continue
+        variant = pick_variant(version)
         if variant:
             yield asset, version, variant
 
@@ -879,8 +881,8 @@ def tag_assets(
     ws = as_workspace(ws)
     _check_tags(add, "tag to add")
     _check_tags(remove, "tag to remove")
-    add, remove = dedupe(add), set(remove)
-    if not add and not remove:
+    add, removed = dedupe(add), set(remove)
+    if not add and not removed:
         raise AssetError("give tags to add or remove")
     rows = []
     for asset_id in _check_targets(ws.store, project, asset_ids, version, need_variant=True):
@@ -889,10 +891,10 @@ def tag_assets(
         def change(asset: dict, seen: dict = seen) -> dict:
             target = _target_version(asset, version)
             variant = pick_variant(target) if target else None
-            if variant is None:
+            if target is None or variant is None:
                 raise AssetError(f"asset {asset['id']!r}: its version or variant disappeared")
             old = list(variant.get("tags") or [])
-            variant["tags"] = [t for t in dedupe([*old, *add]) if t not in remove]
+            variant["tags"] = [t for t in dedupe([*old, *add]) if t not in removed]
             seen.update(version_id=target["id"], variant_id=variant["id"], old_tags=old, tags=variant["tags"])
             return asset
 

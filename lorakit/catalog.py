@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeGuard, cast
 
 import orjson
 
@@ -66,7 +67,7 @@ def _is_str_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def asset_looks_valid(record: object) -> bool:
+def asset_looks_valid(record: object) -> TypeGuard[dict]:
     """Whether ``record`` has the asset and version fields lorakit reads, with the right types (fast).
 
     Variants are only checked to be objects here; a build checks the variant it picks with
@@ -104,7 +105,7 @@ def variant_looks_valid(variant: dict) -> bool:
     return "status" not in variant or variant["status"] in VARIANT_STATUSES
 
 
-def spec_looks_valid(record: object) -> bool:
+def spec_looks_valid(record: object) -> TypeGuard[dict]:
     """Whether ``record`` has the spec fields a dataset build reads, with the right types."""
     if not isinstance(record, dict) or not _is_id(record.get("id")):
         return False
@@ -342,11 +343,12 @@ def iter_asset_chunks(ws: Workspace | str | Path | None, project: str, reader: F
             for i, path, data in zip(misses, paths, reader.read_many(paths), strict=True):
                 if isinstance(data, OSError):
                     raise RecordError(f"{path}: cannot be read ({data.strerror})")
-                record, cacheable = _parse_checked(path, data)
-                chunk[i] = check_asset(ws.store, path, record)
+                parsed, cacheable = _parse_checked(path, data)
+                asset = check_asset(ws.store, path, parsed)
+                chunk[i] = asset
                 if cacheable:
-                    records.put(chunk_names[i], stats[i], chunk[i])
-            yield chunk
+                    records.put(chunk_names[i], stats[i], asset)
+            yield cast("list[dict]", chunk)  # every miss (None) was just replaced by its record
     finally:
         if own:
             reader.close()
@@ -407,19 +409,23 @@ class SpecIndex:
             elif isinstance(data, OSError):
                 raise RecordError(f"{path}: cannot be read ({data.strerror})")
             else:
-                record, cacheable = _parse_checked(path, data)
-                self._keep(spec_id, path, record)
-                if cacheable and record is not None:
-                    self._records.put(spec_id + ".json", st, record)  # type: ignore[arg-type]
+                parsed, cacheable = _parse_checked(path, data)
+                spec = self._keep(spec_id, path, parsed)
+                if cacheable and spec is not None:
+                    self._records.put(spec_id + ".json", st, spec)
 
     def _path(self, spec_id: str) -> str:
         return self._folder + os.sep + check_id(spec_id, "spec id") + ".json"
 
     def _keep(self, spec_id: str, path: str, record: object) -> dict | None:
-        if record is not None and not spec_looks_valid(record):
-            raise explain_invalid(self._store, "spec", record, path, "a field lorakit reads is missing or has the wrong type")
-        self._cache[spec_id] = record  # type: ignore[assignment]
-        return record  # type: ignore[return-value]
+        spec: dict | None = None
+        if record is not None:
+            if not spec_looks_valid(record):
+                raise explain_invalid(self._store, "spec", record, path,
+                                      "a field lorakit reads is missing or has the wrong type")
+            spec = record
+        self._cache[spec_id] = spec
+        return spec
 
 
 def load_specs(ws: Workspace | str | Path | None, project: str) -> dict[str, dict]:

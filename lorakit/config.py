@@ -67,6 +67,11 @@ class Config:
             object.__setattr__(self, "repo_root", self.data_root.parent)
 
     @property
+    def repo_folder(self) -> Path:
+        """``repo_root`` as ``__post_init__`` set it (the field is optional only as a constructor argument)."""
+        return self.repo_root if self.repo_root is not None else self.data_root.parent
+
+    @property
     def models_root(self) -> Path:
         return self.roots["modelsRoot"]
 
@@ -212,8 +217,8 @@ def resolve_weights(ref: dict, config: Config, what: str = "weights", must_exist
     if not rel:
         raise ConfigError(f"{what}: weights reference of kind {kind} has no 'path'")
     if kind == "repo_relative":
-        path = _inside(config.repo_root, rel, what, "the folder that holds the data root")
-        where = f"repo_relative to {config.repo_root}"
+        path = _inside(config.repo_folder, rel, what, "the folder that holds the data root")
+        where = f"repo_relative to {config.repo_folder}"
     elif kind == "absolute":
         path = Path(rel)
         if not path.is_absolute():
@@ -258,7 +263,7 @@ def _inside(root: Path, rel: str, what: str, root_name: str) -> Path:
 def resolve_local_path(local_path: str, config: Config, what: str, must_exist: bool = True) -> Path:
     """The file of a release's deprecated ``localPath``: relative to the folder that holds the data root, and
     inside it."""
-    path = _inside(config.repo_root, local_path, what, "the folder that holds the data root")
+    path = _inside(config.repo_folder, local_path, what, "the folder that holds the data root")
     if must_exist and not path.exists():
         raise ConfigError(f"{what}: weights file not found: {path} (localPath)")
     return path

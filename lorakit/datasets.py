@@ -631,6 +631,8 @@ def build_manifest(
                 if "alphaPath" in paths and rel != paths["alphaPath"]:
                     alpha_fallbacks.append(asset_id)
                 st = stats(rel)
+                if st is None:  # cannot happen: pick_image only returns a path that stats.exists() found
+                    raise DatasetError(f"{rel}: the image file picked for asset {asset_id} is gone")
                 digest = cache.get(rel, st)
                 if digest is None:
                     to_hash.append((len(items), rel, st))

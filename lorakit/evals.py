@@ -25,6 +25,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config import resolve_local_path, resolve_weights
 from .errors import ConfigError, EvalError, LorakitError, RecordError, RecordNotFoundError
@@ -288,7 +289,7 @@ def grid_params(checkpoint: dict, family: str | None, overrides: dict) -> dict:
     """
     defaults = {**FALLBACK_PARAMS, **FAMILY_DEFAULTS.get(family or "", {}),
                 **{k: v for k, v in (checkpoint.get("defaultGenerationParams") or {}).items() if v is not None}}
-    params = {k: (overrides.get(k) if overrides.get(k) is not None else defaults.get(k))
+    params: dict[str, Any] = {k: (overrides.get(k) if overrides.get(k) is not None else defaults.get(k))
               for k in ("width", "height", "steps", "cfg", "scheduler")}
     for key in ("width", "height"):
         params[key] = int(params[key])
@@ -489,8 +490,10 @@ def _lora_prompts(ws: Workspace, lora: dict, project: str | None, asset_type: st
         if not catalog.get(t):
             canonical_prompts(ws, t, project)  # raises the explanatory error
         pairs += [(p, t) for p in catalog[t]]
-    seen: set[str] = set()
-    return [(p, t) for p, t in pairs if not (p in seen or seen.add(p))]
+    firsts: dict[str, tuple[str, str]] = {}
+    for p, t in pairs:
+        firsts.setdefault(p, (p, t))  # the first asset type of a prompt listed by several
+    return list(firsts.values())
 
 
 def new_eval_record(eval_id: str, lora: LoraRef, release_id: str, prompts: list[str], now: str, **extra) -> dict:
@@ -644,6 +647,7 @@ def create_eval_grid(
         params["scheduler"] = scheduler_name(ws, checkpoint)
 
     given = list(dict.fromkeys(p.strip() for p in prompts or [] if p.strip()))
+    prompt_pairs: Sequence[tuple[str, str | None]]
     if given:
         default_type = asset_type or next(iter(lora.record.get("assetTypes") or []), None)
         prompt_pairs = [(p, default_type) for p in given]
@@ -673,7 +677,7 @@ def create_eval_grid(
                                   release_sha256=weights[cell.release_id][1], params=params) for cell in cells]
     batches = plan_batches(cells, [st["negativePrompt"] for st in all_settings], batch_size)
     job_ids = [new_ulid() for _ in cells]
-    jobs: list[dict | None] = [None] * len(cells)
+    job_at: dict[int, dict] = {}  # cell index -> its job; every cell is in exactly one batch
     for number, members in enumerate(batches):
         batch_id = f"{cells[members[0]].row_key}__b{number:02d}"
         batch_cells = [{"cellKey": cells[i].key, "jobId": job_ids[i], "seed": cells[i].seed,
@@ -683,7 +687,7 @@ def create_eval_grid(
             cell = cells[i]
             settings = {**all_settings[i], "batchSize": len(members), "batchPos": position}
             release = next(r for r in releases if r["id"] == cell.release_id)
-            jobs[i] = {
+            job_at[i] = {
                 "id": job_ids[i], "projectId": project, "type": JOB_TYPE, "status": "queued",
                 "createdAt": now, "updatedAt": now, "attempt": 0, "maxAttempts": int(max_attempts),
                 "input": {
@@ -695,6 +699,7 @@ def create_eval_grid(
                     "batch": {"id": batch_id, "cells": batch_cells},
                 },
             }
+    jobs = [job_at[i] for i in range(len(cells))]
     eval_path = store.path("eval", eval_id, lora.project)
     store.check("eval", record, eval_path)
     for job in jobs:
@@ -741,7 +746,9 @@ def record_failure(ws: Workspace, eval_id: str, eval_project: str | None, failur
 def job_eval_id(job: dict) -> str | None:
     """The eval a job renders for: lorakit's ``input.evalId`` or the original tool's ``input.eval.evalId``."""
     data = job.get("input") or {}
-    nested = data.get("eval") if isinstance(data.get("eval"), dict) else {}
+    nested = data.get("eval")
+    if not isinstance(nested, dict):
+        nested = {}
     value = data.get("evalId") or nested.get("evalId")
     return value if isinstance(value, str) else None
 
@@ -903,7 +910,8 @@ def sheet_layout(eval_record: dict) -> SheetLayout:
     outputs = [o for o in eval_record.get("outputs") or [] if isinstance(o, dict) and o.get("images")]
     if isinstance(grid, dict) and isinstance(grid.get("cells"), list):
         cells = grid["cells"]
-        rows, columns = {}, {}
+        rows: dict[str, str] = {}
+        columns: dict[tuple, str] = {}
         for c in cells:
             cell = GridCell(c["prompt"], c.get("assetType"), c["seed"], c["strength"], c["releaseId"], 0)
             rows.setdefault(cell.row_key, "base (strength 0)" if cell.is_base else f"{c['releaseId']} @ {c['strength']:g}")
@@ -913,8 +921,8 @@ def sheet_layout(eval_record: dict) -> SheetLayout:
         for o in outputs:
             c = by_key.get(o.get("cellKey"))
             if c:
-                row = GridCell(c["prompt"], None, c["seed"], c["strength"], c["releaseId"], 0).row_key
-                images[(row, (c["prompt"], c["seed"]))] = o["images"][0]
+                row_key = GridCell(c["prompt"], None, c["seed"], c["strength"], c["releaseId"], 0).row_key
+                images[(row_key, (c["prompt"], c["seed"]))] = o["images"][0]
         return SheetLayout(list(rows.items()), list(columns.items()), images)
     prompts = list(dict.fromkeys([*(eval_record.get("prompts") or []), *(o["prompt"] for o in outputs)]))
     row = (eval_record.get("releaseId", "release"), str(eval_record.get("releaseId", "release")))
@@ -990,7 +998,8 @@ def contact_sheet(
                 draw.rectangle([x, y, x + size - 1, y + size - 1], fill=(200, 200, 200))
                 draw.text((x + pad, y + pad), "missing", fill="black", font=font)
             else:
-                sheet.paste(image.resize((size, size), Image.NEAREST if image.width < size else Image.LANCZOS), (x, y))
+                resample = Image.Resampling.NEAREST if image.width < size else Image.Resampling.LANCZOS
+                sheet.paste(image.resize((size, size), resample), (x, y))
     return sheet
 
 

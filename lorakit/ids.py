@@ -17,7 +17,7 @@ _lock = threading.Lock()
 _last: tuple[int, int] | None = None  # (ms, random part) of the latest ULID made here
 
 
-def check_id(value: str, what: str = "id") -> str:
+def check_id(value: object, what: str = "id") -> str:
     """Return ``value`` if it is a safe record id, else raise :class:`InvalidIdError`.
 
     Ids are file names: letters, digits, ``_``, ``-`` and ``.`` only, never ``..``, at most 128 characters.

@@ -22,7 +22,7 @@ from .errors import RecordError
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: filelock's own locking, without the holder checks
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # the module or None; mypy types the name as the module
 
 _POLL_S = 0.01
 _held = threading.local()  # lock path -> [RecordLock, depth] of this thread: a nested lock of one record is free

@@ -150,9 +150,9 @@ def image_files(paths: Iterable[str | Path], size: int = 128, columns: int = 6, 
     """Image files as a grid (labels default to the file names)."""
     from IPython.display import HTML
 
-    paths = [Path(p) for p in paths]
-    names = list(labels) if labels is not None else [p.name for p in paths]
-    return HTML(gallery_html(list(zip(paths, names, strict=True)), size=size, columns=columns))
+    files = [Path(p) for p in paths]
+    names = list(labels) if labels is not None else [p.name for p in files]
+    return HTML(gallery_html(list(zip(files, names, strict=True)), size=size, columns=columns))
 
 
 def tag_chart(top_tags: Sequence[tuple[str, int]], title: str = "tag frequency") -> Figure:

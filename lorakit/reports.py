@@ -367,7 +367,7 @@ def release_report(ws: Workspace | str | Path | None, lora_id: str, release_id: 
     evals = sorted(evals_of_release(ws.store, lora_id, release, scopes), key=lambda e: e.get("createdAt", ""),
                    reverse=True)
     complete_grids = [e for e in evals if e.get("status") == "complete" and isinstance(e.get("grid"), dict)]
-    grid_eval = (complete_grids or evals or [None])[0]
+    grid_eval = complete_grids[0] if complete_grids else evals[0] if evals else None
     active_evals = evals if lora.get("activeReleaseId") == release["id"] else []
     status = {
         "release status": release.get("status"), "review": gate_review_state(release),
@@ -416,8 +416,10 @@ def make_report(
                        timeout=timeout)
 
     def record(release: dict) -> None:
-        evaluation = release.get("evaluation") if isinstance(release.get("evaluation"), dict) else {}
-        repo = ws.config.repo_root
+        evaluation = release.get("evaluation")
+        if not isinstance(evaluation, dict):
+            evaluation = {}
+        repo = ws.config.repo_folder
         evaluation["report"] = {"html": _report_path_text(run.html, repo) if run.html else None,
                                 "notebook": _report_path_text(run.executed, repo), "createdAt": now_iso()}
         release["evaluation"] = evaluation

@@ -372,9 +372,9 @@ def resolve_loras(
             pass_over(lora, "mode project_only leaves out baseline LoRAs")
             continue
         compatible.append(lora)
-    for pick in all_picks:
-        if pick.lora_id not in records:
-            warnings.append(f"picked LoRA {pick.lora_id!r} does not exist for this project or the shared LoRAs")
+    for each in all_picks:
+        if each.lora_id not in records:
+            warnings.append(f"picked LoRA {each.lora_id!r} does not exist for this project or the shared LoRAs")
 
     def order_key(lora: dict) -> tuple:
         recommended_first = 0 if (policy.prefer_recommended and lora.get("recommended")) else 1

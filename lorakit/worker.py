@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from .errors import LeaseLost, LorakitError, RecordError, RecordNotFoundError
 from .evals import (
@@ -318,9 +319,9 @@ class WarmPipeline:
     """A loaded pipeline and the LoRA releases loaded into it, by adapter name."""
 
     checkpoint_id: str
-    pipe: object
+    pipe: Any  # a diffusers pipeline with its LoRA mixins; the class depends on the checkpoint's family
     weights_hash: str | None
-    default_scheduler: object
+    default_scheduler: Any  # the diffusers scheduler the checkpoint ships
     adapters: dict[str, str] = field(default_factory=dict)   # adapter name -> weights path
     schedulers: dict[str, object] = field(default_factory=dict)
 
@@ -540,8 +541,11 @@ def write_png(image, path: Path, settings: dict) -> None:
 def read_png_settings(path: str | Path) -> dict:
     """The settings a worker wrote into a PNG's ``lorakit`` text chunk."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngImageFile
 
     with Image.open(path) as image:
+        if not isinstance(image, PngImageFile):
+            raise EvalError(f"{path}: not a PNG ({image.format}); lorakit writes its settings only into PNG images")
         return json.loads(image.text["lorakit"])
 
 
@@ -733,4 +737,8 @@ def _sigterm_as_interrupt() -> Callable[[], None]:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 from filelock import FileLock
@@ -155,7 +156,7 @@ def load_openclip_text_encoder(weights_file: Path, config_dir: Path, torch_dtype
             f"{weights_file}: SDXL text encoder 2 does not match its config {config_dir / 'text_encoder_2'} "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    return model.to(torch_dtype)
+    return model.to(torch_dtype)  # type: ignore[arg-type]  # @wraps(nn.Module.to) types PreTrainedModel.to unbound
 
 
 def load_vae(path: Path, config_dir: Path | None, torch_dtype: torch.dtype):
@@ -212,8 +213,9 @@ def load_pipeline(
     weights = paths["weights"]
     check_pickle_allowed(weights, allow, what)
     check_weights_files(weights, family, what)  # a record from Git may name the wrong family or a broken file
-    if paths.get("vae") is not None:
-        check_pickle_allowed(paths["vae"], allow, f"{what} vaeWeights")
+    vae = paths["vae"]
+    if vae is not None:
+        check_pickle_allowed(vae, allow, f"{what} vaeWeights")
     cls = pipeline_class(family)
     extra = {}
     config_folder = None
@@ -225,12 +227,12 @@ def load_pipeline(
                 raise ConfigError(f"{what}: {weights} is a folder but not a diffusers pipeline (no model_index.json)")
             config_folder = weights
         else:
-            source = single_file_config_source(weights, family, paths.get("config"))
+            source = single_file_config_source(weights, family, paths["config"])
             config_folder = complete_config_folder(source, family, config_cache_root(ws))
             if family == "sdxl":
                 extra["text_encoder_2"] = load_openclip_text_encoder(weights, config_folder, torch_dtype)
-        if paths.get("vae") is not None:
-            extra["vae"] = load_vae(paths["vae"], config_folder, torch_dtype)
+        if vae is not None:
+            extra["vae"] = load_vae(vae, config_folder, torch_dtype)
         if weights.is_dir():
             pipe = cls.from_pretrained(weights, torch_dtype=torch_dtype, local_files_only=True,
                                        use_safetensors=weights_format(weights) != "pickle",
@@ -269,7 +271,15 @@ def folder_variant(folder: Path) -> str | None:
     return "fp16" if any(".fp16." in p.name for p in unet.iterdir()) else None
 
 
-def checkpoint_paths(ws: Workspace, record: dict, config_dir: str | Path | None = None) -> dict[str, Path | None]:
+class CheckpointPaths(TypedDict):
+    """The local files of a checkpoint record, as :func:`checkpoint_paths` resolves them."""
+
+    weights: Path
+    vae: Path | None
+    config: Path | None
+
+
+def checkpoint_paths(ws: Workspace, record: dict, config_dir: str | Path | None = None) -> CheckpointPaths:
     """The local paths of a checkpoint record: ``weights``, ``vae`` (or None) and ``config`` (or None)."""
     what = f"checkpoint {record.get('id')!r}"
     ref = record.get("weights")
@@ -290,7 +300,7 @@ def describe_pipeline(pipe) -> dict:
     for name, component in pipe.components.items():
         if component is None:
             continue
-        entry = {"class": type(component).__name__}
+        entry: dict[str, Any] = {"class": type(component).__name__}
         if isinstance(component, torch.nn.Module):
             params = list(component.parameters())
             entry["parameters"] = sum(p.numel() for p in params)

@@ -97,10 +97,10 @@ def build_tiny_pipeline(family: str, seed: int = 0):
         text_encoder = CLIPTextModel(_text_config(49407, "quick_gelu"))
         torch.manual_seed(seed + 3)
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(0, "gelu"))
-        scheduler = EulerDiscreteScheduler(**betas, steps_offset=1, timestep_spacing="leading")
+        xl_scheduler = EulerDiscreteScheduler(**betas, steps_offset=1, timestep_spacing="leading")
         return StableDiffusionXLPipeline(
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=xl_scheduler,
         )
 
 
