@@ -349,20 +349,8 @@ def import_assets(
     """
     ws = as_workspace(ws)
     store = ws.store
-    check_id(project, "project id")
-    if checkpoint is not None:
-        check_id(checkpoint, "checkpoint id")
-    _check_status(status, allow_any=False)
-    _check_tags(tags, "tag")
-    if asset_type is not None and (not isinstance(asset_type, str) or not asset_type.strip()):
-        raise AssetError(f"asset type must be a non-empty string, got {asset_type!r}")
-    folder = Path(folder).expanduser().resolve()
-    if not folder.is_dir():
-        raise AssetError(f"{folder} is not a folder")
-    if in_place and store.root not in folder.parents:
-        raise AssetError(f"--in-place needs the images inside the data root {store.root}, and {folder} is not: records "
-                         "hold paths relative to the data root, so other machines find the files too. Move the "
-                         "folder under the data root (e.g. files/<project>/) or import without --in-place (copies)")
+    folder = _checked_import_request(store, project, folder, asset_type=asset_type, status=status, tags=tags,
+                                     checkpoint=checkpoint, in_place=in_place)
     report = ImportReport(project=project, dry_run=dry_run)
 
     # One import of a project at a time, from its first look at the known images to its last record:
@@ -372,8 +360,6 @@ def import_assets(
         defaults = (project_record or {}).get("defaults") or {}
         asset_type = asset_type or defaults.get("assetType") or DEFAULT_ASSET_TYPE
         _warn_about_references(store, project, asset_type, checkpoint, project_record is not None, report)
-        provenance = {k: v for k, v in zip(PROVENANCE_KEYS, (source, author, license, url, notes), strict=True) if v}
-
         images, skipped, not_entered = scan_folder(folder, recursive)
         report.skipped += [{"path": p, "reason": r} for p, r in skipped]
         if not_entered:
@@ -381,7 +367,6 @@ def import_assets(
                                    + ", ".join(not_entered[:5]) + (" ..." if len(not_entered) > 5 else ""))
         known = _known_images(ws, project) if project_record is not None and images else {}
         specs = _imported_specs(ws, project) if project_record is not None and images else {}
-
         if project_record is None and not dry_run and images:
             now = now_iso()
             store.write("project", {
@@ -389,67 +374,119 @@ def import_assets(
                 "policies": {"loraSelection": dict(DEFAULT_LORA_SELECTION)},
             }, create=True)
             report.project_created = True
+        request = _ImportRequest(
+            project=project, asset_type=asset_type, checkpoint=checkpoint, tags=tuple(tags), folder_tags=folder_tags,
+            status=status, defaults=defaults, dry_run=dry_run,
+            provenance={k: v for k, v in zip(PROVENANCE_KEYS, (source, author, license, url, notes), strict=True) if v})
+        _import_images(_Importer(store, project, in_place=in_place), images, request, known, specs, report, progress)
+    return report
 
-        importer = _Importer(store, project, in_place=in_place)
-        # Items are committed by a few threads: most of an item's time is spent waiting for fsync and file
-        # creation, which overlap well. Reading, checking and de-duplicating stay here, in order.
-        pool = ThreadPoolExecutor(max_workers=IMPORT_THREADS, thread_name_prefix="lorakit-import")
-        pending: deque[Future] = deque()
-        try:
-            for done, image in enumerate(images, 1):
-                if progress:
-                    progress(done - 1, len(images))
-                try:
-                    data = image.path.read_bytes()
-                except OSError as exc:
-                    report.skipped.append({"path": image.shown, "reason": f"cannot be read: {exc.strerror or exc}"})
-                    continue
-                try:
-                    facts = inspect_image(data)
-                except BadImage as exc:
-                    report.skipped.append({"path": image.shown, "reason": str(exc)})
-                    continue
-                if facts.sha256 in known:
-                    report.duplicates.append({"path": image.shown, "asset_id": known[facts.sha256]})
-                    continue
-                variant_tags = dedupe([*tags, *_caption_file_tags(image, report)])
-                folder_tag_list = group_tags(image.parts, folder_tags)
-                key = (image.group, asset_type, checkpoint or "")
-                spec_id = specs.get(key)
-                if dry_run:
-                    if spec_id is None:
-                        spec_id = specs[key] = f"(new spec {group_title(image.parts)!r})"
-                        report.specs_created.append(spec_id)
-                    known[facts.sha256] = "(new)"
-                    report.imported.append({"path": image.shown, "asset_id": "(new)", "spec_id": spec_id, "file": ""})
-                    continue
-                if spec_id is None:
-                    spec_id = specs[key] = importer.create_spec(build_spec_record(
-                        spec_id=new_ulid(), project=project, title=group_title(image.parts), asset_type=asset_type,
-                        style=str(defaults.get("style") or ""), scenario=str(defaults.get("scenario") or ""),
-                        tags=folder_tag_list, group=image.group, repeats=kohya_repeats(image.parts),
-                        checkpoint=checkpoint, created_at=now_iso()))
-                    report.specs_created.append(spec_id)
-                else:
-                    importer.add_spec_tags(spec_id, folder_tag_list)
-                known[facts.sha256] = asset_id = new_ulid()
-                pending.append(pool.submit(importer.commit, asset_id, image, data, facts, spec_id, variant_tags,
-                                           status, provenance))
-                while pending and (len(pending) > IMPORT_WINDOW or pending[0].done()):
-                    report.imported.append(pending.popleft().result())
-            while pending:
+
+def _checked_import_request(store: Store, project: str, folder: str | Path, *, asset_type: str | None, status: str,
+                            tags: Sequence[str], checkpoint: str | None, in_place: bool) -> Path:
+    """Refuse a request that cannot be carried out, before anything is read; returns the folder, resolved."""
+    check_id(project, "project id")
+    if checkpoint is not None:
+        check_id(checkpoint, "checkpoint id")
+    _check_status(status, allow_any=False)
+    _check_tags(tags, "tag")
+    if asset_type is not None and (not isinstance(asset_type, str) or not asset_type.strip()):
+        raise AssetError(f"asset type must be a non-empty string, got {asset_type!r}")
+    resolved = Path(folder).expanduser().resolve()
+    if not resolved.is_dir():
+        raise AssetError(f"{resolved} is not a folder")
+    if in_place and store.root not in resolved.parents:
+        raise AssetError(f"--in-place needs the images inside the data root {store.root}, and {resolved} is not: "
+                         "records hold paths relative to the data root, so other machines find the files too. Move "
+                         "the folder under the data root (e.g. files/<project>/) or import without --in-place (copies)")
+    return resolved
+
+
+@dataclass(frozen=True)
+class _ImportRequest:
+    """What every image of one import gets: its asset type, status, tags and provenance."""
+
+    project: str
+    asset_type: str
+    checkpoint: str | None
+    tags: tuple[str, ...]
+    folder_tags: bool
+    status: str
+    defaults: dict
+    dry_run: bool
+    provenance: dict
+
+
+def _import_images(importer: _Importer, images: list[SourceImage], request: _ImportRequest, known: dict[str, str],
+                   specs: dict, report: ImportReport, progress: Callable[[int, int], None] | None) -> None:
+    """Read, check and de-duplicate each image here, in order, and commit the new ones on a few threads: most of
+    an item's time is spent waiting for fsync and file creation, which overlap well."""
+    pool = ThreadPoolExecutor(max_workers=IMPORT_THREADS, thread_name_prefix="lorakit-import")
+    pending: deque[Future] = deque()
+    try:
+        for done, image in enumerate(images, 1):
+            if progress:
+                progress(done - 1, len(images))
+            item = _new_item(importer, image, request, known, specs, report)
+            if item is None:
+                continue
+            pending.append(pool.submit(importer.commit, *item))
+            while pending and (len(pending) > IMPORT_WINDOW or pending[0].done()):
                 report.imported.append(pending.popleft().result())
-        except BaseException:
-            # Interrupted, or an item failed: items already running finish whole (or roll themselves back),
-            # the rest are dropped, and so are the specs made for groups none of whose images got in.
-            pool.shutdown(wait=True, cancel_futures=True)
-            importer.drop_unused_specs()
-            raise
-        finally:
-            pool.shutdown(wait=True)
-        if progress:
-            progress(len(images), len(images))
-        return report
+        while pending:
+            report.imported.append(pending.popleft().result())
+    except BaseException:
+        # Interrupted, or an item failed: items already running finish whole (or roll themselves back),
+        # the rest are dropped, and so are the specs made for groups none of whose images got in.
+        pool.shutdown(wait=True, cancel_futures=True)
+        importer.drop_unused_specs()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    if progress:
+        progress(len(images), len(images))
+
+
+def _new_item(importer: _Importer, image: SourceImage, request: _ImportRequest, known: dict[str, str], specs: dict,
+              report: ImportReport) -> tuple | None:
+    """The arguments of ``importer.commit`` for a new image, or None when it is skipped, a duplicate, or (in a
+    dry run) only reported."""
+    try:
+        data = image.path.read_bytes()
+    except OSError as exc:
+        report.skipped.append({"path": image.shown, "reason": f"cannot be read: {exc.strerror or exc}"})
+        return None
+    try:
+        facts = inspect_image(data)
+    except BadImage as exc:
+        report.skipped.append({"path": image.shown, "reason": str(exc)})
+        return None
+    if facts.sha256 in known:
+        report.duplicates.append({"path": image.shown, "asset_id": known[facts.sha256]})
+        return None
+    variant_tags = dedupe([*request.tags, *_caption_file_tags(image, report)])
+    folder_tag_list = group_tags(image.parts, request.folder_tags)
+    key = (image.group, request.asset_type, request.checkpoint or "")
+    spec_id = specs.get(key)
+    if request.dry_run:
+        if spec_id is None:
+            spec_id = specs[key] = f"(new spec {group_title(image.parts)!r})"
+            report.specs_created.append(spec_id)
+        known[facts.sha256] = "(new)"
+        report.imported.append({"path": image.shown, "asset_id": "(new)", "spec_id": spec_id, "file": ""})
+        return None
+    if spec_id is None:
+        defaults = request.defaults
+        spec_id = specs[key] = importer.create_spec(build_spec_record(
+            spec_id=new_ulid(), project=request.project, title=group_title(image.parts),
+            asset_type=request.asset_type, style=str(defaults.get("style") or ""),
+            scenario=str(defaults.get("scenario") or ""), tags=folder_tag_list, group=image.group,
+            repeats=kohya_repeats(image.parts), checkpoint=request.checkpoint, created_at=now_iso()))
+        report.specs_created.append(spec_id)
+    else:
+        importer.add_spec_tags(spec_id, folder_tag_list)
+    known[facts.sha256] = asset_id = new_ulid()
+    return asset_id, image, data, facts, spec_id, variant_tags, request.status, request.provenance
 
 
 IMPORT_LOCK_TIMEOUT_S = 3600  # a second import waits for the first, which may take many minutes

@@ -267,3 +267,14 @@ def resolve_local_path(local_path: str, config: Config, what: str, must_exist: b
     if must_exist and not path.exists():
         raise ConfigError(f"{what}: weights file not found: {path} (localPath)")
     return path
+
+
+def release_weights_path(release: dict, config: Config, what: str, must_exist: bool = True) -> Path:
+    """The local ``.safetensors`` file of a LoRA release: its ``weights`` reference (:func:`resolve_weights`),
+    else its deprecated ``localPath`` (:func:`resolve_local_path`). The one answer the picker, the worker, the
+    eval grid and the reports all use, so they never disagree about which file a release is."""
+    if release.get("weights"):
+        return resolve_weights(release["weights"], config, what=what, must_exist=must_exist)
+    if release.get("localPath"):
+        return resolve_local_path(release["localPath"], config, what, must_exist)
+    raise ConfigError(f"{what} has no 'weights' reference (nor a localPath)")

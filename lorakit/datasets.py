@@ -43,7 +43,7 @@ from .catalog import (
 from .errors import DatasetError, RecordError, UnreadableImageError
 from .hashing import cache_entry, cached_value, is_racy
 from .ids import check_id, given_or_new_id
-from .store import contained_path, now_iso, write_cache
+from .store import Store, contained_path, now_iso, write_cache
 from .workspace import Workspace, as_workspace
 
 if TYPE_CHECKING:
@@ -571,111 +571,152 @@ def build_manifest(
     target_project = project if scope == "project" else None
     target = store.path("dataset", manifest_id, target_project)
 
-    root = os.fspath(store.root)
-    assets_dir = os.path.join(os.fspath(store.project_dir(project)), "assets")
-    asset_records = RecordCache(store, project, "assets")  # parsed records, saved below unless a dry run
-    spec_records = RecordCache(store, project, "specs")
-    specs = SpecIndex(store, project, records=spec_records)
-    catalogs = CatalogsByCheckpoint(ws, project) if with_tokens else None
-    exclude = compile_globs(selection.exclude_tags)
-    stats = _FileStats(root)
-    real_dirs: dict[str, str] = {}  # resolved image folders, for the symlink check
-    cache = HashCache(root)
-
-    items: list[dict] = []
-    left_out: list[LeftOut] = []
-    missing_specs: list[tuple[str, str]] = []
-    alpha_fallbacks: list[str] = []
-    to_hash: list[tuple[int, str, os.stat_result]] = []  # (item index, path, stat) of images not in the cache
-    seen = 0
+    picker = _ItemPicker(ws, project, selection)
     with FileReader() as reader:
-        for chunk in iter_asset_chunks(ws, project, reader, records=asset_records):
-            specs.prefetch((a["specId"] for a in chunk), reader)
+        for chunk in iter_asset_chunks(ws, project, reader, records=picker.asset_records):
+            picker.specs.prefetch((a["specId"] for a in chunk), reader)
             for asset in chunk:
-                seen += 1
-                asset_id = asset["id"]
-                version = pick_version(asset, selection.status)
-                if version is None:
-                    left_out.append(LeftOut(asset_id, WRONG_STATUS, f"no version with status {selection.status!r}"))
-                    continue
-                spec = specs.get(asset["specId"])
-                if spec is None:
-                    missing_specs.append((asset_id, asset["specId"]))
-                variant, reason, detail = screen_candidate(version, spec, selection, exclude)
-                if variant is None:
-                    left_out.append(LeftOut(asset_id, reason or "", detail))
-                    continue
-                if not variant_looks_valid(variant):
-                    raise explain_invalid(store, "asset", asset, f"{assets_dir}{os.sep}{asset_id}.json",
-                                          f"variant {variant.get('id')!r} lacks a field lorakit reads")
-
-                # Paths are made safe (inside the data root, normalized) before anything touches the disk.
-                paths = {}
-                for key in ("alphaPath", "originalPath"):
-                    if variant.get(key):
-                        safe = _safe_rel(root, variant[key])
-                        if safe is None:
-                            raise RecordError(f"{_where(assets_dir, asset, version, variant, key)}: image path "
-                                              f"{variant[key]!r} leaves the data root {root}")
-                        paths[key] = safe
-                rel = pick_image(paths, stats.exists)
-                if rel is None:
-                    declared = [p for p in (variant.get("alphaPath"), variant.get("originalPath")) if p]
-                    left_out.append(LeftOut(asset_id, IMAGE_MISSING, "no file at " + " nor ".join(declared)))
-                    continue
-                escape, _ = contained_path(root, rel, real_dirs)
-                if escape:
-                    key = "alphaPath" if rel == paths.get("alphaPath") else "originalPath"
-                    raise RecordError(f"{_where(assets_dir, asset, version, variant, key)}: image path {rel!r} "
-                                      f"{escape}; replace the link with the file itself")
-                if "alphaPath" in paths and rel != paths["alphaPath"]:
-                    alpha_fallbacks.append(asset_id)
-                st = stats(rel)
-                if st is None:  # cannot happen: pick_image only returns a path that stats.exists() found
-                    raise DatasetError(f"{rel}: the image file picked for asset {asset_id} is gone")
-                digest = cache.get(rel, st)
-                if digest is None:
-                    to_hash.append((len(items), rel, st))
-
-                variant_tags = variant.get("tags") or []
-                tokens: list[str] = []
-                if catalogs is not None:
-                    token_tags = variant_tags if selection.no_spec_tags else variant_tags + spec_tags(spec)
-                    tokens = prompt_tokens(spec, token_tags, catalogs.get((spec or {}).get("checkpointId")))
-                text = build_caption(variant_tags, spec, selection.caption, no_spec_tags=selection.no_spec_tags,
-                                     tokens=tokens, exclude=exclude)
-                item = {"assetId": asset_id, "assetVersionId": version["id"], "variantId": variant["id"], "path": rel}
-                if text:
-                    item["caption"] = text
-                if "tags" in variant:
-                    item["tags"] = list(variant["tags"])
-                item["sha256"] = digest
-                items.append(item)
-
+                picker.consider(asset)
         # Only the images picked and not in the cache are read: hashed and checked, in parallel on a cold disk.
-        digests = reader.map(_hash_job, [stats.root + rel for _, rel, _ in to_hash])
-    unreadable: set[int] = set()
-    for (index, rel, st), digest in zip(to_hash, digests, strict=True):
-        if isinstance(digest, UnreadableImageError):
-            unreadable.add(index)
-            left_out.append(LeftOut(items[index]["assetId"], UNREADABLE_IMAGE, f"{rel}: {digest}"))
-        else:
-            items[index]["sha256"] = digest
-            cache.put(rel, st, digest)
-    if unreadable:
-        items = [item for i, item in enumerate(items) if i not in unreadable]
-    hashed = len(to_hash)
-
-    warnings = _build_warnings(missing_specs, alpha_fallbacks)
+        digests = reader.map(_hash_job, [picker.stats.root + rel for _, rel, _ in picker.to_hash])
+    items = picker.hashed_items(digests)
     if not items:
-        raise DatasetError(_empty_message(project, seen, left_out))
+        raise DatasetError(_empty_message(project, picker.seen, picker.left_out))
 
+    manifest = _manifest_record(store, manifest_id, scope, project, selection, items, kept_provenance,
+                                keep_created_from=target if dataset_id is not None else None)
+    if dry_run:
+        store.check("dataset", manifest, target)
+    else:
+        target = store.write("dataset", manifest, project=target_project)
+        picker.save_caches()
+    return BuildResult(manifest=manifest, path=target, written=not dry_run, assets_seen=picker.seen,
+                       left_out=picker.left_out, warnings=_build_warnings(picker.missing_specs, picker.alpha_fallbacks),
+                       images_hashed=len(picker.to_hash))
+
+
+class _ItemPicker:
+    """One build's walk over the assets: which image of each asset goes in, with which caption, and why each
+    one left out was left out. The caches it reads are saved only when the manifest is written."""
+
+    def __init__(self, ws: Workspace, project: str, selection: Selection):
+        store = ws.store
+        self.store, self.selection = store, selection
+        self.root = os.fspath(store.root)
+        self.assets_dir = os.path.join(os.fspath(store.project_dir(project)), "assets")
+        self.asset_records = RecordCache(store, project, "assets")  # parsed records, saved unless a dry run
+        self.spec_records = RecordCache(store, project, "specs")
+        self.specs = SpecIndex(store, project, records=self.spec_records)
+        self.catalogs = CatalogsByCheckpoint(ws, project) if selection.with_tokens else None
+        self.exclude = compile_globs(selection.exclude_tags)
+        self.stats = _FileStats(self.root)
+        self.real_dirs: dict[str, str] = {}  # resolved image folders, for the symlink check
+        self.cache = HashCache(self.root)
+        self.items: list[dict] = []
+        self.left_out: list[LeftOut] = []
+        self.missing_specs: list[tuple[str, str]] = []
+        self.alpha_fallbacks: list[str] = []
+        self.to_hash: list[tuple[int, str, os.stat_result]] = []  # (item index, path, stat) of images not cached
+        self.seen = 0
+
+    def consider(self, asset: dict) -> None:
+        """Add ``asset``'s image to the items, or record why it is left out."""
+        self.seen += 1
+        asset_id, selection = asset["id"], self.selection
+        version = pick_version(asset, selection.status)
+        if version is None:
+            self.left_out.append(LeftOut(asset_id, WRONG_STATUS, f"no version with status {selection.status!r}"))
+            return
+        spec = self.specs.get(asset["specId"])
+        if spec is None:
+            self.missing_specs.append((asset_id, asset["specId"]))
+        variant, reason, detail = screen_candidate(version, spec, selection, self.exclude)
+        if variant is None:
+            self.left_out.append(LeftOut(asset_id, reason or "", detail))
+            return
+        if not variant_looks_valid(variant):
+            raise explain_invalid(self.store, "asset", asset, f"{self.assets_dir}{os.sep}{asset_id}.json",
+                                  f"variant {variant.get('id')!r} lacks a field lorakit reads")
+        rel = self._image(asset, version, variant)
+        if rel is None:
+            return
+        st = self.stats(rel)
+        if st is None:  # cannot happen: pick_image only returns a path that stats.exists() found
+            raise DatasetError(f"{rel}: the image file picked for asset {asset_id} is gone")
+        digest = self.cache.get(rel, st)
+        if digest is None:
+            self.to_hash.append((len(self.items), rel, st))
+        item = {"assetId": asset_id, "assetVersionId": version["id"], "variantId": variant["id"], "path": rel}
+        text = self._caption(variant, spec)
+        if text:
+            item["caption"] = text
+        if "tags" in variant:
+            item["tags"] = list(variant["tags"])
+        item["sha256"] = digest
+        self.items.append(item)
+
+    def _image(self, asset: dict, version: dict, variant: dict) -> str | None:
+        """The variant's image (alpha first) as a safe path inside the data root, or None (left out: no file).
+        Paths are made safe (inside the data root, normalized) before anything touches the disk."""
+        paths = {}
+        for key in ("alphaPath", "originalPath"):
+            if variant.get(key):
+                safe = _safe_rel(self.root, variant[key])
+                if safe is None:
+                    raise RecordError(f"{_where(self.assets_dir, asset, version, variant, key)}: image path "
+                                      f"{variant[key]!r} leaves the data root {self.root}")
+                paths[key] = safe
+        rel = pick_image(paths, self.stats.exists)
+        if rel is None:
+            declared = [p for p in (variant.get("alphaPath"), variant.get("originalPath")) if p]
+            self.left_out.append(LeftOut(asset["id"], IMAGE_MISSING, "no file at " + " nor ".join(declared)))
+            return None
+        escape, _ = contained_path(self.root, rel, self.real_dirs)
+        if escape:
+            key = "alphaPath" if rel == paths.get("alphaPath") else "originalPath"
+            raise RecordError(f"{_where(self.assets_dir, asset, version, variant, key)}: image path {rel!r} "
+                              f"{escape}; replace the link with the file itself")
+        if "alphaPath" in paths and rel != paths["alphaPath"]:
+            self.alpha_fallbacks.append(asset["id"])
+        return rel
+
+    def _caption(self, variant: dict, spec: dict | None) -> str | None:
+        selection = self.selection
+        variant_tags = variant.get("tags") or []
+        tokens: list[str] = []
+        if self.catalogs is not None:
+            token_tags = variant_tags if selection.no_spec_tags else variant_tags + spec_tags(spec)
+            tokens = prompt_tokens(spec, token_tags, self.catalogs.get((spec or {}).get("checkpointId")))
+        return build_caption(variant_tags, spec, selection.caption, no_spec_tags=selection.no_spec_tags,
+                             tokens=tokens, exclude=self.exclude)
+
+    def hashed_items(self, digests: Iterable[str | UnreadableImageError]) -> list[dict]:
+        """The items with the hashes of the images read now; an image that cannot be decoded is left out."""
+        unreadable: set[int] = set()
+        for (index, rel, st), digest in zip(self.to_hash, digests, strict=True):
+            if isinstance(digest, UnreadableImageError):
+                unreadable.add(index)
+                self.left_out.append(LeftOut(self.items[index]["assetId"], UNREADABLE_IMAGE, f"{rel}: {digest}"))
+            else:
+                self.items[index]["sha256"] = digest
+                self.cache.put(rel, st, digest)
+        return [item for i, item in enumerate(self.items) if i not in unreadable] if unreadable else self.items
+
+    def save_caches(self) -> None:
+        self.cache.save()
+        self.asset_records.save()
+        self.spec_records.save()
+
+
+def _manifest_record(store: Store, manifest_id: str, scope: str, project: str, selection: Selection,
+                     items: list[dict], provenance: dict | None, keep_created_from: Path | None) -> dict:
+    """The manifest record, in the field order the original tool writes. Re-building a named dataset keeps
+    its creation time; a broken old file is simply replaced."""
     now = now_iso()
     created = now
-    if dataset_id is not None and os.path.isfile(target):
-        # Re-building a named dataset keeps its creation time; a broken old file is simply replaced.
+    if keep_created_from is not None and os.path.isfile(keep_created_from):
         with contextlib.suppress(RecordError, OSError, ValueError):
-            old = store.read_path(target, "dataset", validate=False)
+            old = store.read_path(keep_created_from, "dataset", validate=False)
             if isinstance(old.get("createdAt"), str) and old["createdAt"]:
                 created = old["createdAt"]
     manifest: dict = {"id": manifest_id, "scope": scope}
@@ -683,21 +724,12 @@ def build_manifest(
         manifest["projectId"] = project
     manifest["createdAt"] = created
     manifest["updatedAt"] = now
-    if kept_provenance:
-        manifest["provenance"] = kept_provenance
+    if provenance:
+        manifest["provenance"] = provenance
     manifest["selection"] = selection.as_record()
     manifest["items"] = items
     manifest["manifestHash"] = manifest_hash(items)
-
-    if dry_run:
-        store.check("dataset", manifest, target)
-    else:
-        target = store.write("dataset", manifest, project=target_project)
-        cache.save()
-        asset_records.save()
-        spec_records.save()
-    return BuildResult(manifest=manifest, path=target, written=not dry_run, assets_seen=seen, left_out=left_out,
-                       warnings=warnings, images_hashed=hashed)
+    return manifest
 
 
 def _build_warnings(missing_specs: list[tuple[str, str]], alpha_fallbacks: list[str]) -> list[str]:
@@ -727,11 +759,13 @@ def _empty_message(project: str, seen: int, left_out: list[LeftOut]) -> str:
 
 # ---- reading manifests ---------------------------------------------------------------------------------
 def load_manifest(ws: Workspace | str | Path | None, dataset_id: str, project: str | None = None) -> dict:
-    """A dataset manifest: from ``projects/<project>/datasets/`` when ``project`` is given, else the shared scope."""
+    """A dataset manifest: the project's own when ``project`` is given and has one, else the shared one (the
+    same lookup training uses, :meth:`lorakit.store.Store.find`)."""
     ws = as_workspace(ws)
+    check_id(dataset_id, "dataset id")
     if project is not None:
         require_project(ws.store, project)
-    return ws.store.read("dataset", dataset_id, project)
+    return ws.store.find("dataset", dataset_id, project, hint="build it with `lorakit dataset build`")[0]
 
 
 def manifest_items_frame(manifest: dict) -> pandas.DataFrame:

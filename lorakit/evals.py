@@ -19,19 +19,19 @@ pure functions; the functions that read and write records are thin wrappers arou
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import resolve_local_path, resolve_weights
+from .config import release_weights_path as resolve_release_weights
+from .config import resolve_weights
 from .errors import ConfigError, EvalError, LorakitError, RecordError, RecordNotFoundError
 from .hashing import file_sha256
 from .ids import check_id, given_or_new_id, new_ulid
-from .store import now_iso, write_atomic
+from .loras import get_release
+from .store import now_iso
 from .workspace import Workspace, as_workspace
 
 CANONICAL_MIN, CANONICAL_MAX = 3, 5
@@ -358,20 +358,10 @@ def find_lora(ws: Workspace, lora_id: str, project: str | None = None, scope: st
     return LoraRef(record, where)
 
 
-def find_release(lora: dict, release_id: str) -> dict:
-    from .loras import get_release
-
-    return get_release(lora, release_id)
-
-
 def release_weights_path(ws: Workspace, lora: dict, release: dict, must_exist: bool = True) -> Path:
-    """The local ``.safetensors`` file of a release (``weights`` reference, else the deprecated ``localPath``)."""
-    what = f"LoRA {lora.get('id')} release {release.get('id')}"
-    if release.get("weights"):
-        return resolve_weights(release["weights"], ws.config, what=what, must_exist=must_exist)
-    if release.get("localPath"):
-        return resolve_local_path(release["localPath"], ws.config, what, must_exist)
-    raise ConfigError(f"{what} has no 'weights' reference (nor a localPath)")
+    """The local ``.safetensors`` file of a release (:func:`lorakit.config.release_weights_path`)."""
+    return resolve_release_weights(release, ws.config, f"LoRA {lora.get('id')} release {release.get('id')}",
+                                   must_exist)
 
 
 def find_eval(ws: Workspace | str | Path | None, eval_id: str, project: str | None = None) -> tuple[dict, str | None]:
@@ -388,53 +378,6 @@ def find_eval(ws: Workspace | str | Path | None, eval_id: str, project: str | No
 
 
 # ---- hashes --------------------------------------------------------------------------------------------
-
-
-def weights_fingerprint(path: Path, cache_dir: Path | None = None) -> str:
-    """sha256 of a weights file, or of a diffusers folder (over each file's relative path and sha256).
-
-    Real checkpoints are gigabytes, so folder hashes are cached under ``cache_dir`` and reused while every
-    file keeps its size and modification time.
-    """
-    path = Path(path)
-    if path.is_file():
-        files = [(path.name, path)]
-    else:
-        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*")
-                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    stamp = [[rel, p.stat().st_size, p.stat().st_mtime_ns] for rel, p in files]
-    cache_file = None
-    if cache_dir is not None:
-        cache_file = Path(cache_dir) / (hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:20] + ".json")
-        try:
-            cached = json.loads(cache_file.read_text(encoding="utf-8"))
-            if cached.get("stamp") == stamp:
-                return cached["sha256"]
-        except (OSError, ValueError, AttributeError):
-            pass
-    if path.is_file():
-        value = file_sha256(path)
-    else:
-        digest = hashlib.sha256()
-        for rel, p in files:
-            digest.update(f"{rel}\t{file_sha256(p)}\n".encode())
-        value = digest.hexdigest()
-    if cache_file is not None:
-        record = {"path": str(path), "stamp": stamp, "sha256": value}
-        write_atomic(cache_file, json.dumps(record).encode("utf-8"), durable=False)
-    return value
-
-
-def checkpoint_weights_hash(ws: Workspace, checkpoint: dict) -> str | None:
-    """The checkpoint's recorded ``weights.sha256``, else a fingerprint of its local weights (None if absent)."""
-    ref = checkpoint.get("weights") or {}
-    if ref.get("sha256"):
-        return ref["sha256"].lower()
-    try:
-        path = resolve_weights(ref, ws.config, what=f"checkpoint {checkpoint.get('id')}")
-    except ConfigError:
-        return None
-    return weights_fingerprint(path, ws.data_root / ".lorakit" / "hashes")
 
 
 def release_sha256(ws: Workspace, lora: dict, release: dict) -> str:
@@ -475,7 +418,7 @@ def link_eval(evaluation: dict | None, eval_id: str) -> dict:
 
 def _link_release(ws: Workspace, lora: LoraRef, release_id: str, eval_id: str) -> None:
     def change(record: dict) -> None:
-        release = find_release(record, release_id)
+        release = get_release(record, release_id)
         release["evaluation"] = link_eval(release.get("evaluation"), eval_id)
 
     ws.store.update("lora", lora.record["id"], change, lora.project)
@@ -529,7 +472,7 @@ def create_eval(
     """
     ws = as_workspace(ws)
     lora = find_lora(ws, lora_id, project, scope)
-    find_release(lora.record, release_id)
+    get_release(lora.record, release_id)
     prompt_list = list(dict.fromkeys(p.strip() for p in prompts or [] if p.strip())) or \
         [p for p, _ in _lora_prompts(ws, lora.record, project or lora.project, None)]
     eval_id = given_or_new_id(eval_id, "eval id")
@@ -627,16 +570,16 @@ def create_eval_grid(
     >>> plan = create_eval_grid("data", "demo", "ui_icons", "r2", compare_release="r1", seeds=[1, 2])  # doctest: +SKIP
     >>> len(plan.jobs)                                                                                # doctest: +SKIP
     """
-    from .models.registry import checkpoint_family, get_checkpoint
+    from .models.registry import checkpoint_family, checkpoint_weights_hash, get_checkpoint
 
     ws = as_workspace(ws)
     store = ws.store
     if not store.path("project", project).is_file():
         raise RecordNotFoundError(f"project {project!r} does not exist (jobs of an eval grid live in a project)")
     lora = find_lora(ws, lora_id, project, scope)
-    releases = [find_release(lora.record, release_id)]
+    releases = [get_release(lora.record, release_id)]
     if compare_release and compare_release != release_id:
-        releases.append(find_release(lora.record, compare_release))
+        releases.append(get_release(lora.record, compare_release))
     checkpoint = get_checkpoint(ws, checkpoint_id or lora.record["checkpointId"])
     try:
         family = checkpoint_family(checkpoint)
@@ -646,19 +589,13 @@ def create_eval_grid(
     if params["scheduler"] == "default":
         params["scheduler"] = scheduler_name(ws, checkpoint)
 
-    given = list(dict.fromkeys(p.strip() for p in prompts or [] if p.strip()))
-    prompt_pairs: Sequence[tuple[str, str | None]]
-    if given:
-        default_type = asset_type or next(iter(lora.record.get("assetTypes") or []), None)
-        prompt_pairs = [(p, default_type) for p in given]
-    else:
-        prompt_pairs = _lora_prompts(ws, lora.record, project, asset_type)
+    prompt_pairs = _grid_prompts(ws, lora.record, project, prompts, asset_type)
     cells = plan_cells(prompt_pairs, list(seeds), [0.0, *strengths], [r["id"] for r in releases])
 
     eval_id = given_or_new_id(eval_id, "eval id")
     if store.exists("eval", eval_id, lora.project):
         raise RecordError(f"eval {eval_id!r} already exists ({store.path('eval', eval_id, lora.project)})")
-    ckpt_hash = checkpoint_weights_hash(ws, checkpoint)
+    ckpt_hash = checkpoint_weights_hash(ws, checkpoint, record=False, missing_ok=True)
     weights = {r["id"]: (release_weights_path(ws, lora.record, r), release_sha256(ws, lora.record, r)) for r in releases}
     folder = images_dir(eval_id, lora.project)
     now = now_iso()
@@ -676,30 +613,8 @@ def create_eval_grid(
     all_settings = [cell_settings(cell, checkpoint=checkpoint, checkpoint_hash=ckpt_hash, lora_id=lora_id,
                                   release_sha256=weights[cell.release_id][1], params=params) for cell in cells]
     batches = plan_batches(cells, [st["negativePrompt"] for st in all_settings], batch_size)
-    job_ids = [new_ulid() for _ in cells]
-    job_at: dict[int, dict] = {}  # cell index -> its job; every cell is in exactly one batch
-    for number, members in enumerate(batches):
-        batch_id = f"{cells[members[0]].row_key}__b{number:02d}"
-        batch_cells = [{"cellKey": cells[i].key, "jobId": job_ids[i], "seed": cells[i].seed,
-                        "positivePrompt": all_settings[i]["positivePrompt"],
-                        "negativePrompt": all_settings[i]["negativePrompt"]} for i in members]
-        for position, i in enumerate(members):
-            cell = cells[i]
-            settings = {**all_settings[i], "batchSize": len(members), "batchPos": position}
-            release = next(r for r in releases if r["id"] == cell.release_id)
-            job_at[i] = {
-                "id": job_ids[i], "projectId": project, "type": JOB_TYPE, "status": "queued",
-                "createdAt": now, "updatedAt": now, "attempt": 0, "maxAttempts": int(max_attempts),
-                "input": {
-                    "evalId": eval_id, "evalProjectId": lora.project, "cellKey": cell.key,
-                    "imagePath": f"{folder}/{cell.key}.png",
-                    "lora": {"id": lora_id, "scope": lora.scope, "projectId": lora.project, "releaseId": release["id"],
-                             "weights": release.get("weights"), "localPath": release.get("localPath")},
-                    "settings": settings,
-                    "batch": {"id": batch_id, "cells": batch_cells},
-                },
-            }
-    jobs = [job_at[i] for i in range(len(cells))]
+    jobs = _grid_jobs(cells, all_settings, batches, releases, lora, project=project, eval_id=eval_id, folder=folder,
+                      now=now, max_attempts=max_attempts)
     eval_path = store.path("eval", eval_id, lora.project)
     store.check("eval", record, eval_path)
     for job in jobs:
@@ -712,6 +627,48 @@ def create_eval_grid(
         store.write("job", job, project, create=True)
     _link_release(ws, lora, release_id, eval_id)
     return plan
+
+
+def _grid_prompts(ws: Workspace, lora: dict, project: str, prompts: Sequence[str] | None,
+                  asset_type: str | None) -> Sequence[tuple[str, str | None]]:
+    """``(prompt, asset type)`` of each grid column: the prompts given (for ``asset_type``, else the LoRA's
+    first), else the canonical prompts of the LoRA's asset types."""
+    given = list(dict.fromkeys(p.strip() for p in prompts or [] if p.strip()))
+    if given:
+        default_type = asset_type or next(iter(lora.get("assetTypes") or []), None)
+        return [(p, default_type) for p in given]
+    return _lora_prompts(ws, lora, project, asset_type)
+
+
+def _grid_jobs(cells: Sequence[GridCell], all_settings: list[dict], batches: list[list[int]], releases: list[dict],
+               lora: LoraRef, *, project: str, eval_id: str, folder: str, now: str, max_attempts: int) -> list[dict]:
+    """One queued job per cell, in cell order; each lists the batch it renders in."""
+    by_id = {r["id"]: r for r in releases}
+    job_ids = [new_ulid() for _ in cells]
+    job_at: dict[int, dict] = {}  # cell index -> its job; every cell is in exactly one batch
+    for number, members in enumerate(batches):
+        batch_id = f"{cells[members[0]].row_key}__b{number:02d}"
+        batch_cells = [{"cellKey": cells[i].key, "jobId": job_ids[i], "seed": cells[i].seed,
+                        "positivePrompt": all_settings[i]["positivePrompt"],
+                        "negativePrompt": all_settings[i]["negativePrompt"]} for i in members]
+        for position, i in enumerate(members):
+            cell = cells[i]
+            settings = {**all_settings[i], "batchSize": len(members), "batchPos": position}
+            release = by_id[cell.release_id]
+            job_at[i] = {
+                "id": job_ids[i], "projectId": project, "type": JOB_TYPE, "status": "queued",
+                "createdAt": now, "updatedAt": now, "attempt": 0, "maxAttempts": int(max_attempts),
+                "input": {
+                    "evalId": eval_id, "evalProjectId": lora.project, "cellKey": cell.key,
+                    "imagePath": f"{folder}/{cell.key}.png",
+                    "lora": {"id": lora.record["id"], "scope": lora.scope, "projectId": lora.project,
+                             "releaseId": release["id"], "weights": release.get("weights"),
+                             "localPath": release.get("localPath")},
+                    "settings": settings,
+                    "batch": {"id": batch_id, "cells": batch_cells},
+                },
+            }
+    return [job_at[i] for i in range(len(cells))]
 
 
 # ---- worker-side updates ---------------------------------------------------------------------------------
@@ -1022,17 +979,3 @@ def show_eval_grid(ws: Workspace | str | Path | None, eval_id: str, project: str
     except ImportError:
         pass
     return image
-
-
-_SAFE = re.compile(r"[^A-Za-z0-9_]")
-
-
-def adapter_name(lora_id: str, release_id: str, sha256: str | None) -> str:
-    """The peft adapter name of a release: letters, digits and ``_`` only (peft module keys forbid ``.``),
-    plus a hash so two releases never share a name.
-
-    >>> adapter_name("ui.icons", "r-1", "ab" * 32)
-    'ui_icons__r_1__abababab'
-    """
-    short = (sha256 or hashlib.sha1(f"{lora_id}/{release_id}".encode()).hexdigest())[:8]
-    return f"{_SAFE.sub('_', lora_id)}__{_SAFE.sub('_', release_id)}__{short}"

@@ -40,8 +40,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import GateRefusal, RecordNotFoundError
+from .errors import GateRefusal, LorakitError, RecordNotFoundError
 from .ids import check_id
+from .loras import get_release, has_release
 from .store import Store, now_iso
 from .workspace import Workspace, as_workspace
 
@@ -66,15 +67,6 @@ class GateResult:
 
 
 # ---- reading the lifecycle state (pure) ----------------------------------------------------------------------
-def find_release(lora: dict, release_id: str) -> dict:
-    """The release ``release_id`` of ``lora``; an unknown id is a refusal that lists the releases there are."""
-    for release in lora.get("releases", []):
-        if release.get("id") == release_id:
-            return release
-    known = ", ".join(r.get("id", "?") for r in lora.get("releases", [])) or "none"
-    raise GateRefusal(f"LoRA {lora.get('id')!r} has no release {release_id!r} (releases: {known})")
-
-
 def reviews_of(release: dict) -> list[dict]:
     """The review history of a release, oldest first (empty when it was never reviewed)."""
     evaluation = release.get("evaluation") or {}
@@ -133,7 +125,7 @@ def recommendation_problems(lora: dict, active_evals: Sequence[dict]) -> list[st
     if not active_id:
         return [f"LoRA {lora.get('id')!r} has no active release (activate an approved release first)"]
     try:
-        release = find_release(lora, active_id)
+        release = get_release(lora, active_id)
     except GateRefusal:
         return [f"active release {active_id!r} does not exist in LoRA {lora.get('id')!r}"]
     problems = []
@@ -185,7 +177,7 @@ def review(
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
     lora = copy.deepcopy(lora)
-    release = find_release(lora, release_id)
+    release = get_release(lora, release_id)
     if release.get("status") == "deprecated":
         raise GateRefusal(f"release {release_id!r} of LoRA {lora['id']!r} is deprecated; it cannot be reviewed")
     _check_eval_refs(lora["id"], release_id, evals)
@@ -242,7 +234,7 @@ def activate(
 ) -> tuple[dict, list[str]]:
     """Make ``release_id`` the active release. Only approved releases, unless ``force`` (recorded)."""
     lora = copy.deepcopy(lora)
-    release = find_release(lora, release_id)
+    release = get_release(lora, release_id)
     state = review_state(release)
     if state == "deprecated":
         raise GateRefusal(f"release {release_id!r} of LoRA {lora['id']!r} is deprecated; it cannot be activated")
@@ -273,7 +265,7 @@ def deprecate(
 ) -> tuple[dict, list[str]]:
     """Mark ``release_id`` deprecated (never picked again); deprecating the active release clears it."""
     lora = copy.deepcopy(lora)
-    release = find_release(lora, release_id)
+    release = get_release(lora, release_id)
     if release.get("status") == "deprecated":
         raise _NoChange([f"release {release_id!r} of LoRA {lora['id']!r} is already deprecated"])
     release["status"] = "deprecated"
@@ -431,7 +423,7 @@ def review_release(
     at = now_iso()
 
     def step(lora: dict, location: LoraLocation) -> tuple[dict, list[str]]:
-        release = find_release(lora, release_id)
+        release = get_release(lora, release_id)
         scopes = eval_scopes(location, project)
         if eval_ids:
             evals = [read_eval(ws.store, e, scopes) for e in dict.fromkeys(eval_ids)]
@@ -459,7 +451,7 @@ def activate_release(
     def step(lora: dict, location: LoraLocation) -> tuple[dict, list[str]]:
         new, messages = activate(lora, release_id, at=at, actor=actor, force=force, notes=notes)
         if new.get("recommended"):
-            evals = evals_of_release(ws.store, lora_id, find_release(new, release_id), eval_scopes(location, project))
+            evals = evals_of_release(ws.store, lora_id, get_release(new, release_id), eval_scopes(location, project))
             _keep_recommendation_valid(new, evals, messages)
         return new, messages
 
@@ -489,17 +481,92 @@ def set_recommended(
         active_evals: list[dict] = []
         active_id = lora.get("activeReleaseId")
         if on and active_id:
-            release = next((r for r in lora.get("releases", []) if r.get("id") == active_id), None)
-            if release is not None:
+            if has_release(lora, active_id):
+                release = get_release(lora, active_id)
                 active_evals = evals_of_release(ws.store, lora_id, release, eval_scopes(location, project))
         return recommend(lora, on, active_evals)
 
     return _transition(ws, lora_id, project, step)
 
 
+# ---- the steps a reviewer takes together -----------------------------------------------------------------------
+@dataclass
+class ApprovalResult:
+    """What :func:`approve_and_activate` did: the LoRA record after it, its messages in order, whether the LoRA
+    is recommended now, and (when it is not) why the gate would not recommend it."""
+
+    lora: dict
+    messages: list[str] = field(default_factory=list)
+    recommended: bool = False
+    not_recommended: str | None = None
+
+
+def approve_and_activate(
+    ws: Workspace | str | Path | None, lora_id: str, release_id: str, *, project: str | None = None,
+    notes: str | None = None, reviewer: str | None = None, eval_ids: Sequence[str] | None = None,
+    recommend: bool = True,
+) -> ApprovalResult:
+    """Approve a release, make it the active one and, with ``recommend``, recommend the LoRA when the gate allows.
+
+    The one-click approval of the wizard and the batch review of ``03_eval_grid``. A refusal of the review or
+    of the activation is raised, with the messages of the steps already taken as its notes (they happened);
+    a refusal to recommend is only reported (``not_recommended``): the release is approved and active anyway.
+
+    >>> approve_and_activate("data", "ui_icons", "r2", project="demo", reviewer="ana").messages  # doctest: +SKIP
+    """
+    ws = as_workspace(ws)
+    messages: list[str] = []
+    steps = [lambda: review_release(ws, lora_id, release_id, approve=True, project=project, notes=notes,
+                                    reviewer=reviewer, eval_ids=eval_ids),
+             lambda: activate_release(ws, lora_id, release_id, project=project)]
+    for step in steps:
+        try:
+            result = step()
+        except LorakitError as exc:
+            for message in messages:
+                exc.add_note(message)
+            raise
+        messages += result.messages
+    if not recommend:
+        return ApprovalResult(result.lora, messages, bool(result.lora.get("recommended")))
+    try:
+        result = set_recommended(ws, lora_id, project=project)
+    except GateRefusal as exc:
+        messages.append(f"not recommended yet: {exc}")
+        return ApprovalResult(result.lora, messages, False, not_recommended=str(exc))
+    return ApprovalResult(result.lora, messages + result.messages, True)
+
+
+def batch_review(
+    ws: Workspace | str | Path | None, lora_id: str, release_id: str, *, review: str | None = None,
+    activate: bool = False, recommend: bool = False, project: str | None = None, notes: str | None = None,
+    reviewer: str | None = None, eval_ids: Sequence[str] | None = None,
+) -> list[str]:
+    """The review a batch run asks for (``03_eval_grid``'s parameters): ``review`` ``"approve"``, ``"reject"`` or
+    None, then activate and recommend when asked. Returns the messages; every refusal is raised, a recommendation
+    too, so a batch run that asked for one fails when the gate refuses it."""
+    if review not in (None, "approve", "reject"):
+        raise ValueError(f"review must be None, 'approve' or 'reject', got {review!r}")
+    if review == "approve" and activate:
+        approval = approve_and_activate(ws, lora_id, release_id, project=project, notes=notes, reviewer=reviewer,
+                                        eval_ids=eval_ids, recommend=recommend)
+        if approval.not_recommended:
+            raise GateRefusal(approval.not_recommended)
+        return approval.messages
+    messages: list[str] = []
+    if review:
+        messages += review_release(ws, lora_id, release_id, approve=review == "approve", project=project,
+                                   notes=notes, reviewer=reviewer, eval_ids=eval_ids).messages
+    if activate:
+        messages += activate_release(ws, lora_id, release_id, project=project).messages
+    if recommend:
+        messages += set_recommended(ws, lora_id, project=project).messages
+    return messages
+
+
 __all__ = [
-    "GateRefusal", "GateResult", "LoraLocation", "activate", "activate_release", "check_lora_scope", "deprecate",
-    "deprecate_release", "eval_state", "evals_of_release", "find_release", "latest_review", "linked_eval_ids",
-    "locate_lora", "recommend", "recommendation_problems", "review", "review_release", "review_state", "reviews_of",
-    "set_recommended",
+    "ApprovalResult", "GateRefusal", "GateResult", "LoraLocation", "activate", "activate_release",
+    "approve_and_activate", "batch_review", "check_lora_scope", "deprecate", "deprecate_release", "eval_state",
+    "evals_of_release", "latest_review", "linked_eval_ids", "locate_lora", "recommend",
+    "recommendation_problems", "review", "review_release", "review_state", "reviews_of", "set_recommended",
 ]

@@ -1,11 +1,13 @@
-"""The sha256 of a file, as every record stores it (images, weights, checkpoints)."""
+"""The hashes records keep: a file's sha256 (images, weights) and a checkpoint's weights fingerprint."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
+import time
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -14,6 +16,9 @@ def file_sha256(path: str | os.PathLike) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+SAFE_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+WEIGHT_SUFFIXES = SAFE_SUFFIXES + PICKLE_SUFFIXES + (".gguf",)
 RACY_WINDOW_NS = 2_000_000_000
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
@@ -67,3 +72,53 @@ def is_racy(st: os.stat_result, now_ns: int) -> bool:
     clean", as git calls it): such a file is not cached yet. The ctime in the key still catches a later rewrite
     whose mtime was set back."""
     return now_ns - st.st_mtime_ns < RACY_WINDOW_NS
+
+
+def weights_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """The fingerprint of a checkpoint's weights: a file's sha256, or for a folder a stable hash over its weight
+    files, the one hash every record and every eval keeps for a checkpoint.
+
+    The folder hash is the sha256 of one ``<relative posix path>\\0<file sha256>\\n`` line per weight file
+    (``*.safetensors``, ``*.bin``, ...; hidden files skipped), sorted by path, so it depends neither on the machine
+    nor on files that hold no weights (configs, tokenizers, a README). Real checkpoints are gigabytes: with a
+    ``cache_dir`` the result is kept there and reused while every file keeps its :func:`stat_key`.
+    """
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    path = Path(path)
+    if path.is_file():
+        files = [(path.name, path)]
+    else:
+        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*")
+                       if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise ConfigError(f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in this folder")
+    stats = [p.stat() for _, p in files]
+    stamp = [[rel, *stat_key(st)] for (rel, _), st in zip(files, stats, strict=True)]
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / (hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:20] + ".json")
+        try:
+            cached = json.loads(cache_file.read_text(encoding="utf-8"))
+            if cached.get("stamp") == stamp and isinstance(cached.get("sha256"), str):
+                return cached["sha256"]
+        except (OSError, ValueError, AttributeError):
+            pass
+    if path.is_file():
+        value = file_sha256(path)
+    else:
+        digest = hashlib.sha256()
+        for rel, p in files:
+            digest.update(f"{rel}\0{file_sha256(p)}\n".encode())
+        value = digest.hexdigest()
+    now_ns = time.time_ns()
+    if cache_file is not None and not any(is_racy(st, now_ns) for st in stats):  # see is_racy
+        from .store import write_atomic
+
+        with contextlib.suppress(OSError):  # a cache: a full or read-only disk only costs the next run a rehash
+            write_atomic(cache_file, json.dumps({"path": str(path), "stamp": stamp, "sha256": value}).encode("utf-8"),
+                         durable=False)
+    return value

@@ -28,6 +28,17 @@ _POLL_S = 0.01
 _held = threading.local()  # lock path -> [RecordLock, depth] of this thread: a nested lock of one record is free
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one we may not signal exists too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def state_folder(root: Path, *parts: str) -> Path:
     """A folder under ``<dataRoot>/.lorakit`` (locks, caches), created when missing. ``.lorakit`` or one of its
     folders being a file or a broken symbolic link (a bad checkout, a stray copy) is a clear error."""

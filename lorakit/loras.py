@@ -16,6 +16,8 @@ recommend, activate: ``lorakit/gate.py``) builds on :func:`get_lora` and :func:`
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -112,12 +114,80 @@ def get_lora(ws: Workspace | str | Path | None, lora_id: str, project: str | Non
     return find_lora(ws, lora_id, project=project, scope=scope)[0]
 
 
+def checkpoint_conflict(record: dict, checkpoint: str) -> str | None:
+    """Why LoRA ``record`` cannot take a release trained on ``checkpoint``, or None when it can (pure).
+
+    >>> checkpoint_conflict({"id": "hero", "checkpointId": "sd15_base"}, "sdxl_base")
+    'LoRA hero is for checkpoint sd15_base, not sdxl_base'
+    """
+    if record.get("checkpointId") == checkpoint:
+        return None
+    return f"LoRA {record.get('id')} is for checkpoint {record.get('checkpointId')}, not {checkpoint}"
+
+
+def ensure_lora(
+    ws: Workspace | str | Path | None,
+    lora_id: str,
+    *,
+    name: str,
+    scope: str,
+    project: str | None,
+    checkpoint: str,
+    asset_types: Sequence[str],
+) -> tuple[dict, bool]:
+    """The LoRA a new release of ``checkpoint`` goes to: ``(record, created)``.
+
+    An existing LoRA ``lora_id`` (looked up as :func:`find_lora` does) is returned as it is; one made for
+    another checkpoint is refused, since a LoRA only works with the checkpoint it was trained on. Otherwise
+    the LoRA is created with ``name``, ``scope`` and ``asset_types`` (see :func:`create_lora`).
+
+    >>> record, created = ensure_lora(ws, "hero", name="Hero style", scope="project", project="demo",
+    ...                               checkpoint="sd15_base", asset_types=["character"])   # doctest: +SKIP
+    """
+    ws = as_workspace(ws)
+    try:
+        record = get_lora(ws, lora_id, project=project)
+    except RecordNotFoundError:
+        return create_lora(ws, lora_id, name=name, scope=scope, checkpoint=checkpoint, asset_types=asset_types,
+                           project=project), True
+    conflict = checkpoint_conflict(record, checkpoint)
+    if conflict:
+        raise RecordError(f"{conflict}: choose another LoRA id")
+    return record, False
+
+
 def get_release(record: dict, release_id: str) -> dict:
-    """The release ``release_id`` of a LoRA record."""
+    """The release ``release_id`` of a LoRA record (the one release finder); an unknown id lists the releases
+    there are."""
     for release in record.get("releases", []):
         if release.get("id") == release_id:
             return release
-    raise RecordNotFoundError(f"LoRA {record.get('id')!r} has no release {release_id!r}")
+    known = ", ".join(str(r.get("id", "?")) for r in record.get("releases", [])) or "none"
+    raise RecordNotFoundError(f"LoRA {record.get('id')!r} has no release {release_id!r} (releases: {known})")
+
+
+def has_release(record: dict, release_id: str) -> bool:
+    """Whether a LoRA record has release ``release_id`` (:func:`get_release` finds it)."""
+    try:
+        get_release(record, release_id)
+    except RecordNotFoundError:
+        return False
+    return True
+
+
+def adapter_name(lora_id: str, release_id: str, sha256: str | None) -> str:
+    """The peft adapter name of a release in a pipeline: letters, digits and ``_`` only (peft module keys
+    forbid ``.``), plus the start of the weights' sha256, so two releases never share a name (``a.b`` and
+    ``a_b`` both sanitize to ``a_b``) and a warm pipeline loads a replaced file again instead of reusing it.
+
+    >>> adapter_name("ui.icons", "r-1", "ab" * 32)
+    'ui_icons__r_1__abababab'
+    """
+    short = (sha256 or hashlib.sha1(f"{lora_id}/{release_id}".encode()).hexdigest())[:8]
+    return f"{_UNSAFE.sub('_', lora_id)}__{_UNSAFE.sub('_', release_id)}__{short}"
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 
 
 def make_release(release_id: str, *, weights: dict, sha256: str, training: dict, notes: str | None = None,
@@ -143,7 +213,7 @@ def add_release(ws: Workspace | str | Path | None, lora_id: str, release: dict, 
     ws = as_workspace(ws)
 
     def append(record: dict) -> dict:
-        if any(r.get("id") == release["id"] for r in record.get("releases", [])):
+        if has_release(record, release["id"]):
             raise RecordError(f"LoRA {lora_id!r} already has a release {release['id']!r}")
         record.setdefault("releases", []).append(release)
         if set_active:
@@ -159,12 +229,11 @@ def update_release(ws: Workspace | str | Path | None, lora_id: str, release_id: 
     ws = as_workspace(ws)
 
     def apply(record: dict) -> dict:
-        releases = record.get("releases", [])
-        for i, release in enumerate(releases):
-            if release.get("id") == release_id:
-                changed = change(release)
-                releases[i] = release if changed is None else changed
-                return record
-        raise RecordNotFoundError(f"LoRA {lora_id!r} has no release {release_id!r}")
+        release = get_release(record, release_id)
+        releases = record["releases"]
+        changed = change(release)
+        position = next(i for i, r in enumerate(releases) if r is release)
+        releases[position] = release if changed is None else changed
+        return record
 
     return ws.store.update("lora", lora_id, apply, project=project)

@@ -325,14 +325,15 @@ def release_report(ws: Workspace | str | Path | None, lora_id: str, release_id: 
     from .config import resolve_weights
     from .datasets import load_manifest
     from .errors import ConfigError
-    from .gate import eval_scopes, eval_state, evals_of_release, find_release, locate_lora, recommendation_problems
+    from .gate import eval_scopes, eval_state, evals_of_release, locate_lora, recommendation_problems
     from .gate import review_state as gate_review_state
+    from .loras import get_release
     from .models import get_checkpoint
 
     ws = as_workspace(ws)
     location = locate_lora(ws.store, lora_id, project)
     lora = ws.store.read("lora", lora_id, location.project)
-    release = find_release(lora, pick_release_id(lora, release_id))
+    release = get_release(lora, pick_release_id(lora, release_id))
     training = release.get("training") or {}
 
     checkpoint = None

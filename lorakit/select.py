@@ -30,9 +30,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import resolve_local_path, resolve_weights
+from .config import release_weights_path
 from .errors import ConfigError, SelectionError
 from .gate import eval_state, evals_of_release, latest_review, review_state
+from .loras import adapter_name
 from .workspace import Workspace, as_workspace
 
 if TYPE_CHECKING:
@@ -173,6 +174,7 @@ class ResolvedLora:
     reason: str
     recommended: bool = False
     picked_by: str = "policy"  # "policy" or "pick"
+    sha256: str | None = None  # of the weights, as the release records it
 
 
 @dataclass(frozen=True)
@@ -404,24 +406,31 @@ def resolve_loras(
         if len(picked) >= cap:
             pass_over(lora, f"over the cap: maxActiveLoras is {cap} ({why})", release["id"])
             continue
-        by_pick = policy.mode == "manual" and pick is not None
-        parts = ["manual pick" if by_pick else f"{lora.get('scope')} LoRA ({policy.mode})"]
-        if lora.get("recommended") and policy.prefer_recommended:
-            parts.append("recommended")
-        parts.append(why)
-        parts.append(f"slot {len(picked) + 1} of {cap}")
-        if pick is not None and pick.strength is not None:
-            strength = pick.strength
-        else:
-            strength = float(lora.get("defaultStrength", default_strength))
-        picked.append(ResolvedLora(
-            lora_id=lora["id"], name=lora.get("name", lora["id"]), scope=lora.get("scope", "?"),
-            release_id=release["id"], release_status=review_state(release), weights_path=str(found.path),
-            strength=float(strength), reason="; ".join(parts), recommended=bool(lora.get("recommended")),
-            picked_by="pick" if by_pick else "policy",
-        ))
+        picked.append(_resolved(lora, release, found, pick, why, policy, len(picked) + 1, default_strength))
     return LoraResolution(checkpoint_id=checkpoint_id, asset_type=asset_type, policy=policy, picked=tuple(picked),
                           passed_over=tuple(passed_over), warnings=tuple(warnings))
+
+
+def _resolved(lora: dict, release: dict, found: WeightsFile, pick: LoraPick | None, why: str, policy: SelectionPolicy,
+              slot: int, default_strength: float) -> ResolvedLora:
+    """A picked LoRA with its strength (the pick's, else the record's ``defaultStrength``) and why it is there."""
+    by_pick = policy.mode == "manual" and pick is not None
+    parts = ["manual pick" if by_pick else f"{lora.get('scope')} LoRA ({policy.mode})"]
+    if lora.get("recommended") and policy.prefer_recommended:
+        parts.append("recommended")
+    parts.append(why)
+    parts.append(f"slot {slot} of {policy.max_active_loras}")
+    if pick is not None and pick.strength is not None:
+        strength = pick.strength
+    else:
+        strength = float(lora.get("defaultStrength", default_strength))
+    return ResolvedLora(
+        lora_id=lora["id"], name=lora.get("name", lora["id"]), scope=lora.get("scope", "?"),
+        release_id=release["id"], release_status=review_state(release), weights_path=str(found.path),
+        strength=float(strength), reason="; ".join(parts), recommended=bool(lora.get("recommended")),
+        picked_by="pick" if by_pick else "policy",
+        sha256=release.get("sha256") or (release.get("weights") or {}).get("sha256"),
+    )
 
 
 # ---- loading the inputs (I/O) ----------------------------------------------------------------------------
@@ -441,20 +450,13 @@ def locate_weights(ws: Workspace | str | Path | None) -> Callable[[dict, dict], 
     ws = as_workspace(ws)
 
     def lookup(lora: dict, release: dict) -> WeightsFile:
-        ref = release.get("weights")
-        what = f"LoRA {lora.get('id')} release {release.get('id')}"
-        if ref:
-            try:
-                path = resolve_weights(ref, ws.config, what=what, must_exist=False)
-            except ConfigError as exc:
-                return WeightsFile(_ref_path(release), False, str(exc))
-        elif release.get("localPath"):
-            try:
-                path = resolve_local_path(release["localPath"], ws.config, what, must_exist=False)
-            except ConfigError as exc:
-                return WeightsFile(release["localPath"], False, str(exc))
-        else:
-            return WeightsFile(None, False, "the release has no weights reference")
+        try:
+            path = release_weights_path(release, ws.config, f"LoRA {lora.get('id')} release {release.get('id')}",
+                                        must_exist=False)
+        except ConfigError as exc:
+            shown = _ref_path(release)
+            reason = "the release has no weights reference" if shown is None else str(exc)
+            return WeightsFile(shown, False, reason)
         return WeightsFile(str(path), path.is_file())
 
     return lookup
@@ -566,11 +568,6 @@ def load_asset_types(ws: Workspace | str | Path | None, project: str | None = No
 
 
 # ---- applying (the model edge) -----------------------------------------------------------------------------
-def adapter_name(lora: ResolvedLora) -> str:
-    """The adapter name a resolved LoRA gets in a pipeline (peft names cannot hold dots)."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", f"{lora.lora_id}__{lora.release_id}")
-
-
 def apply_loras(pipeline: Any, resolved: Iterable[ResolvedLora]) -> list[str]:
     """Load a resolved stack into a diffusers pipeline with its strengths; returns the adapter names.
 
@@ -587,7 +584,7 @@ def apply_loras(pipeline: Any, resolved: Iterable[ResolvedLora]) -> list[str]:
     loaded = _loaded_adapters(pipeline)
     names = []
     for lora in stack:
-        name = adapter_name(lora)
+        name = adapter_name(lora.lora_id, lora.release_id, lora.sha256)
         if name not in loaded:
             if not lora.weights_path or not Path(lora.weights_path).exists():
                 raise SelectionError(f"LoRA {lora.lora_id!r} release {lora.release_id!r}: weights file not found: "
@@ -612,6 +609,6 @@ def _loaded_adapters(pipeline: Any) -> set[str]:
 
 __all__ = [
     "asset_type_options", "load_asset_types", "LoraPick", "LoraResolution", "PassedOverLora", "ResolvedLora", "SelectionError", "SelectionPolicy",
-    "WeightsFile", "adapter_name", "apply_loras", "compatibility_problem", "list_loras", "load_loras",
+    "WeightsFile", "apply_loras", "compatibility_problem", "list_loras", "load_loras",
     "locate_weights", "merge_picks", "pick_release", "resolve_loras", "select_loras", "weights_file",
 ]

@@ -42,10 +42,18 @@ SCHEMA_OF = {
 LOCK_TIMEOUT_S = 60
 
 
-def now_iso() -> str:
-    """The current time as the data model writes it: ISO 8601 UTC with milliseconds and ``Z``."""
-    now = datetime.now(UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+def now_iso(moment: datetime | None = None) -> str:
+    """The current time (or ``moment``, an aware datetime) as the data model writes it: ISO 8601 UTC with
+    milliseconds and ``Z``.
+
+    >>> now_iso(datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC))
+    '2026-01-02T03:04:05.678Z'
+    """
+    if moment is None:
+        moment = datetime.now(UTC)
+    elif moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def non_finite_path(value: object) -> str | None:
@@ -417,14 +425,17 @@ def write_cache(path: str | os.PathLike, data: bytes) -> None:
         write_atomic(path, data, durable=False)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = True,
-                 before_replace: Callable[[], None] | None = None) -> None:
-    """Replace ``path`` with ``data`` all at once: a temporary file in the same folder, then a rename.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, durable: bool = True,
+                before_replace: Callable[[], None] | None = None) -> Iterator[str]:
+    """Write ``path`` all at once: yields a temporary file in the same folder to write (by any means: bytes,
+    ``safetensors``, ``torch.save``, Pillow), then renames it over ``path``; on an error it is removed.
 
     Readers see the old file or the new one, never half of one, even if the writer is killed. ``durable``
-    also syncs the data to disk before the rename (records); caches that can be rebuilt skip that cost. The file
-    keeps its permission bits (a new one gets what the umask allows, as ``open`` would give it), where a bare
-    temporary file would be private (0600) to whoever rewrote it last.
+    also syncs the data to disk before the rename (records, weights); caches that can be rebuilt skip that cost.
+    The file keeps its permission bits (a new one gets what the umask allows, as ``open`` would give it), where a
+    bare temporary file would be private (0600) to whoever rewrote it last. ``before_replace`` is the last
+    moment to refuse (e.g. the record's lock was taken away).
     """
     folder = os.path.dirname(os.fspath(path)) or "."
     os.makedirs(folder, exist_ok=True)
@@ -435,18 +446,25 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = True,
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            if durable:
-                handle.flush()
+        os.close(fd)
+        yield tmp
+        if durable:
+            with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
         if before_replace is not None:
-            before_replace()  # the last moment to refuse: e.g. the record's lock was taken away
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = True,
+                 before_replace: Callable[[], None] | None = None) -> None:
+    """Replace ``path`` with ``data`` all at once (see :func:`atomic_path`)."""
+    with atomic_path(path, durable=durable, before_replace=before_replace) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
 
 
 def _missing_message(kind: str, record_id: str, project: str | None) -> str:

@@ -38,9 +38,7 @@ from .errors import LeaseLost, LorakitError, RecordError, RecordNotFoundError
 from .evals import (
     JOB_TYPE,
     EvalError,
-    adapter_name,
     cell_image_path,
-    checkpoint_weights_hash,
     cleanup_eval,
     record_failure,
     record_failures,
@@ -48,7 +46,9 @@ from .evals import (
     release_weights_path,
 )
 from .hashing import file_sha256
-from .store import now_iso
+from .locks import pid_alive
+from .loras import adapter_name
+from .store import atomic_path, now_iso
 from .workspace import Workspace, as_workspace
 
 DEFAULT_LEASE_S = 120.0
@@ -67,20 +67,6 @@ def parse_time(value: str | None) -> datetime | None:
         return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
     except (AttributeError, ValueError):
         return None
-
-
-def iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def owner_is_dead(owner: str | None, host: str, alive: Callable[[int], bool] = pid_alive) -> bool:
@@ -155,16 +141,16 @@ def claim_job(ws: Workspace, project: str, job_id: str, owner: str, lease_s: flo
         now = datetime.now(UTC)
         state = lease_state(job, now, host)
         if state == "claimable" and (accept is None or accept(job)):
-            job.update(status="running", attempt=int(job.get("attempt") or 0) + 1, updatedAt=iso(now),
-                       startedAt=iso(now),
-                       lease={"owner": owner, "claimedAt": iso(now), "expiresAt": iso(now + timedelta(seconds=lease_s))})
+            job.update(status="running", attempt=int(job.get("attempt") or 0) + 1, updatedAt=now_iso(now),
+                       startedAt=now_iso(now),
+                       lease={"owner": owner, "claimedAt": now_iso(now), "expiresAt": now_iso(now + timedelta(seconds=lease_s))})
             job.pop("error", None)
             store.write_locked("job", job, path)
             return Claim(job, project)
         if state != "exhausted":
             return None
         owner_before = (job.get("lease") or {}).get("owner")
-        job.update(status="failed", updatedAt=iso(now), finishedAt=iso(now),
+        job.update(status="failed", updatedAt=now_iso(now), finishedAt=now_iso(now),
                    error=f"lease of worker {owner_before} ran out on attempt {job.get('attempt')} of "
                          f"{job.get('maxAttempts')} (the worker died or hung); not retried")
         job.pop("lease", None)
@@ -283,7 +269,7 @@ class LeaseKeeper:
             def renew(job: dict) -> None:
                 if not _own(job, self._owner):
                     raise LeaseLost(f"job {job.get('id')} is no longer held by {self._owner}")
-                job["lease"]["expiresAt"] = iso(datetime.now(UTC) + timedelta(seconds=self._lease_s))
+                job["lease"]["expiresAt"] = now_iso(datetime.now(UTC) + timedelta(seconds=self._lease_s))
 
             for claim in list(self._claims):
                 try:
@@ -351,14 +337,15 @@ class PipelineCache:
             self._warm.move_to_end(checkpoint_id)
             return self._warm[checkpoint_id]
         from .models.loading import load_pipeline
-        from .models.registry import get_checkpoint
+        from .models.registry import checkpoint_weights_hash, get_checkpoint
 
         started = time.perf_counter()
         record = get_checkpoint(self.ws, checkpoint_id)
         pipe = load_pipeline(self.ws, record, torch_dtype=self.dtype, device=self.device)
         pipe.set_progress_bar_config(disable=True)
         self.loads += 1
-        warm = WarmPipeline(checkpoint_id, pipe, checkpoint_weights_hash(self.ws, record), pipe.scheduler)
+        warm = WarmPipeline(checkpoint_id, pipe, checkpoint_weights_hash(self.ws, record, record=False, missing_ok=True),
+                             pipe.scheduler)
         self._warm[checkpoint_id] = warm
         self.load_seconds += time.perf_counter() - started
         while len(self._warm) > self.max_pipelines:
@@ -521,21 +508,13 @@ def write_png(image, path: Path, settings: dict) -> None:
     from PIL.PngImagePlugin import PngInfo
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a worker killed mid-write
         stale.unlink(missing_ok=True)
     info = PngInfo()
     info.add_text("lorakit", json.dumps(settings, sort_keys=True, ensure_ascii=False))
     info.add_text("parameters", a1111_parameters(settings))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def read_png_settings(path: str | Path) -> dict:

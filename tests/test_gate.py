@@ -112,7 +112,7 @@ def test_review_refusals_that_force_does_not_lift(ws: Workspace) -> None:
         review_release(ws, "hero", "r1", approve=True, project="p1", eval_ids=["e1", "e1b"])
     with pytest.raises(RecordNotFoundError, match="eval 'nope' not found"):
         review_release(ws, "hero", "r1", approve=True, project="p1", eval_ids=["nope"])
-    with pytest.raises(GateRefusal, match=r"LoRA 'hero' has no release 'r9' \(releases: r1, r2, r3\)"):
+    with pytest.raises(RecordNotFoundError, match=r"LoRA 'hero' has no release 'r9' \(releases: r1, r2, r3\)"):
         review_release(ws, "hero", "r9", approve=True, project="p1")
     deprecate_release(ws, "hero", "r1", project="p1")
     with pytest.raises(GateRefusal, match="'r1' of LoRA 'hero' is deprecated; it cannot be reviewed"):

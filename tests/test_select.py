@@ -301,6 +301,7 @@ def test_apply_loras_changes_the_output_and_strength_zero_is_the_base(ws: Worksp
     from peft.utils import get_peft_model_state_dict
 
     from lorakit.models.tiny import build_tiny_pipeline
+    from lorakit.loras import adapter_name
     from lorakit.select import apply_loras
 
     donor = build_tiny_pipeline("sd15").unet  # two random LoRAs, as training would leave them
@@ -325,7 +326,8 @@ def test_apply_loras_changes_the_output_and_strength_zero_is_the_base(ws: Worksp
                     output_type="np", height=64, width=64).images
 
     base = render()
-    assert apply_loras(pipe, res) == ["style_base__r1", "hero__r1"]
+    assert apply_loras(pipe, res) == [adapter_name(p.lora_id, p.release_id, p.sha256) for p in res]
+    assert [n.split("__")[:2] for n in apply_loras(pipe, res)] == [["style_base", "r1"], ["hero", "r1"]]
     with_loras = render()
     assert abs(with_loras - base).max() > 1e-3
     apply_loras(pipe, res.with_strengths(0.0))

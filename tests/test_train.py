@@ -475,7 +475,7 @@ def test_bad_inputs_are_clear_errors_and_leave_records_untouched(ws):
         train_lora(ws, "bad", "fine", project="demo", overrides={"rank": -1})
     with pytest.raises(RecordNotFoundError, match="LoRA 'ghost'"):
         train_lora(ws, "ghost", "for_xl", **kwargs)
-    with pytest.raises(RecordNotFoundError, match="dataset .nope. not found"):
+    with pytest.raises(RecordNotFoundError, match="dataset 'nope' not found"):
         train_lora(ws, "bad", "nope", **kwargs)
     with pytest.raises(TrainingError, match="no interrupted run"):
         train_lora(ws, "bad", project="demo", resume=True)

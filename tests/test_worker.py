@@ -119,7 +119,7 @@ def quiet(_message: str) -> None:
 
 def test_worker_renders_every_cell_once_with_warm_switching(ws):
     plan = create_eval_grid(ws, PROJECT, "icons", "r2", prompts=PROMPTS[:1], seeds=[1, 2], strengths=[1.0],
-                            compare_release_id="r1", eval_id="g1")
+                            compare_release="r1", eval_id="g1")
     assert len(plan.jobs) == 6  # 1 prompt x 2 seeds x (base, r2@1, r1@1)
     cache = PipelineCache(ws)
     stats = run_worker(ws, PROJECT, once=True, cache=cache, log=quiet)
@@ -151,7 +151,7 @@ def test_worker_renders_every_cell_once_with_warm_switching(ws):
     # Same settings again, on the same warm pipeline (both adapters loaded, r1 last active): identical images,
     # so strength 0 after LoRAs were loaded equals the base rendered before any was.
     create_eval_grid(ws, PROJECT, "icons", "r2", prompts=PROMPTS[:1], seeds=[1, 2], strengths=[1.0],
-                     compare_release_id="r1", eval_id="g2")
+                     compare_release="r1", eval_id="g2")
     run_worker(ws, PROJECT, once=True, cache=cache, log=quiet)
     again = outputs_by_cell(ws, "g2")
     for key, output in by_cell.items():
@@ -216,7 +216,7 @@ def test_auto_cleanup_removes_the_grid_jobs_when_complete(ws):
 
 def test_failing_job_ends_failed_with_its_error_and_the_queue_goes_on(ws, tmp_path):
     plan = create_eval_grid(ws, PROJECT, "icons", "r2", prompts=["a", "b"], seeds=[1], strengths=[1.0],
-                            compare_release_id="r1", eval_id="f1")
+                            compare_release="r1", eval_id="f1")
     (tmp_path / "loras" / "icons" / "r1" / "icons.safetensors").unlink()
     stats = run_worker(ws, PROJECT, once=True, log=quiet)
     assert len(stats.rendered) == 4 and len(stats.failed) == 2

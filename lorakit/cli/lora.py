@@ -139,7 +139,7 @@ def misused_flags(args: argparse.Namespace) -> list[str]:
     from ..train.settings import FLAGGED
 
     takes = {dest: (f"--{dest.replace('_', '-')}", adapters) for dest, adapters in ADAPTER_OPTIONS.items()}
-    takes.update({s.name: (s.flag, s.adapters) for s in FLAGGED})
+    takes.update({s.name: (str(s.flag), s.adapters) for s in FLAGGED})
     takes.update(CLI_ONLY_OPTIONS)
     return [flag for dest, (flag, adapters) in takes.items()
             if args.adapter not in adapters and getattr(args, dest, None) not in (None, False)]

@@ -7,7 +7,6 @@ is what the trainer and the eval-grid worker need to load it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ from filelock import FileLock
 
 from ..config import ROOT_NAMES, resolve_weights
 from ..errors import ConfigError, RecordError, RecordNotFoundError
-from ..hashing import file_sha256, safetensors_header
+from ..hashing import PICKLE_SUFFIXES, SAFE_SUFFIXES, WEIGHT_SUFFIXES, safetensors_header, weights_sha256
 from ..ids import check_id
 from ..store import now_iso
 from ..workspace import Workspace, as_workspace
@@ -28,9 +27,6 @@ from .tiny import FAMILIES, TINY_RESOLUTION, save_tiny_pipeline
 TINY_MARKER = "lorakit-tiny.json"
 TINY_FORMAT = 1
 DEFAULT_TINY_PARAMS = {"width": TINY_RESOLUTION, "height": TINY_RESOLUTION, "steps": 4, "cfg": 5.0}
-SAFE_SUFFIXES = (".safetensors", ".sft")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-WEIGHT_SUFFIXES = SAFE_SUFFIXES + PICKLE_SUFFIXES + (".gguf",)
 SIDECAR_CONFIG_SUFFIX = ".config"
 REMOVE = object()  # a field value in register_checkpoint's ``fields`` that deletes the field
 
@@ -106,25 +102,6 @@ def check_weights_files(path: Path, family: str, what: str) -> None:
 
 
 # ---- hashing -------------------------------------------------------------------------------------------
-
-
-def weights_sha256(path: Path) -> str:
-    """The weights hash the records keep: a file's sha256, or for a folder a stable hash over its weight files.
-
-    The folder hash is the sha256 of one ``<relative posix path>\\0<file sha256>\\n`` line per weight file
-    (``*.safetensors``, ``*.bin``, ...), sorted by path, so it does not depend on the machine or file order.
-    """
-    path = Path(path)
-    if path.is_file():
-        return file_sha256(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    if not files:
-        raise ConfigError(f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in this folder")
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
-    return digest.hexdigest()
 
 
 def checkpoint_family(record: dict) -> str:
@@ -331,23 +308,38 @@ def record_weights_hash(ws: Workspace, checkpoint_id: str, field: str, ref: dict
     return ws.store.update("checkpoint", checkpoint_id, change)
 
 
-def checkpoint_weights_hash(ws: Workspace | str | Path | None, checkpoint: str | dict, *, recompute: bool = False) -> str:
-    """The weights hash of a checkpoint (see :func:`weights_sha256`): the recorded one, else computed and recorded.
+def checkpoint_weights_hash(ws: Workspace | str | Path | None, checkpoint: str | dict, *, recompute: bool = False,
+                            record: bool = True, missing_ok: bool = False) -> str | None:
+    """The weights fingerprint of a checkpoint (:func:`lorakit.hashing.weights_sha256`): the recorded one, else
+    computed (and, with ``record``, stored on the checkpoint record).
 
-    What the trainer stores next to the checkpoint id. ``recompute=True`` hashes the files again (a full
-    SDXL file takes tens of seconds) and records the result.
+    What the trainer stores next to the checkpoint id and an eval keeps with each image. ``recompute=True``
+    hashes the files again (a full SDXL file takes tens of seconds). ``missing_ok`` returns ``None`` for a
+    checkpoint whose weights are not on this machine instead of raising.
     """
     ws = as_workspace(ws)
-    record = get_checkpoint(ws, checkpoint) if isinstance(checkpoint, str) else checkpoint
-    ref = record.get("weights")
+    checkpoint_record = get_checkpoint(ws, checkpoint) if isinstance(checkpoint, str) else checkpoint
+    ref = checkpoint_record.get("weights")
     if not isinstance(ref, dict):
-        raise ConfigError(f"checkpoint {record.get('id')!r} has no 'weights' reference")
+        if missing_ok:
+            return None
+        raise ConfigError(f"checkpoint {checkpoint_record.get('id')!r} has no 'weights' reference")
     if ref.get("sha256") and not recompute:
-        return ref["sha256"]
-    local = resolve_weights(ref, ws.config, what=f"checkpoint {record.get('id')!r}")
-    sha = weights_sha256(local)
-    if ws.store.exists("checkpoint", record["id"]):
-        record_weights_hash(ws, record["id"], "weights", ref, sha, "folder" if local.is_dir() else "file")
+        return ref["sha256"].lower()
+    try:
+        local = resolve_weights(ref, ws.config, what=f"checkpoint {checkpoint_record.get('id')!r}")
+    except ConfigError:
+        if missing_ok:
+            return None
+        raise
+    try:
+        sha = weights_sha256(local, ws.data_root / ".lorakit" / "hashes")
+    except ConfigError:  # a folder that holds no weight files (yet)
+        if missing_ok:
+            return None
+        raise
+    if record and ws.store.exists("checkpoint", checkpoint_record["id"]):
+        record_weights_hash(ws, checkpoint_record["id"], "weights", ref, sha, "folder" if local.is_dir() else "file")
     return sha
 
 

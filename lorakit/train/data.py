@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..hashing import file_sha256
-from ..store import Store
+from ..store import Store, atomic_path
 from .config import TrainingError, parse_color
 
 if TYPE_CHECKING:  # torch is imported where it is used, so planning a run (and the CLI) stays light
@@ -91,7 +89,10 @@ def load_rgb(path: Path, background: str) -> Image.Image:
         if not has_alpha:
             return img.convert("RGB")
         rgba = img.convert("RGBA")
-    base = Image.new("RGBA", rgba.size, parse_color(background) + (255,))
+    colour = parse_color(background)
+    if colour is None:  # resolve_config checks it: only a config that skipped the checks gets here
+        raise TrainingError(f"background must be a colour like '#ffffff', got {background!r}")
+    base = Image.new("RGBA", rgba.size, (*colour, 255))
     return Image.alpha_composite(base, rgba).convert("RGB")
 
 
@@ -200,7 +201,7 @@ def caption_for_step(caption: str, rng: random.Random, *, shuffle_tags: bool, ke
     return ", ".join(kept + rest)
 
 
-def step_seed(*parts: int) -> int:
+def step_seed(*parts: int | str) -> int:
     """A 63-bit seed mixed from ``parts`` (seed, step, micro-batch, rank, ...), the same on every machine.
 
     Drawing every step's randomness from its own seed is what makes a resumed run identical to an
@@ -277,13 +278,6 @@ class LatentCache:
     def put(self, key: str, latent: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
+        # Atomic, and not synced (a cache): concurrent writers of one key write the same bytes.
+        with atomic_path(self.path(key), durable=False) as tmp:
             save_file({"latent": latent.detach().to("cpu").contiguous()}, tmp)
-            os.replace(tmp, path)  # atomic: concurrent writers of one key write the same bytes
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise

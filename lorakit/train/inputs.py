@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import DatasetError, RecordError, TrainingError
 from ..ids import check_id, given_or_new_id
-from ..loras import find_lora
+from ..loras import find_lora, has_release
 from ..workspace import Workspace
 from .settings import ADAPTERS
 
@@ -128,8 +128,9 @@ def find_dataset(ws: Workspace, dataset: str | Path, project: str | None) -> tup
     """
     text = str(dataset)
     if not is_manifest_path(text):
-        check_id(text, "dataset id")
-        manifest, _where = ws.store.find("dataset", text, project, hint="build it with `lorakit dataset build`")
+        from ..datasets import load_manifest
+
+        manifest = load_manifest(ws, text, project)
         return manifest, dataset_reference(manifest, None)
     path = Path(text)
     if not path.is_absolute():
@@ -191,6 +192,6 @@ def check_dataset_checkpoint(manifest: dict, checkpoint_id: str, force: bool = F
 def new_release_id(lora: dict, release_id: str | None, *, resuming: bool = False) -> str:
     """``release_id`` (checked, and not taken yet unless ``resuming``) or a new ULID."""
     rid = given_or_new_id(release_id, "release id")
-    if not resuming and any(r.get("id") == rid for r in lora.get("releases", [])):
+    if not resuming and has_release(lora, rid):
         raise RecordError(f"LoRA {lora['id']!r} already has a release {rid!r}; pick another --release")
     return rid

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import UTC
 from pathlib import Path
@@ -28,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 
 from ..hashing import file_sha256
+from ..store import atomic_path
 
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
@@ -331,18 +330,8 @@ def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
         raise TrainingError(f"the trained LoRA has {bad:,} of {total:,} values inf or NaN (first in {first}); "
                             f"{Path(path).name} was not written and nothing is recorded. Lower the learning rate (the "
                             "file is saved in fp16, whose largest value is 65504)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return file_sha256(path)
 
 

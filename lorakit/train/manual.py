@@ -262,6 +262,7 @@ def record_weights(ws: Workspace, inputs: RunInputs, ref: dict, given_sha256: st
     """Hash and inspect the weights when they are on this machine, then append the release (unless ``dry_run``)."""
     cfg = inputs.settings
     warnings = []
+    digest: str | None
     path = reachable_weights(ref, ws.config)
     summary: dict = {}
     if path is not None:

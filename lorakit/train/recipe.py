@@ -35,14 +35,16 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import TrainingError
 from ..ids import check_id
-from ..loras import add_release, find_lora, make_release
-from ..store import now_iso, write_atomic
+from ..locks import pid_alive
+from ..loras import add_release, find_lora, get_release, has_release, make_release
+from ..store import atomic_path, now_iso, write_atomic
 from ..workspace import Workspace, as_workspace
 from .config import numeric_config_diff, resolve_config
 from .data import TrainItem, check_items, epoch_batches, make_buckets, padded_batches, pick_bucket, step_seed
@@ -250,7 +252,7 @@ def find_resumed_run(ws: Workspace, lora: str, resume: bool | str, *, project: s
     runs_root = ws.config.loras_root / lora
     run = _find_run(runs_root, resume)
     lora_record, _ = find_lora(ws, lora, project=project or run.get("loraProject"), scope=scope)
-    recorded = next((r for r in lora_record.get("releases", []) if r.get("id") == run["releaseId"]), None)
+    recorded = get_release(lora_record, run["releaseId"]) if has_release(lora_record, run["releaseId"]) else None
     # Killed after the release was recorded but before run.json said so: the file on the record is the result.
     # Training again would overwrite it and break its sha256, so only the bookkeeping is left.
     return ResumedRun(run=run, out_dir=runs_root / run["releaseId"], recorded=recorded)
@@ -647,11 +649,13 @@ def _train_loop(training: TrainingPlan, run: RunContext, model: Model, data: Tra
     with stop.installed():
         try:
             loop_start = time.perf_counter()
+
+            def report(done: int, epoch: int, loss: float, lr: float) -> None:
+                for callback in callbacks:
+                    callback(StepReport(done, training.total_steps, epoch, loss, lr, time.perf_counter() - loop_start))
+
             for epoch in range(start // training.steps_per_epoch, training.num_epochs):
-                step, loss = _train_epoch(training, run, model, data, optim, epoch, step, loss, stop,
-                                          lambda s, e, v, lr: [c(StepReport(s, training.total_steps, e, v, lr,
-                                                                            time.perf_counter() - loop_start))
-                                                               for c in callbacks])
+                step, loss = _train_epoch(training, run, model, data, optim, epoch, step, loss, stop, report)
                 _end_of_epoch(training, run, model, optim, epoch, step)
         except BaseException as exc:
             _close(bar, log)
@@ -854,7 +858,7 @@ def _finish_recorded_run(resumed: ResumedRun) -> TrainResult:
                        final_loss=release.get("training", {}).get("finalLoss"))
 
 
-def _bucket_counts(buckets: list[tuple[int, int]]) -> dict:
+def _bucket_counts(buckets: Sequence[tuple[int, int]]) -> dict:
     counts: dict[str, int] = {}
     for w, h in buckets:
         counts[f"{w}x{h}"] = counts.get(f"{w}x{h}", 0) + 1
@@ -1018,13 +1022,7 @@ def _still_running(run: dict) -> bool:
     """A "running" run whose process is alive on this machine is not interrupted: never resume it twice."""
     if run.get("status") != "running" or run.get("host") != socket.gethostname() or not run.get("pid"):
         return False
-    try:
-        os.kill(run["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return run["pid"] != os.getpid()
+    return run["pid"] != os.getpid() and pid_alive(run["pid"])
 
 
 def _save_state(path: Path, step: int, models, optimizer, lr_scheduler, accelerator) -> None:
@@ -1040,9 +1038,8 @@ def _save_state(path: Path, step: int, models, optimizer, lr_scheduler, accelera
         "lr_scheduler": lr_scheduler.state_dict(),
         "scaler": accelerator.scaler.state_dict() if getattr(accelerator, "scaler", None) else None,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _load_state(path: Path, models, optimizer, lr_scheduler, accelerator) -> int:

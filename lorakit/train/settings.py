@@ -82,7 +82,7 @@ class Setting:
 
 
 # How each (kind, bound, optional) is described in a message.
-_EXPECTED = {
+_EXPECTED: dict[tuple[str, str | None, bool], str] = {
     ("int", "positive", False): "a positive integer",
     ("int", "positive", True): "a positive integer or null",
     ("int", "non_negative", False): "an integer >= 0",
