@@ -46,7 +46,7 @@ from ..locks import pid_alive
 from ..loras import add_release, find_lora, get_release, has_release, make_release
 from ..store import atomic_path, now_iso, write_atomic
 from ..workspace import Workspace, as_workspace
-from .config import numeric_config_diff, resolve_config
+from .config import DEFAULTS, numeric_config_diff, resolve_config
 from .data import TrainItem, check_items, epoch_batches, make_buckets, padded_batches, pick_bucket, step_seed
 from .inputs import RunInputs, release_dataset_fields, resolve_run_inputs
 from .progress import LOG_NAME, StepCallback, StepReport
@@ -266,15 +266,18 @@ def _resumed_inputs(ws: Workspace, run: dict, *, scope: str | None, preset: str 
         # A manifest path in run.json (a file anyone may have edited) must lie inside the data root.
         ws.store.file_path(stored_path, what=f"run {run['releaseId']} dataset path (run.json)")
     release = run["releaseId"]
+    # A setting added since the run started is not in its stored config: its default (which leaves the
+    # numbers as they were) fills it.
+    stored = {**{k: v for k, v in DEFAULTS.items() if k not in run["config"]}, **run["config"]}
     inputs = resolve_run_inputs(ws, run["loraId"], stored_path or run["dataset"]["id"],
                                 project=run["dataset"]["projectId"] or run.get("loraProject"), scope=scope,
-                                release_id=release, force=force, settings=run["config"], resuming=True)
+                                release_id=release, force=force, settings=stored, resuming=True)
     if run["dataset"]["manifestHash"] != inputs.dataset["manifestHash"]:
         raise TrainingError(f"cannot resume {release}: dataset {inputs.dataset['id']!r} changed since the run started")
     if any(v is not None for v in (config, config_file)) or any(v is not None for v in (overrides or {}).values()):
         asked = resolve_config(inputs.family, preset=run.get("preset"), config_file=config_file, config=config,
                                overrides=overrides, force=force)
-        changed = numeric_config_diff(asked, run["config"])
+        changed = numeric_config_diff(asked, inputs.settings)
         if changed:
             raise TrainingError(f"cannot resume {release} with different settings ({', '.join(changed)}); "
                                 "resume without them, or start a new run")
@@ -601,7 +604,8 @@ def _setup_optimizer(training: TrainingPlan, run: RunContext, model: Model) -> O
 
 # ---- phase 6: one micro-batch's loss ----------------------------------------------------------------------------
 def loss_step(unet: Any, noise_scheduler: Any, latents: Any, conditioning: dict, generator: Any, *,
-              noise_offset: float = 0.0, min_snr_gamma: float | None = None, dtype: Any = None) -> Any:
+              noise_offset: float = 0.0, ip_noise_gamma: float = 0.0, min_snr_gamma: float | None = None,
+              dtype: Any = None) -> Any:
     """The denoising loss of one micro-batch: noise and timesteps drawn from ``generator``, the target the
     scheduler's prediction type asks for, and min-SNR-gamma weighting (Hang et al. 2023) when it is set.
 
@@ -618,7 +622,13 @@ def loss_step(unet: Any, noise_scheduler: Any, latents: Any, conditioning: dict,
         noise += noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
                               device=device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    # Input perturbation noises the input a little more than the target says, which eases exposure bias. Drawn
+    # after the timesteps, so a run without it draws exactly what it always drew.
+    if ip_noise_gamma:
+        perturbed = noise + ip_noise_gamma * torch.randn(latents.shape, generator=generator, device=device)
+        noisy = noise_scheduler.add_noise(latents, perturbed, timesteps)
+    else:
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy.to(dtype or latents.dtype), timesteps, **conditioning).sample
     epsilon = noise_scheduler.config.prediction_type == "epsilon"
     target = noise if epsilon else noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -722,8 +732,8 @@ def _micro_batch(training: TrainingPlan, run: RunContext, model: Model, data: Tr
     with _no_sync(run.accelerator, optim.trained_models, not sync), run.accelerator.autocast():
         latents = data.latents(positions)
         loss = loss_step(optim.trained_models[0], model.noise_scheduler, latents, data.conditioning(positions, captions),
-                         generator, noise_offset=cfg["noise_offset"], min_snr_gamma=cfg["min_snr_gamma"],
-                         dtype=run.weight_dtype)
+                         generator, noise_offset=cfg["noise_offset"], ip_noise_gamma=cfg["ip_noise_gamma"],
+                         min_snr_gamma=cfg["min_snr_gamma"], dtype=run.weight_dtype)
     run.accelerator.backward(loss / cfg["gradient_accumulation_steps"])
     return loss.detach()
 

@@ -190,6 +190,8 @@ SETTINGS: tuple[Setting, ...] = (
       bound="positive", optional=True, aliases=("snr_gamma",)),
     S("noise_offset", 0.0, "float", "noise offset strength", "optimisation", bound="non_negative",
       aliases=("noise_offset_strength",)),
+    S("ip_noise_gamma", 0.0, "float", "input perturbation (Ning et al. 2023): extra noise on the noisy latents "
+      "only, e.g. 0.1 (0 turns it off)", "optimisation", bound="non_negative", kohya="ip_noise_gamma"),
     S("mixed_precision", "auto", "choice", "auto: bf16/fp16 on a GPU, fp32 on the CPU", "optimisation",
       choices=("auto", "no", "fp16", "bf16"), flag="--mixed-precision", kohya="mixed_precision"),
     S("gradient_checkpointing", False, "bool", "trade compute for memory", "optimisation"),
