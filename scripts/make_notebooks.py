@@ -164,7 +164,7 @@ project = "demo"
 lora = "demo_ui_icons"  # created below when it does not exist yet
 lora_name = "Demo UI icons"  # used when the LoRA is created
 scope = "project"  # used when the LoRA is created: project | baseline
-checkpoint = "tiny-sd15"  # used when the LoRA is created
+checkpoint = "tiny-sd15"  # the LoRA's checkpoint (an existing LoRA made for another one is refused)
 asset_types = ["ui_icon"]  # used when the LoRA is created
 dataset = "demo_ui_icons"  # dataset id (built by 01_build_dataset) or a manifest path
 release = None  # release id (None: a new ULID)
@@ -179,13 +179,10 @@ build_tiny_checkpoint = True  # demo: build the tiny random-weight checkpoint wh
     code(SETUP),
     md("## The LoRA and its checkpoint"),
     code("""
-try:
-    lora_record = lorakit.get_lora(ws, lora, project=project)
-    print(f"LoRA {lora!r} exists: {len(lora_record['releases'])} release(s), checkpoint {lora_record['checkpointId']}")
-except lorakit.RecordNotFoundError:
-    lora_record = lorakit.create_lora(ws, lora, name=lora_name, scope=scope, project=project,
-                                      checkpoint=checkpoint, asset_types=asset_types)
-    print(f"created LoRA {lora!r} for checkpoint {checkpoint}")
+lora_record, created = lorakit.ensure_lora(ws, lora, name=lora_name, scope=scope, project=project,
+                                           checkpoint=checkpoint, asset_types=asset_types)
+print(f"created LoRA {lora!r} for checkpoint {checkpoint}" if created else
+      f"LoRA {lora!r} exists: {len(lora_record['releases'])} release(s), checkpoint {lora_record['checkpointId']}")
 print(nh.ensure_demo_checkpoint(ws, lora_record["checkpointId"], build_tiny=build_tiny_checkpoint))
 """),
     md("## The resolved training config and the plan"),
@@ -242,7 +239,7 @@ strengths = [1.0]  # strength 0 (the base checkpoint) is always added
 steps = None  # denoising steps (None: the checkpoint's default)
 cell_size = 128  # pixels per image on the contact sheet
 contact_sheet_out = None  # also save the contact sheet PNG here
-# batch review (the buttons below do the same by hand)
+# batch review (the buttons below do the same by hand; approve + activate is the wizard's one-click approval)
 review = None  # None | "approve" | "reject"
 reviewer = None  # None: LORAKIT_USER or the login name
 notes = None
@@ -272,22 +269,15 @@ if contact_sheet_out:
 """),
     md("## Review"),
     code("""
-if review not in (None, "approve", "reject"):
-    raise ValueError(f"review must be None, 'approve' or 'reject', got {review!r}")
-steps_done = []
-if review:
-    steps_done.append(lorakit.review_release(ws, lora, release_id, approve=review == "approve", project=project,
-                                             notes=notes, reviewer=reviewer, eval_ids=[eval_id]))
-if activate:
-    steps_done.append(lorakit.activate_release(ws, lora, release_id, project=project))
-if recommend:
-    steps_done.append(lorakit.set_recommended(ws, lora, project=project))
-for step in steps_done:
-    print(*step.messages, sep="\\n")
+from lorakit.gate import batch_review
+
+for message in batch_review(ws, lora, release_id, review=review, activate=activate, recommend=recommend,
+                            project=project, notes=notes, reviewer=reviewer, eval_ids=[eval_id]):
+    print(message)
 """),
     md("Approve or reject with notes, then activate and recommend; each button is one gate call."),
     code("""
-from lorakit.widgets.wizard import ReviewPanel
+from lorakit.widgets import ReviewPanel
 
 ReviewPanel(ws, lora, release_id, project=project, eval_ids=[eval_id])
 """),

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ipywidgets as widgets
 import pytest
 from conftest import copy_demo_data
 
 import lorakit
 from lorakit.datasets import build_manifest
+from lorakit.train.settings import WIZARD_FIELDS
 from lorakit.validate import validate_records
 from lorakit.widgets import Wizard
 from lorakit.widgets.wizard import STEPS, ReviewPanel, preset_options, suggest_lora_id
@@ -170,6 +172,35 @@ def test_refusals_no_matching_images_and_skipped_steps(ws):
     assert "choose another id" in w.train_summary.value
     assert not w.start_training() and "is for checkpoint tiny-other" in w.refusal
     assert not w.busy and lorakit.get_lora(ws, "taken", project=PROJECT)["releases"] == []
+
+
+def test_the_advanced_page_shows_the_declared_settings(ws):
+    w = small_wizard(ws)
+    assert list(w.advanced_fields) == [s.name for s in WIZARD_FIELDS]
+    for setting in WIZARD_FIELDS:
+        field = w.advanced_fields[setting.name]
+        assert isinstance(field, widgets.FloatText if setting.kind == "float" else widgets.IntText)
+        assert field.description == setting.wizard and field.tooltip.startswith(setting.help)
+    assert w.advanced_fields["resolution"].value == 64 and w.advanced_fields["lr"].value == 0.001
+    w.advanced_fields["resolution"].value = 0  # an optional setting: 0 is "not set", the family's size
+    assert w.state.overrides == {"resolution": None} and w.state.config["resolution"] == 512
+    assert "your changes: resolution None" in w.config_error.value
+
+
+def test_training_progress_follows_the_step_reports(ws):
+    lorakit.make_tiny_checkpoint(ws, "tiny-sd15", "sd15")
+    w = small_wizard(ws)
+    w.next()
+    w.type_boxes["ui_icon"].value = True
+    assert w.next() and w.next()
+    w.advanced_fields["steps"].value = 2
+    assert w.next() and w.step == 4
+    shown = []  # the status line, as each optimizer step reports itself
+    w.train_status.observe(lambda change: shown.append(change["new"]), "value")
+    w.train_button.click()
+    assert w.wait() is None, w.message.value
+    assert [t.split(",")[0] for t in shown if t.startswith("step ")] == ["step 1 of 2", "step 2 of 2"]
+    assert w.train_progress.value == w.train_progress.max == 2
 
 
 def test_an_error_in_background_work_is_shown_on_the_page(ws):

@@ -13,6 +13,7 @@ from ..lazy import lazy_exports
 # public name -> module that defines it; add a line here for each new widget
 _LAZY = {
     "LoraPicker": ".picker",
+    "ReviewPanel": ".review",
     "Wizard": ".wizard",
 }
 

@@ -1,15 +1,16 @@
-"""The beginner wizard: train a LoRA in six pages, and the review panel it shares with ``03_eval_grid``.
+"""The beginner wizard: train a LoRA in six pages.
 
 1. checkpoint, 2. asset types and filters (live count and thumbnails), 3. caption strategy (live preview of
 real captions), 4. training preset (one-line description; *Advanced* shows the numbers), 5. training (a new
 ``candidate`` release, in a background thread with a progress bar), 6. the eval grid, rendered by the
-worker, then approve: the release becomes ``activeReleaseId`` (and the LoRA recommended when the gate allows).
+worker, then approve (:class:`~lorakit.widgets.review.ReviewPanel`): the release becomes ``activeReleaseId``
+(and the LoRA recommended when the gate allows).
 
 The wizard holds state, not logic: each page calls the functions the CLI calls (``build_manifest``,
-``create_lora``, ``train_lora``, ``create_eval_grid``, ``run_worker``, ``review_release``,
-``activate_release``, ``set_recommended``). What it adds is guarding a beginner: a page cannot be skipped,
-"Next" refuses with a sentence when the page's choice cannot work (no weights, no matching image, captions
-all empty, a bad number), buttons are disabled while work runs, and errors are shown on the page.
+``ensure_lora``, ``plan_training``, ``run_plan``, ``create_eval_grid``, ``run_worker``, ``approve_and_activate``),
+and what guards a beginner lives in :mod:`lorakit.widgets.steps`: a page cannot be skipped, "Next" refuses with
+a sentence when the page's choice cannot work (no weights, no matching image, captions all empty, a bad
+number). The wizard adds the widgets: buttons are disabled while work runs, and errors are shown on the page.
 
 >>> from lorakit.widgets import Wizard          # doctest: +SKIP
 >>> wizard = Wizard(ws, project="demo"); wizard  # doctest: +SKIP
@@ -20,100 +21,47 @@ from __future__ import annotations
 import html
 import threading
 import traceback
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
 
 from ..datasets import build_manifest
-from ..errors import DatasetError, LorakitError, RecordNotFoundError, WizardRefusal
+from ..errors import DatasetError, LorakitError, WizardRefusal
 from ..evals import contact_sheet, create_eval_grid
-from ..gate import (
-    GateRefusal,
-    activate_release,
-    default_actor,
-    eval_scopes,
-    eval_state,
-    evals_of_release,
-    locate_lora,
-    review_release,
-    review_state,
-    reviews_of,
-    set_recommended,
-)
-from ..ids import check_id, new_ulid
-from ..loras import create_lora, get_lora
+from ..loras import ensure_lora, get_lora
 from ..models import checkpoint_family, get_checkpoint, list_checkpoints, make_tiny_checkpoint
 from ..notebook_helpers import checkpoint_weights, figure_png, gallery_html, image_bytes, is_tiny_checkpoint
 from ..select import asset_type_options, load_asset_types
-from ..train import list_presets, plot_loss, resolve_config, train_lora
-from ..train.progress import LOG_NAME
+from ..train import StepReport, list_presets, plan_training, plot_loss, run_plan
+from ..train.settings import WIZARD_FIELDS
 from ..worker import run_worker
 from ..workspace import Workspace, as_workspace
-
-STEPS = ("Checkpoint", "Dataset", "Captions", "Preset", "Train", "Evaluate")
-CAPTIONS = (("Tags only", "tags"), ("Tags + spec tags", "tags+spec"), ("Tags + spec tags + title", "tags+spec+title"))
-# The numbers "Advanced" shows: (config key, label, type). A steps value of 0 means "from epochs".
-ADVANCED = (("steps", "steps (0: epochs)", int), ("epochs", "epochs", int), ("rank", "rank", int),
-            ("alpha", "alpha", float), ("lr", "learning rate", float), ("batch_size", "batch size", int),
-            ("resolution", "resolution", int))
-TINY_PRESET = "tiny-demo"
-
-
-@dataclass
-class WizardState:
-    """The choices made so far and the records the wizard created (ids), for other cells to read."""
-
-    checkpoint: str | None = None
-    asset_types: tuple[str, ...] = ()
-    tags: tuple[str, ...] = ()
-    tag_any: bool = False
-    same_checkpoint_only: bool = False
-    caption: str = "tags+spec"
-    with_tokens: bool = True
-    preset: str | None = None
-    overrides: dict = field(default_factory=dict)
-    config: dict | None = None  # the resolved training config
-    matching: int = 0  # images that match the dataset filters now
-    lora_id: str | None = None
-    dataset_id: str | None = None
-    release_id: str | None = None
-    eval_id: str | None = None
-    review: str | None = None  # approved | rejected, once reviewed here
-    messages: list[str] = field(default_factory=list)  # what the gate said
-
-
-def preset_options(presets: Mapping[str, Mapping], family: str, tiny: bool) -> list[tuple[str, str]]:
-    """``(label, name)`` of the presets to offer for a checkpoint: those made for its family, and the tiny demo
-    preset only for a tiny checkpoint (where it comes first); a real model never gets a 64 px toy run.
-
-    >>> preset_options({"a": {"family": "sd15"}, "b": {"family": "sdxl"}, "tiny-demo": {"family": None}}, "sd15", False)
-    [('a', 'a')]
-    """
-    names = [n for n, p in presets.items() if p.get("family") == family]
-    if tiny and TINY_PRESET in presets:
-        names = [TINY_PRESET] + names
-    return [(n, n) for n in names]
-
-
-def suggest_lora_id(project: str, asset_types: Sequence[str], checkpoint: str) -> str:
-    """A readable LoRA id from the choices (letters, digits, ``_``, ``-``, ``.`` only).
-
-    >>> suggest_lora_id("demo", ["ui_icon"], "tiny-sd15")
-    'demo_ui_icon_tiny-sd15'
-    """
-    text = "_".join([project, *asset_types, checkpoint])
-    return "".join(c if c.isalnum() or c in "_-." else "_" for c in text).replace("..", "_")
-
-
-def _box(html_text: str, kind: str = "info") -> str:
-    colors = {"info": ("#e8f1fb", "#1f5fa8"), "error": ("#fdecea", "#a61b1b"), "ok": ("#e9f7ef", "#1e7b3c"),
-              "warn": ("#fff6e0", "#8a5a00")}
-    bg, fg = colors[kind]
-    return (f'<div class="lorakit-{kind}" style="background:{bg};color:{fg};padding:6px 10px;border-radius:4px;'
-            f'margin:4px 0">{html_text}</div>')
+from .messages import message_box as _box
+from .review import ReviewPanel
+from .steps import (
+    CAPTIONS,
+    STEPS,
+    WizardState,
+    advanced_overrides,
+    advanced_values,
+    check_page,
+    check_reachable,
+    check_training_start,
+    dataset_filters,
+    lora_choice,
+    overrides_text,
+    preset_config,
+    preset_options,
+    review_outcome,
+    run_config,
+    step_text,
+    suggest_lora_id,
+    suggest_lora_name,
+    training_config,
+    training_summary,
+)
 
 
 def _AUTO() -> widgets.Layout:  # noqa: N802 - reads like the constant it stands for
@@ -122,116 +70,6 @@ def _AUTO() -> widgets.Layout:  # noqa: N802 - reads like the constant it stands
 
 def _hidden(widget: widgets.Widget, hidden: bool) -> None:
     widget.layout.display = "none" if hidden else None
-
-
-class ReviewPanel(widgets.VBox):
-    """Review one release after looking at its eval grid: approve or reject (with notes), activate, recommend.
-
-    Each button is one gate call (``review_release``, ``activate_release``, ``set_recommended``); a refusal of the
-    gate is shown, not raised. ``beginner=True`` (the wizard) shows two buttons: *Approve and make active*
-    (approve, activate, then recommend when the gate allows) and *Reject*. ``on_change(result_messages)`` is
-    called after each change.
-    """
-
-    def __init__(self, ws: Workspace | str | Path | None, lora_id: str, release_id: str, *,
-                 project: str | None = None, eval_ids: Sequence[str] | None = None, beginner: bool = False,
-                 on_change: Callable[[list[str]], None] | None = None):
-        super().__init__()
-        self.ws = as_workspace(ws)
-        self.lora_id, self.release_id, self.project = lora_id, release_id, project
-        self.eval_ids = list(eval_ids or [])
-        self.on_change = on_change
-        self.notes = widgets.Textarea(placeholder="what you saw in the grid (kept in the review history)",
-                                      description="Notes", layout=widgets.Layout(width="36em", height="4em"))
-        self.reviewer = widgets.Text(value=default_actor(), description="Reviewer")
-        self.approve_button = widgets.Button(description="Approve and make active" if beginner else "Approve",
-                                             button_style="success", icon="check",
-                                             layout=widgets.Layout(width="auto"))
-        self.reject_button = widgets.Button(description="Reject", button_style="danger", icon="times")
-        self.activate_button = widgets.Button(description="Activate", icon="play")
-        self.recommend_button = widgets.Button(description="Recommend", icon="star")
-        self.status = widgets.HTML()
-        self.history = widgets.HTML()
-        self.result = widgets.HTML()
-        self.beginner = beginner
-        self.approve_button.on_click(lambda _b: self.approve())
-        self.reject_button.on_click(lambda _b: self.reject())
-        self.activate_button.on_click(lambda _b: self.activate())
-        self.recommend_button.on_click(lambda _b: self.recommend())
-        buttons = [self.approve_button, self.reject_button]
-        if not beginner:
-            buttons += [self.activate_button, self.recommend_button]
-        self.children = [widgets.HBox([self.reviewer]), self.notes, widgets.HBox(buttons), self.result, self.status,
-                         self.history]
-        self.refresh()
-
-    def _notes(self) -> str | None:
-        return self.notes.value.strip() or None
-
-    def _do(self, *calls: Callable[[], Any], optional_last: bool = False) -> list[str]:
-        messages: list[str] = []
-        kind = "ok"
-        for i, call in enumerate(calls):
-            try:
-                messages += call().messages
-            except GateRefusal as exc:
-                last = i == len(calls) - 1
-                messages.append(("not recommended yet: " if optional_last and last else "") + str(exc))
-                kind = "warn" if optional_last and last else "error"
-                if not (optional_last and last):
-                    break
-            except LorakitError as exc:
-                messages.append(str(exc))
-                kind = "error"
-                break
-        self.result.value = _box("<br>".join(html.escape(m) for m in messages), kind)
-        self.refresh()
-        if self.on_change:
-            self.on_change(messages)
-        return messages
-
-    def approve(self) -> list[str]:
-        """Approve (and, for a beginner, activate and recommend when allowed)."""
-        review = lambda: review_release(self.ws, self.lora_id, self.release_id, approve=True,  # noqa: E731
-                                        project=self.project, notes=self._notes(),
-                                        reviewer=self.reviewer.value.strip() or None, eval_ids=self.eval_ids or None)
-        if not self.beginner:
-            return self._do(review)
-        return self._do(review, lambda: activate_release(self.ws, self.lora_id, self.release_id, project=self.project),
-                        lambda: set_recommended(self.ws, self.lora_id, project=self.project), optional_last=True)
-
-    def reject(self) -> list[str]:
-        return self._do(lambda: review_release(self.ws, self.lora_id, self.release_id, approve=False,
-                                               project=self.project, notes=self._notes(),
-                                               reviewer=self.reviewer.value.strip() or None,
-                                               eval_ids=self.eval_ids or None))
-
-    def activate(self) -> list[str]:
-        return self._do(lambda: activate_release(self.ws, self.lora_id, self.release_id, project=self.project,
-                                                 notes=self._notes()))
-
-    def recommend(self) -> list[str]:
-        return self._do(lambda: set_recommended(self.ws, self.lora_id, project=self.project))
-
-    def refresh(self) -> None:
-        """Show the release's current state and review history, read from the records."""
-        try:
-            location = locate_lora(self.ws.store, self.lora_id, self.project)
-            lora = self.ws.store.read("lora", self.lora_id, location.project)
-            release = next(r for r in lora.get("releases", []) if r.get("id") == self.release_id)
-            evals = evals_of_release(self.ws.store, self.lora_id, release, eval_scopes(location, self.project))
-        except (LorakitError, StopIteration) as exc:
-            self.status.value = _box(html.escape(f"cannot read release {self.release_id}: {exc}"), "error")
-            return
-        facts = {"release": self.release_id, "status": release.get("status"), "review": review_state(release),
-                 "active": "yes" if lora.get("activeReleaseId") == self.release_id else "no",
-                 "LoRA recommended": "yes" if lora.get("recommended") else "no", "evals": eval_state(evals)}
-        self.status.value = "<b>Now:</b> " + ", ".join(f"{k} <b>{html.escape(str(v))}</b>" for k, v in facts.items())
-        rows = "".join(f"<tr><td>{html.escape(str(r.get('at', '')))}</td><td>{html.escape(str(r.get('outcome')))}</td>"
-                       f"<td>{html.escape(str(r.get('reviewer', '')))}</td><td>{html.escape(str(r.get('notes') or ''))}</td></tr>"
-                       for r in reviews_of(release))
-        self.history.value = ("<b>Review history</b><table><tr><th>at</th><th>outcome</th><th>reviewer</th>"
-                              f"<th>notes</th></tr>{rows}</table>" if rows else "<i>not reviewed yet</i>")
 
 
 class Wizard(widgets.VBox):
@@ -261,7 +99,7 @@ class Wizard(widgets.VBox):
         self._thread: threading.Thread | None = None
         self._quiet = False
         self._preview = None  # the latest dry-run BuildResult
-        self._progress: dict = {}
+        self._grid: dict = {}  # the eval being rendered: its id and scope, and how many images it has
         self.review: ReviewPanel | None = None
 
         self.title = widgets.HTML()
@@ -303,11 +141,7 @@ class Wizard(widgets.VBox):
         """Show page ``step`` (0-based): any earlier page, or a later one whose earlier pages are all done."""
         try:
             self._refuse_if_busy()
-            if not 0 <= step < len(STEPS):
-                raise WizardRefusal(f"there is no step {step + 1}")
-            for j in range(step):
-                if not self.done[j]:
-                    raise WizardRefusal(f"finish step {j + 1} ({STEPS[j]}) first: steps cannot be skipped")
+            check_reachable(step, self.done)
         except WizardRefusal as exc:
             self._refuse(str(exc))
             return False
@@ -382,35 +216,12 @@ class Wizard(widgets.VBox):
 
     # ---- checks: why "Next" refuses --------------------------------------------------------------------------
     def _check(self, step: int) -> None:
-        s = self.state
-        if step == 0:
-            if not s.checkpoint:
-                raise WizardRefusal("choose a checkpoint")
-            path, present = checkpoint_weights(self.ws, get_checkpoint(self.ws, s.checkpoint))
-            if not present:
-                hint = (" Click 'Build tiny demo weights'." if self.build_button.layout.display != "none"
-                        else " Register its weights with `lorakit checkpoint add`.")
-                raise WizardRefusal(f"the weights of checkpoint {s.checkpoint} are not on this machine ({path}).{hint}")
-        elif step == 1:
+        if step in (1, 2):
             self._refresh_matches()
-            if not s.asset_types:
-                raise WizardRefusal("pick at least one asset type")
-            if s.matching == 0:
-                raise WizardRefusal("no approved image matches these filters; remove a required tag or pick "
-                                    "another asset type")
-        elif step == 2:
-            self._refresh_matches()
-            items = self._preview.manifest["items"] if self._preview else []
-            if items and not any(i.get("caption") for i in items):
-                raise WizardRefusal("none of the images would get a caption with this strategy; choose one with "
-                                    "spec tags, or add prompt tokens")
         elif step == 3:
             self._refresh_config()
-            if s.config is None:
-                raise WizardRefusal("the training settings are not valid (see above)")
-        elif step == 4:
-            if not s.release_id:
-                raise WizardRefusal("train first: click 'Train'")
+        items = self._preview.manifest["items"] if self._preview else []
+        check_page(self.ws, step, self.state, items)
 
     # ---- page 1: checkpoint ------------------------------------------------------------------------------------
     def _checkpoint_page(self) -> widgets.Widget:
@@ -511,12 +322,6 @@ class Wizard(widgets.VBox):
         if self.step in (1, 2):
             self._refresh_matches()
 
-    def _build_args(self) -> dict:
-        s = self.state
-        return {"project": self.project, "status": "approved", "asset_types": list(s.asset_types),
-                "checkpoints": [s.checkpoint] if s.same_checkpoint_only else [], "tags": list(s.tags),
-                "tag_any": s.tag_any, "caption": s.caption, "with_tokens": s.with_tokens}
-
     def _refresh_matches(self) -> None:
         """The live count: a dry-run ``build_manifest`` with the current filters and caption options."""
         s = self.state
@@ -528,7 +333,7 @@ class Wizard(widgets.VBox):
             self.caption_preview.value = ""
             return
         try:
-            result = build_manifest(self.ws, **self._build_args(), dry_run=True)
+            result = build_manifest(self.ws, **dataset_filters(s, self.project), dry_run=True)
         except DatasetError as exc:
             self.match_count.value = _box(f"<b>0</b> matching images: {html.escape(str(exc))}", "error")
             self.match_preview.value = ""
@@ -579,11 +384,12 @@ class Wizard(widgets.VBox):
         self.preset_info = widgets.HTML()
         self.advanced = widgets.ToggleButton(value=False, description="Advanced", icon="sliders")
         self.advanced_fields: dict[str, widgets.Widget] = {}
-        for key, label, kind in ADVANCED:
-            cls = widgets.FloatText if kind is float else widgets.IntText
-            field_widget = cls(description=label, style={"description_width": "10em"})
+        for setting in WIZARD_FIELDS:
+            cls = widgets.FloatText if setting.kind == "float" else widgets.IntText
+            help_text = setting.help + (" (0: the default)" if setting.optional else "")
+            field_widget = cls(description=setting.wizard, tooltip=help_text, style={"description_width": "10em"})
             field_widget.observe(lambda _c: self._on_advanced(), "value")
-            self.advanced_fields[key] = field_widget
+            self.advanced_fields[setting.name] = field_widget
         self.advanced_box = widgets.VBox(list(self.advanced_fields.values()))
         self.config_error = widgets.HTML()
         self.preset.observe(lambda _c: self._on_preset(), "value")
@@ -616,12 +422,11 @@ class Wizard(widgets.VBox):
             s.config = None
             return
         self.preset_info.value = _box(html.escape(self._presets[s.preset].get("description", "")), "info")
-        family = checkpoint_family(get_checkpoint(self.ws, s.checkpoint))
-        base = resolve_config(family, preset=s.preset)
+        shown = advanced_values(preset_config(self.ws, s.checkpoint, s.preset))
         self._quiet = True
         try:
-            for key, field_widget in self.advanced_fields.items():
-                field_widget.value = base[key] if base[key] is not None else 0
+            for name, field_widget in self.advanced_fields.items():
+                field_widget.value = shown[name]
         finally:
             self._quiet = False
         self._refresh_config()
@@ -630,16 +435,8 @@ class Wizard(widgets.VBox):
         if self._quiet:
             return
         s = self.state
-        family = checkpoint_family(get_checkpoint(self.ws, s.checkpoint))
-        base = resolve_config(family, preset=s.preset) if s.preset else {}
-        overrides = {}
-        for key, field_widget in self.advanced_fields.items():
-            value = field_widget.value
-            if key == "steps" and value == 0:
-                value = None
-            if value != base.get(key):
-                overrides[key] = value
-        s.overrides = overrides
+        values = {name: field_widget.value for name, field_widget in self.advanced_fields.items()}
+        s.overrides = advanced_overrides(values, preset_config(self.ws, s.checkpoint, s.preset))
         self._invalidate(3)
         self._refresh_config()
 
@@ -648,13 +445,12 @@ class Wizard(widgets.VBox):
         s.config = None
         if not s.preset or not s.checkpoint:
             return
-        family = checkpoint_family(get_checkpoint(self.ws, s.checkpoint))
         try:
-            s.config = resolve_config(family, preset=s.preset, config=self._train_config())
+            s.config = run_config(self.ws, s)
         except LorakitError as exc:
             self.config_error.value = _box(html.escape(str(exc)), "error")
             return
-        changed = ", ".join(f"{k} {v}" for k, v in s.overrides.items())
+        changed = overrides_text(s.overrides)
         self.config_error.value = _box(f"your changes: {html.escape(changed)}", "info") if changed else ""
 
     # ---- page 5: train -----------------------------------------------------------------------------------------
@@ -680,89 +476,40 @@ class Wizard(widgets.VBox):
         if not self.lora_id.value and s.asset_types and s.checkpoint:
             self.lora_id.value = suggest_lora_id(self.project, s.asset_types, s.checkpoint)
         if not self.lora_name.value and s.asset_types:
-            self.lora_name.value = f"{self.project} {', '.join(s.asset_types)}"
+            self.lora_name.value = suggest_lora_name(self.project, s.asset_types)
         if s.release_id:
             return
-        lora_note = ""
-        try:
-            lora_id = check_id(self.lora_id.value.strip(), "LoRA id")
-            existing = get_lora(self.ws, lora_id, project=self.project)
-            if existing["checkpointId"] != s.checkpoint:
-                lora_note = _box(f"LoRA {html.escape(lora_id)} exists for checkpoint "
-                                 f"{html.escape(existing['checkpointId'])}: choose another id", "error")
-            else:
-                lora_note = _box(f"LoRA {html.escape(lora_id)} exists: a new release is added to its "
-                                 f"{len(existing['releases'])} release(s)", "info")
-        except RecordNotFoundError:
-            lora_note = _box("a new LoRA record is created", "info")
-        except LorakitError as exc:
-            lora_note = _box(html.escape(str(exc)), "error")
-        cfg = s.config or {}
-        steps = cfg.get("steps") or f"{cfg.get('epochs')} epoch(s)"
-        self.train_summary.value = (
-            f"<p>Trains on <b>{s.matching}</b> images of {html.escape(', '.join(s.asset_types))} "
-            f"(captions: {html.escape(s.caption)}{' + tokens' if s.with_tokens else ''}) with preset "
-            f"<b>{html.escape(str(s.preset))}</b> ({steps} steps, rank {cfg.get('rank')}, {cfg.get('resolution')} px) "
-            f"on <b>{html.escape(str(s.checkpoint))}</b>. The result is a new <i>candidate</i> release.</p>{lora_note}"
-        )
+        kind, sentence = lora_choice(self.ws, self.lora_id.value, self.project, s.checkpoint)
+        self.train_summary.value = training_summary(s) + _box(html.escape(sentence), kind)
 
     def start_training(self) -> bool:
         """Build the dataset, create the LoRA when new, and train a release, in the background."""
-        s = self.state
         try:
             self._refuse_if_busy()
-            for j in range(4):
-                if not self.done[j]:
-                    raise WizardRefusal(f"finish step {j + 1} ({STEPS[j]}) first")
-            if s.release_id:
-                raise WizardRefusal(f"release {s.release_id} is trained; run the cell again to train another")
-            lora_id = check_id(self.lora_id.value.strip(), "LoRA id")
-            try:
-                existing = get_lora(self.ws, lora_id, project=self.project)
-                if existing["checkpointId"] != s.checkpoint:
-                    raise WizardRefusal(f"LoRA {lora_id} is for checkpoint {existing['checkpointId']}, not "
-                                        f"{s.checkpoint}: choose another LoRA id")
-            except RecordNotFoundError:
-                pass
+            lora_id = check_training_start(self.ws, self.state, self.done, self.lora_id.value, self.project)
         except LorakitError as exc:
             self._refuse(str(exc))
             return False
-        s.lora_id = lora_id
+        self.state.lora_id = lora_id
         self.train_progress.value = 0
         self.train_status.value = "building the dataset…"
-        return self._run("training", self._train, poll=self._train_poll, done=self._trained)
+        return self._run("training", self._train, done=self._trained)
 
     def _train(self):
         s = self.state
-        result = build_manifest(self.ws, **self._build_args())
+        result = build_manifest(self.ws, **dataset_filters(s, self.project))
         s.dataset_id = result.manifest["id"]
-        try:
-            get_lora(self.ws, s.lora_id, project=self.project)
-        except RecordNotFoundError:
-            create_lora(self.ws, s.lora_id, name=self.lora_name.value.strip() or s.lora_id, scope="project",
-                        project=self.project, checkpoint=s.checkpoint, asset_types=list(s.asset_types))
-        release_id = new_ulid()
-        kwargs = {"project": self.project, "preset": s.preset, "config": self._train_config(), "release_id": release_id}
-        plan = train_lora(self.ws, s.lora_id, s.dataset_id, dry_run=True, **kwargs).plan
-        self._progress = {"total": plan["steps"], "log": self.ws.config.loras_root / s.lora_id / release_id / LOG_NAME}
-        self.train_progress.max = plan["steps"]
-        return train_lora(self.ws, s.lora_id, s.dataset_id, notes=self.notes.value.strip() or None, progress=False,
-                          **kwargs)
+        ensure_lora(self.ws, s.lora_id, name=self.lora_name.value.strip() or s.lora_id, scope="project",
+                    project=self.project, checkpoint=s.checkpoint, asset_types=list(s.asset_types))
+        training = plan_training(self.ws, s.lora_id, s.dataset_id, project=self.project, preset=s.preset,
+                                 config=training_config(s.overrides), notes=self.notes.value.strip() or None)
+        self.train_progress.max = training.total_steps
+        return run_plan(self.ws, training, progress=False, on_step=self._on_train_step)
 
-    def _train_config(self) -> dict | None:
-        # Passed as ``config``, not ``overrides``: steps=None ("from epochs") must replace a preset's steps, and
-        # ``overrides`` treats None as "not given".
-        return dict(self.state.overrides) or None
-
-    def _train_poll(self) -> None:
-        log = self._progress.get("log")
-        if not log or not log.exists():
-            return
-        lines = log.read_text(encoding="utf-8").strip().splitlines()[1:]
-        if lines:
-            step, _epoch, loss, *_ = lines[-1].split(",")
-            self.train_progress.value = min(int(step), self.train_progress.max)
-            self.train_status.value = f"step {step} of {self._progress['total']}, loss {float(loss):.4f}"
+    def _on_train_step(self, report: StepReport) -> None:
+        # Called on the training thread; ipywidgets send value changes from any thread.
+        self.train_progress.value = min(report.step, self.train_progress.max)
+        self.train_status.value = step_text(report)
 
     def _trained(self, result) -> None:
         s = self.state
@@ -813,7 +560,7 @@ class Wizard(widgets.VBox):
         plan = create_eval_grid(self.ws, self.project, s.lora_id, s.release_id, prompts=self.eval_prompts,
                                 seeds=self.eval_seeds, strengths=self.eval_strengths, steps=self.eval_steps)
         s.eval_id = plan.eval["id"]
-        self._progress = {"total": len(plan.jobs), "eval": (s.eval_id, plan.eval_project)}
+        self._grid = {"total": len(plan.jobs), "eval": (s.eval_id, plan.eval_project)}
         self.grid_progress.max = len(plan.jobs)
         stats = run_worker(self.ws, self.project, once=True, log=lambda _line: None)
         if stats.failed:
@@ -822,7 +569,7 @@ class Wizard(widgets.VBox):
         return contact_sheet(self.ws, s.eval_id, plan.eval_project)
 
     def _grid_poll(self) -> None:
-        eval_id, where = self._progress.get("eval", (None, None))
+        eval_id, where = self._grid.get("eval", (None, None))
         if not eval_id:
             return
         try:
@@ -831,13 +578,13 @@ class Wizard(widgets.VBox):
             return
         done = sum(1 for o in record.get("outputs") or [] if o.get("images"))
         self.grid_progress.value = min(done, self.grid_progress.max)
-        self.grid_status.value = f"{done} of {self._progress['total']} images rendered"
+        self.grid_status.value = f"{done} of {self._grid['total']} images rendered"
 
     def _grid_done(self, sheet) -> None:
         s = self.state
         self._grid_poll()
         self.grid_status.value = _box(f"eval <b>{html.escape(str(s.eval_id))}</b>: "
-                                      f"{self._progress.get('total')} images rendered", "ok")
+                                      f"{self._grid.get('total')} images rendered", "ok")
         self.grid_image.value = image_bytes(sheet)
         _hidden(self.grid_image, False)
         self.review = ReviewPanel(self.ws, s.lora_id, s.release_id, project=self.project, eval_ids=[s.eval_id],
@@ -847,10 +594,7 @@ class Wizard(widgets.VBox):
     def _reviewed(self, messages: list[str]) -> None:
         s = self.state
         s.messages = messages
-        lora = get_lora(self.ws, s.lora_id, project=self.project)
-        release = next(r for r in lora["releases"] if r["id"] == s.release_id)
-        s.review = review_state(release)
-        self.done[5] = s.review == "approved" and lora.get("activeReleaseId") == s.release_id
+        s.review, self.done[5] = review_outcome(get_lora(self.ws, s.lora_id, project=self.project), s.release_id)
 
     # ---- background work ---------------------------------------------------------------------------------------
     def _run(self, what: str, job: Callable[[], Any], *, poll: Callable[[], None] | None = None,
@@ -898,4 +642,5 @@ class Wizard(widgets.VBox):
         return True
 
 
-__all__ = ["ReviewPanel", "STEPS", "Wizard", "WizardRefusal", "WizardState", "preset_options", "suggest_lora_id"]
+__all__ = ["CAPTIONS", "ReviewPanel", "STEPS", "Wizard", "WizardRefusal", "WizardState", "preset_options",
+           "suggest_lora_id"]
