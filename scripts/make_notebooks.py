@@ -198,7 +198,8 @@ nh.key_values(plan.cfg)
 """),
     md("## Train"),
     code("""
-result = lorakit.run_plan(ws, plan)
+result = lorakit.train_lora(ws, lora, dataset, project=project, preset=preset, config=settings, release_id=release,
+                            set_active=set_active, notes=notes)
 print(f"release {result.release_id}: {result.steps} steps in {result.duration_s:.0f} s, final loss {result.final_loss:.4f}")
 print("weights:", result.weights_path)
 """),

@@ -300,8 +300,8 @@ def test_apply_loras_changes_the_output_and_strength_zero_is_the_base(ws: Worksp
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from lorakit.models.tiny import build_tiny_pipeline
     from lorakit.loras import adapter_name
+    from lorakit.models.tiny import build_tiny_pipeline
     from lorakit.select import apply_loras
 
     donor = build_tiny_pipeline("sd15").unet  # two random LoRAs, as training would leave them

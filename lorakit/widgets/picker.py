@@ -169,8 +169,8 @@ def _table_html(resolution: LoraResolution) -> str:
     rows = []
     for i, p in enumerate(resolution, start=1):
         rows.append(_row(str(i), "✓", p.recommended, p.name, p.scope, p.release_id, f"{p.strength:g}", p.reason))
-    for p in resolution.not_picked:
-        rows.append(_row("", "", p.recommended, p.name, p.scope, p.release_id or "", "", p.reason))
+    for left in resolution.not_picked:
+        rows.append(_row("", "", left.recommended, left.name, left.scope, left.release_id or "", "", left.reason))
     if not rows:
         return "<i>no LoRA for this checkpoint and asset type</i>"
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"

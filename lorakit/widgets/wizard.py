@@ -27,7 +27,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ..datasets import build_manifest
+from ..datasets import BuildResult, build_manifest
 from ..errors import DatasetError, LorakitError, WizardRefusal
 from ..evals import contact_sheet, create_eval_grid
 from ..loras import ensure_lora, get_lora
@@ -98,7 +98,7 @@ class Wizard(widgets.VBox):
         self.refusal: str | None = None
         self._thread: threading.Thread | None = None
         self._quiet = False
-        self._preview = None  # the latest dry-run BuildResult
+        self._preview: BuildResult | None = None  # the latest dry-run build
         self._grid: dict = {}  # the eval being rendered: its id and scope, and how many images it has
         self.review: ReviewPanel | None = None
 
@@ -220,7 +220,7 @@ class Wizard(widgets.VBox):
             self._refresh_matches()
         elif step == 3:
             self._refresh_config()
-        items = self._preview.manifest["items"] if self._preview else []
+        items: list[dict] = self._preview.manifest["items"] if self._preview else []
         check_page(self.ws, step, self.state, items)
 
     # ---- page 1: checkpoint ------------------------------------------------------------------------------------
@@ -405,7 +405,7 @@ class Wizard(widgets.VBox):
         try:
             self.preset.options = options
             names = [n for _, n in options]
-            self.preset.value = keep if keep in names else (names or [None])[0]
+            self.preset.value = keep if keep in names else (names[0] if names else None)
         finally:
             self._quiet = False
         self._on_preset()
@@ -517,7 +517,7 @@ class Wizard(widgets.VBox):
         self.done[4] = True
         self.train_progress.value = self.train_progress.max
         self.train_status.value = _box(
-            f"release <b>{html.escape(result.release_id)}</b> of LoRA <b>{html.escape(s.lora_id)}</b> trained: "
+            f"release <b>{html.escape(result.release_id)}</b> of LoRA <b>{html.escape(str(s.lora_id))}</b> trained: "
             f"{result.steps} steps in {result.duration_s:.0f} s, final loss {result.final_loss:.4f} "
             f"(dataset {html.escape(str(s.dataset_id))}). Click Next to evaluate it.", "ok")
         self.loss_image.value = figure_png(plot_loss(result.output_dir))
@@ -587,14 +587,16 @@ class Wizard(widgets.VBox):
                                       f"{self._grid.get('total')} images rendered", "ok")
         self.grid_image.value = image_bytes(sheet)
         _hidden(self.grid_image, False)
-        self.review = ReviewPanel(self.ws, s.lora_id, s.release_id, project=self.project, eval_ids=[s.eval_id],
+        lora_id, release_id, eval_id = _trained_ids(s)
+        self.review = ReviewPanel(self.ws, lora_id, release_id, project=self.project, eval_ids=[eval_id],
                                   beginner=True, on_change=self._reviewed)
         self.review_box.children = [self.review]
 
     def _reviewed(self, messages: list[str]) -> None:
         s = self.state
         s.messages = messages
-        s.review, self.done[5] = review_outcome(get_lora(self.ws, s.lora_id, project=self.project), s.release_id)
+        lora_id, release_id, _ = _trained_ids(s)
+        s.review, self.done[5] = review_outcome(get_lora(self.ws, lora_id, project=self.project), release_id)
 
     # ---- background work ---------------------------------------------------------------------------------------
     def _run(self, what: str, job: Callable[[], Any], *, poll: Callable[[], None] | None = None,
@@ -644,3 +646,10 @@ class Wizard(widgets.VBox):
 
 __all__ = ["CAPTIONS", "ReviewPanel", "STEPS", "Wizard", "WizardRefusal", "WizardState", "preset_options",
            "suggest_lora_id"]
+
+
+def _trained_ids(state: WizardState) -> tuple[str, str, str]:
+    """The LoRA, release and eval the Evaluate page reviews (set once the grid is rendered)."""
+    if not (state.lora_id and state.release_id and state.eval_id):
+        raise WizardRefusal("train a release and render its eval grid first")
+    return state.lora_id, state.release_id, state.eval_id
