@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import release_weights_path as resolve_release_weights
-from .config import resolve_weights
+from .config import release_weights_path, resolve_weights
 from .errors import ConfigError, EvalError, LorakitError, RecordError, RecordNotFoundError
 from .hashing import file_sha256
 from .ids import check_id, given_or_new_id, new_ulid
@@ -358,12 +357,6 @@ def find_lora(ws: Workspace, lora_id: str, project: str | None = None, scope: st
     return LoraRef(record, where)
 
 
-def release_weights_path(ws: Workspace, lora: dict, release: dict, must_exist: bool = True) -> Path:
-    """The local ``.safetensors`` file of a release (:func:`lorakit.config.release_weights_path`)."""
-    return resolve_release_weights(release, ws.config, f"LoRA {lora.get('id')} release {release.get('id')}",
-                                   must_exist)
-
-
 def find_eval(ws: Workspace | str | Path | None, eval_id: str, project: str | None = None) -> tuple[dict, str | None]:
     """An eval record and the project it lives in (None: shared). With ``project``, that project and the
     shared scope are searched; without, the shared scope and then every project."""
@@ -383,7 +376,7 @@ def find_eval(ws: Workspace | str | Path | None, eval_id: str, project: str | No
 def release_sha256(ws: Workspace, lora: dict, release: dict) -> str:
     """The release's recorded sha256, else the sha256 of its weights file (which must exist)."""
     recorded = release.get("sha256") or (release.get("weights") or {}).get("sha256")
-    path = release_weights_path(ws, lora, release)
+    path = release_weights_path(release, ws.config, f"LoRA {lora.get('id')} release {release.get('id')}")
     return recorded.lower() if recorded else file_sha256(path)
 
 
@@ -596,7 +589,7 @@ def create_eval_grid(
     if store.exists("eval", eval_id, lora.project):
         raise RecordError(f"eval {eval_id!r} already exists ({store.path('eval', eval_id, lora.project)})")
     ckpt_hash = checkpoint_weights_hash(ws, checkpoint, record=False, missing_ok=True)
-    weights = {r["id"]: (release_weights_path(ws, lora.record, r), release_sha256(ws, lora.record, r)) for r in releases}
+    sha256_of = {r["id"]: release_sha256(ws, lora.record, r) for r in releases}
     folder = images_dir(eval_id, lora.project)
     now = now_iso()
     grid = {
@@ -611,7 +604,7 @@ def create_eval_grid(
         assetTypes=list(dict.fromkeys(t for _, t in prompt_pairs if t)),
     )
     all_settings = [cell_settings(cell, checkpoint=checkpoint, checkpoint_hash=ckpt_hash, lora_id=lora_id,
-                                  release_sha256=weights[cell.release_id][1], params=params) for cell in cells]
+                                  release_sha256=sha256_of[cell.release_id], params=params) for cell in cells]
     batches = plan_batches(cells, [st["negativePrompt"] for st in all_settings], batch_size)
     jobs = _grid_jobs(cells, all_settings, batches, releases, lora, project=project, eval_id=eval_id, folder=folder,
                       now=now, max_attempts=max_attempts)

@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from .config import release_weights_path
 from .errors import LeaseLost, LorakitError, RecordError, RecordNotFoundError
 from .evals import (
     JOB_TYPE,
@@ -43,7 +44,6 @@ from .evals import (
     record_failure,
     record_failures,
     record_outputs,
-    release_weights_path,
 )
 from .hashing import file_sha256
 from .locks import pid_alive
@@ -410,7 +410,7 @@ def _free_memory() -> None:
 def lora_weights_path(ws: Workspace, lora: dict) -> Path:
     """The weights file of a job's ``input.lora``, by the same rules as the release's own record."""
     release = {"id": lora.get("releaseId"), "weights": lora.get("weights"), "localPath": lora.get("localPath")}
-    return release_weights_path(ws, lora, release)
+    return release_weights_path(release, ws.config, f"LoRA {lora.get('id')} release {release.get('id')}")
 
 
 def use_scheduler(warm: WarmPipeline, name: str | None) -> str:

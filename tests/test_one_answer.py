@@ -159,7 +159,6 @@ def the_three(ws: Workspace, lora: dict, release: dict) -> dict[str, Path]:
                 "localPath": release.get("localPath")}
     return {"select.locate_weights": Path(found.path),
             "worker.lora_weights_path": lorakit.worker.lora_weights_path(ws, job_lora),
-            "evals.release_weights_path": lorakit.evals.release_weights_path(ws, lora, release),
             "config.release_weights_path": release_weights_path(release, ws.config, "LoRA x release r1")}
 
 
@@ -205,9 +204,9 @@ def test_a_local_path_leaving_the_folder_is_refused_everywhere(outside: Workspac
     for name, call in {
         "config.release_weights_path": lambda: release_weights_path(release, ws.config, "LoRA hero release r1"),
         "worker.lora_weights_path": lambda: lorakit.worker.lora_weights_path(ws, job_lora),
-        "evals.release_weights_path": lambda: lorakit.evals.release_weights_path(ws, lora, release),
-        "evals.release_weights_path(must_exist=False)":
-            lambda: lorakit.evals.release_weights_path(ws, lora, release, must_exist=False),
+        "evals.release_sha256": lambda: lorakit.evals.release_sha256(ws, lora, release),
+        "config.release_weights_path(must_exist=False)":
+            lambda: release_weights_path(release, ws.config, "LoRA hero release r1", must_exist=False),
     }.items():
         with pytest.raises(ConfigError, match="leads out of the folder that holds the data root"):
             call()
