@@ -29,7 +29,7 @@ from .config import release_weights_path, resolve_weights
 from .errors import ConfigError, EvalError, LorakitError, RecordError, RecordNotFoundError
 from .hashing import file_sha256
 from .ids import check_id, given_or_new_id, new_ulid
-from .loras import get_release
+from .loras import get_release, recorded_sha256
 from .store import now_iso
 from .workspace import Workspace, as_workspace
 
@@ -375,9 +375,8 @@ def find_eval(ws: Workspace | str | Path | None, eval_id: str, project: str | No
 
 def release_sha256(ws: Workspace, lora: dict, release: dict) -> str:
     """The release's recorded sha256, else the sha256 of its weights file (which must exist)."""
-    recorded = release.get("sha256") or (release.get("weights") or {}).get("sha256")
     path = release_weights_path(release, ws.config, f"LoRA {lora.get('id')} release {release.get('id')}")
-    return recorded.lower() if recorded else file_sha256(path)
+    return recorded_sha256(release) or file_sha256(path)
 
 
 def scheduler_name(ws: Workspace, checkpoint: dict) -> str:

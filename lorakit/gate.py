@@ -124,10 +124,9 @@ def recommendation_problems(lora: dict, active_evals: Sequence[dict]) -> list[st
     active_id = lora.get("activeReleaseId")
     if not active_id:
         return [f"LoRA {lora.get('id')!r} has no active release (activate an approved release first)"]
-    try:
-        release = get_release(lora, active_id)
-    except GateRefusal:
+    if not has_release(lora, active_id):
         return [f"active release {active_id!r} does not exist in LoRA {lora.get('id')!r}"]
+    release = get_release(lora, active_id)
     problems = []
     state = review_state(release)
     if state != "approved":

@@ -175,6 +175,16 @@ def has_release(record: dict, release_id: str) -> bool:
     return True
 
 
+def recorded_sha256(release: dict) -> str | None:
+    """The sha256 a release records for its weights (lower-case), or None when it records none.
+
+    >>> recorded_sha256({"weights": {"sha256": "AB" * 32}})[:4], recorded_sha256({})
+    ('abab', None)
+    """
+    recorded = release.get("sha256") or (release.get("weights") or {}).get("sha256")
+    return recorded.lower() if isinstance(recorded, str) and recorded else None
+
+
 def adapter_name(lora_id: str, release_id: str, sha256: str | None) -> str:
     """The peft adapter name of a release in a pipeline: letters, digits and ``_`` only (peft module keys
     forbid ``.``), plus the start of the weights' sha256, so two releases never share a name (``a.b`` and

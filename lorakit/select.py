@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from .config import release_weights_path
 from .errors import ConfigError, SelectionError
 from .gate import eval_state, evals_of_release, latest_review, review_state
-from .loras import adapter_name
+from .loras import adapter_name, recorded_sha256
 from .workspace import Workspace, as_workspace
 
 if TYPE_CHECKING:
@@ -429,7 +429,7 @@ def _resolved(lora: dict, release: dict, found: WeightsFile, pick: LoraPick | No
         release_id=release["id"], release_status=review_state(release), weights_path=str(found.path),
         strength=float(strength), reason="; ".join(parts), recommended=bool(lora.get("recommended")),
         picked_by="pick" if by_pick else "policy",
-        sha256=release.get("sha256") or (release.get("weights") or {}).get("sha256"),
+        sha256=recorded_sha256(release),
     )
 
 

@@ -729,3 +729,23 @@ def test_save_lora_file_never_leaves_a_partial_file(tmp_path: Path) -> None:
     # The same write without the limit succeeds: the limit was the failure.
     assert save_lora_file(fresh, large, {}) == file_sha256(fresh)
     assert torch.equal(read_lora_file(fresh)[0]["lora_unet_x.lora_down.weight"], large["lora_unet_x.lora_down.weight"])
+
+
+def test_a_dangling_active_release_is_a_recommendation_problem_not_a_crash() -> None:
+    from lorakit.gate import recommendation_problems
+
+    lora = {"id": "icons", "activeReleaseId": "gone", "releases": [{"id": "r1", "status": "approved"}]}
+    assert recommendation_problems(lora, []) == ["active release 'gone' does not exist in LoRA 'icons'"]
+
+
+def test_the_picker_and_the_eval_grid_read_a_release_hash_alike() -> None:
+    from lorakit.loras import recorded_sha256
+    from lorakit.select import resolve_loras
+
+    upper = "AB" * 32  # the weights-ref schema accepts upper-case hex
+    lora = {"id": "icons", "name": "Icons", "scope": "baseline", "checkpointId": "sd15", "assetTypes": ["icon"],
+            "releases": [{"id": "r1", "status": "approved", "createdAt": "2026-01-01T00:00:00.000Z",
+                          "weights": {"kind": "absolute", "path": "/w/icons.safetensors", "sha256": upper}}]}
+    (picked,) = resolve_loras(None, "sd15", "icon", [lora])
+    assert picked.sha256 == recorded_sha256(lora["releases"][0]) == upper.lower()
+    assert recorded_sha256({"id": "r2"}) is None
