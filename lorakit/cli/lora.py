@@ -135,14 +135,14 @@ def add_train_parser(lora: argparse._SubParsersAction, common: argparse.Argument
 
 def misused_flags(args: argparse.Namespace) -> list[str]:
     """The flags given that ``--adapter`` does not take, as typed (pure)."""
-    from ..train import ADAPTER_OPTIONS
-    from ..train.settings import FLAGGED
+    from ..train.adapters import ADAPTER_OPTIONS, misused_options
+    from ..train.settings import BY_NAME
 
-    takes = {dest: (f"--{dest.replace('_', '-')}", adapters) for dest, adapters in ADAPTER_OPTIONS.items()}
-    takes.update({s.name: (str(s.flag), s.adapters) for s in FLAGGED})
-    takes.update(CLI_ONLY_OPTIONS)
-    return [flag for dest, (flag, adapters) in takes.items()
-            if args.adapter not in adapters and getattr(args, dest, None) not in (None, False)]
+    options = {name: getattr(args, name, None) for name in ADAPTER_OPTIONS}
+    wrong = [str(BY_NAME[name].flag) if name in BY_NAME else f"--{name.replace('_', '-')}"
+             for name in misused_options(args.adapter, options, flag_values(args))]
+    return wrong + [flag for dest, (flag, adapters) in CLI_ONLY_OPTIONS.items()
+                    if args.adapter not in adapters and getattr(args, dest, False)]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
