@@ -8,6 +8,10 @@ import json
 import os
 import struct
 import time
+from pathlib import Path
+
+from .errors import ConfigError
+from .store import write_atomic
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -83,10 +87,6 @@ def weights_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
     nor on files that hold no weights (configs, tokenizers, a README). Real checkpoints are gigabytes: with a
     ``cache_dir`` the result is kept there and reused while every file keeps its :func:`stat_key`.
     """
-    from pathlib import Path
-
-    from .errors import ConfigError
-
     path = Path(path)
     if path.is_file():
         files = [(path.name, path)]
@@ -116,8 +116,6 @@ def weights_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
         value = digest.hexdigest()
     now_ns = time.time_ns()
     if cache_file is not None and not any(is_racy(st, now_ns) for st in stats):  # see is_racy
-        from .store import write_atomic
-
         with contextlib.suppress(OSError):  # a cache: a full or read-only disk only costs the next run a rehash
             write_atomic(cache_file, json.dumps({"path": str(path), "stamp": stamp, "sha256": value}).encode("utf-8"),
                          durable=False)
