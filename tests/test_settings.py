@@ -31,7 +31,7 @@ def test_every_setting_is_declared_once_and_everything_else_derives_from_it() ->
     assert set(RESUME_SAFE_KEYS) == {s.name for s in SETTINGS if s.resume_safe}
     assert all(s.kind in ("int", "float") for s in WIZARD_FIELDS)
     for s in SETTINGS:
-        assert s.help and s.group in ("data", "network", "optimisation", "output"), s.name
+        assert s.help and s.group in ("data", "network", "optimisation", "validation", "output"), s.name
         assert s.derived_from is None or s.derived_from in BY_NAME, s.name
         # The declared default passes its own check (derived and optional ones may be null).
         assert s.default is None or s.problem(s.default) is None, s.name
@@ -61,7 +61,8 @@ def test_the_cli_flags_are_the_declared_ones(capsys: pytest.CaptureFixture) -> N
     ("ip_noise_gamma", -0.1, "ip_noise_gamma must be a number >= 0, got -0.1"),
     ("train_conv", "yes", "train_conv must be true or false, got 'yes'"),
     ("optimizer", "sgd", "optimizer must be one of auto, adamw, adamw8bit, got 'sgd'"),
-    ("unet_target_modules", [], "unet_target_modules must be a non-empty list of module names, got []"),
+    ("unet_target_modules", [], "unet_target_modules must be a module set (kohya, attention) or a non-empty list of module names, got []"),
+    ("conv_target_modules", "everything", "conv_target_modules must be a module set (kohya, full, 3x3) or a non-empty list of module names, got 'everything'"),
     ("background", "pink", "background must be a colour like '#ffffff', got 'pink'"),
 ])
 def test_each_kind_of_setting_is_checked_from_its_declaration(setting: str, value: object, message: str) -> None:

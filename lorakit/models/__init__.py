@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..lazy import lazy_exports
 
 _EXPORTS = {
-    "describe_pipeline": ".loading", "load_lora_file": ".loading", "load_pipeline": ".loading", "verify_checkpoint": ".loading",
+    "checkpoint_config_folder": ".loading", "describe_pipeline": ".loading", "load_lora_file": ".loading", "load_pipeline": ".loading", "verify_checkpoint": ".loading",
     "add_checkpoint": ".registry", "checkpoint_family": ".registry", "checkpoint_weights_hash": ".registry",
     "get_checkpoint": ".registry", "list_checkpoints": ".registry", "make_tiny_checkpoint": ".registry",
     "weights_sha256": ".registry",

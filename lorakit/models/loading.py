@@ -294,6 +294,16 @@ def checkpoint_paths(ws: Workspace, record: dict, config_dir: str | Path | None 
     return {"weights": weights, "vae": vae, "config": config}
 
 
+def checkpoint_config_folder(ws: Workspace, record: dict) -> Path:
+    """The diffusers config folder that describes a checkpoint's architecture: the folder itself, or for a
+    single file the one :func:`single_file_config_source` picks."""
+    paths = checkpoint_paths(ws, record)
+    weights = paths["weights"]
+    if weights.is_dir():
+        return weights
+    return single_file_config_source(weights, checkpoint_family(record), paths["config"])
+
+
 def describe_pipeline(pipe) -> dict:
     """Components of a loaded pipeline: class, parameter count and dtype of each model, and the totals."""
     components = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainingError
-from .settings import ALIASES, DEFAULTS, MAX_SEED, RESUME_SAFE_KEYS, SETTINGS, canonical_name, parse_color
+from .settings import ALIASES, DEFAULTS, MAX_SEED, RESUME_SAFE_KEYS, SETTINGS, canonical_name, module_list, parse_color
 
 __all__ = ["ALIASES", "DEFAULTS", "MAX_SEED", "RESUME_SAFE_KEYS", "TrainingError", "check_config", "finalize_config",
            "list_presets", "load_preset", "normalize_keys", "numeric_config_diff", "parse_color", "parse_config_json",
@@ -136,6 +136,12 @@ def finalize_config(cfg: dict, family: str) -> dict:
         cfg["resolution"] = FAMILY_RESOLUTION.get(family, 512)
     if cfg["vae_fp32"] is None:
         cfg["vae_fp32"] = family == "sdxl"
+    if cfg["train_conv"] is None:
+        cfg["train_conv"] = cfg["network_type"] == "locon"
+    # A module set is stored as the names it stands for, so a release says exactly what it adapted.
+    for s in SETTINGS:
+        if s.kind == "modules" and isinstance(cfg[s.name], str) and cfg[s.name] in s.choices:
+            cfg[s.name] = module_list(s.name, cfg[s.name])
     # Settings filled from another one are not blamed for that one's bad value: the user gave the other.
     derived = set()
     for key in ("bucket_min_side", "bucket_max_side"):
@@ -175,6 +181,13 @@ def _cross_problems(cfg: dict, max_side: int | None) -> list[str]:
         for key, limit in (("resolution", max_side), ("bucket_min_side", max_side), ("bucket_max_side", 2 * max_side)):
             if _is_int(cfg[key]) and cfg[key] > limit:
                 problems.append(f"{key} must be at most {limit} for this checkpoint family, got {cfg[key]}")
+    if cfg["network_type"] == "locon" and cfg["train_conv"] is False:
+        problems.append("train_conv must be true for network_type locon (LoRA on the convolutions too); drop "
+                        "train_conv, or use network_type lora")
+    if cfg["early_stop_patience"] is not None and not cfg["validation"]:
+        problems.append("early_stop_patience needs validation true: the scores decide when to stop")
+    if cfg["validation_split"] and not cfg["validation"]:
+        problems.append("validation_split needs validation true (the held-out images are only scored)")
     return problems
 
 

@@ -50,6 +50,7 @@ from .config import DEFAULTS, numeric_config_diff, resolve_config
 from .data import TrainItem, check_items, epoch_batches, make_buckets, padded_batches, pick_bucket, step_seed
 from .inputs import RunInputs, release_dataset_fields, resolve_run_inputs
 from .progress import LOG_NAME, StepCallback, StepReport
+from .settings import ABSENT_MEANS
 
 RUN_FILE = "run.json"
 STATE_FILE = "state.pt"
@@ -156,6 +157,7 @@ class TrainingPlan:
     notes: str | None
     set_active: bool
     resumed: dict | None = None
+    modules: tuple[tuple[str, int], ...] = ()   # (model, adapted modules), as module_counts finds them
 
     @property
     def cfg(self) -> dict:
@@ -184,7 +186,8 @@ class TrainingPlan:
             "lora": i.lora_id, "loraProject": i.lora_project, "release": i.release_id, "checkpoint": i.checkpoint["id"],
             "family": i.family, "dataset": i.dataset, "images": len(self.items), "buckets": _bucket_counts(self.buckets),
             "stepsPerEpoch": self.steps_per_epoch, "steps": self.total_steps, "epochs": self.num_epochs,
-            "worldSize": self.world_size, "weights": str(self.weights_path), "config": i.settings,
+            "worldSize": self.world_size, "weights": str(self.weights_path), "networkType": i.settings["network_type"],
+            "modules": dict(self.modules), "config": i.settings,
             "resumeFrom": self.resumed["step"] if self.resumed else None,
         }
 
@@ -238,11 +241,21 @@ def plan_training(
     steps_per_epoch = batches_per_epoch // micro_per_step
     total_steps = cfg["steps"] or cfg["epochs"] * steps_per_epoch
     return TrainingPlan(
+        modules=tuple(_module_counts(ws, inputs).items()),
         inputs=inputs, items=tuple(items), buckets=tuple(buckets), world_size=world_size,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, num_epochs=math.ceil(total_steps / steps_per_epoch),
         out_dir=ws.config.loras_root / inputs.lora_id / inputs.release_id, preset=preset, notes=notes,
         set_active=set_active, resumed=resumed.run if resumed else None,
     )
+
+
+def _module_counts(ws: Workspace, inputs: RunInputs) -> dict[str, int]:
+    """How many modules of each model the run adapts, counted on the checkpoint's architecture built on the
+    ``meta`` device (no weights are read)."""
+    from ..models import checkpoint_config_folder
+    from .networks import module_counts
+
+    return module_counts(checkpoint_config_folder(ws, inputs.checkpoint), inputs.family, inputs.settings)
 
 
 def find_resumed_run(ws: Workspace, lora: str, resume: bool | str, *, project: str | None,
@@ -266,9 +279,9 @@ def _resumed_inputs(ws: Workspace, run: dict, *, scope: str | None, preset: str 
         # A manifest path in run.json (a file anyone may have edited) must lie inside the data root.
         ws.store.file_path(stored_path, what=f"run {run['releaseId']} dataset path (run.json)")
     release = run["releaseId"]
-    # A setting added since the run started is not in its stored config: its default (which leaves the
-    # numbers as they were) fills it.
-    stored = {**{k: v for k, v in DEFAULTS.items() if k not in run["config"]}, **run["config"]}
+    # A setting added since the run started is not in its stored config: what leaving it out meant then
+    # (its default, or its ``absent_means`` when the default changed the numbers) fills it.
+    stored = {**{k: ABSENT_MEANS.get(k, v) for k, v in DEFAULTS.items() if k not in run["config"]}, **run["config"]}
     inputs = resolve_run_inputs(ws, run["loraId"], stored_path or run["dataset"]["id"],
                                 project=run["dataset"]["projectId"] or run.get("loraProject"), scope=scope,
                                 release_id=release, force=force, settings=stored, resuming=True)
@@ -386,25 +399,20 @@ def _setup_model(ws: Workspace, training: TrainingPlan, run: RunContext) -> Mode
 
 
 def _add_adapters(training: TrainingPlan, run: RunContext, model: Model) -> None:
-    """peft LoRAs initialised from the seed, on the UNet [+ convolutions, + text encoders]; trained in fp32."""
+    """The adapters (``network_type``), initialised from the seed, on the module sets of the UNet [and text
+    encoders]; trained in fp32."""
     import torch
-    from peft import LoraConfig
+
+    from .networks import add_network, text_encoder_targets, unet_targets
 
     cfg, unet = training.cfg, model.unet
     torch.manual_seed(cfg["seed"])
-    unet_targets = _unet_targets(training, run, unet)
-    rank_pattern, alpha_pattern = {}, {}
-    if cfg["train_conv"]:
-        names = [n for n, _ in unet.named_modules() if _matches(n, unet_targets) or _regex_match(CONV_MODULES, n)]
-        rank_pattern = {n: cfg["conv_rank"] for n in names if _regex_match(CONV_MODULES, n)}
-        alpha_pattern = {n: cfg["conv_alpha"] for n in rank_pattern}
-        unet_targets = names
-    unet.add_adapter(LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg["lora_dropout"],
-                                target_modules=unet_targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern))
+    _check_module_names(training, run, unet, "unet_target_modules", "UNet")
+    add_network(unet, unet_targets(unet, cfg), cfg)
     if cfg["train_text_encoder"]:
         for encoder in model.text_encoders:
-            encoder.add_adapter(LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg["lora_dropout"],
-                                           target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+            _check_module_names(training, run, encoder, "text_encoder_target_modules", "text encoder")
+            add_network(encoder, text_encoder_targets(encoder, cfg), cfg)
         model.trained += model.text_encoders
     for module in model.trained:
         for param in module.parameters():
@@ -419,24 +427,20 @@ def _add_adapters(training: TrainingPlan, run: RunContext, model: Model) -> None
         encoder.train(cfg["train_text_encoder"])
 
 
-CONV_MODULES = r".*(resnets\.\d+\.conv1|resnets\.\d+\.conv2|downsamplers\.0\.conv|upsamplers\.0\.conv)$"
+def _check_module_names(training: TrainingPlan, run: RunContext, module: Any, setting: str, what: str) -> None:
+    """Every name of a module list the user wrote must end the path of some Linear or Conv2d module (a shipped
+    module set may name layers a small model lacks, e.g. a shortcut convolution)."""
+    from .networks import adaptable_leaves, unknown_names
+    from .settings import is_module_set
 
-
-def _unet_targets(training: TrainingPlan, run: RunContext, unet: Any) -> list[str]:
-    """``unet_target_modules``, each of which must end the path of some UNet module."""
-    import torch
-
-    targets = list(training.cfg["unet_target_modules"])
-    module_names = [n for n, _ in unet.named_modules()]
-    unknown = [t for t in targets if not any(_matches(n, [t]) for n in module_names)]
+    names = training.cfg[setting]
+    unknown = [] if is_module_set(setting, names) else unknown_names(module.named_modules(), names)
     if unknown:
         if run.is_main:
             _update_run(training.out_dir, status="failed")
-        leaves = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1]
-                         for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise TrainingError(f"unet_target_modules {', '.join(map(repr, unknown))} match no module of this UNet; "
+        leaves = adaptable_leaves(module.named_modules())
+        raise TrainingError(f"{setting} {', '.join(map(repr, unknown))} match no module of this {what}; "
                             f"names end a module path, e.g. {', '.join(leaves[:12])}")
-    return targets
 
 
 # ---- phase 4: the data ----------------------------------------------------------------------------------------
@@ -873,16 +877,6 @@ def _bucket_counts(buckets: Sequence[tuple[int, int]]) -> dict:
     for w, h in buckets:
         counts[f"{w}x{h}"] = counts.get(f"{w}x{h}", 0) + 1
     return dict(sorted(counts.items()))
-
-
-def _matches(name: str, targets: list[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _regex_match(pattern: str, name: str) -> bool:
-    import re
-
-    return re.fullmatch(pattern, name) is not None
 
 
 def _make_accelerator(cfg: dict, cpu: bool):

@@ -17,6 +17,28 @@ from dataclasses import dataclass
 from typing import Any
 
 ADAPTERS = ("native", "manual", "kohya_ss")
+NETWORK_TYPES = ("lora", "dora", "locon", "loha", "lokr")
+_NOT_GIVEN: Any = object()
+
+# Module sets: which layers get an adapter, by the end of their module path. "kohya" is what kohya sd-scripts'
+# LoRA adapts (every Linear and 1x1 convolution of each Transformer2DModel; of CLIP, the attention and MLP
+# layers), so a preset copied from a kohya config trains what it trained there.
+UNET_MODULE_SETS: dict[str, tuple[str, ...]] = {
+    "kohya": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+}
+TEXT_ENCODER_MODULE_SETS: dict[str, tuple[str, ...]] = {
+    "kohya": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "attention": ("q_proj", "k_proj", "v_proj", "out_proj"),
+}
+# kohya's conv LoRA (conv_dim) adds every Linear and Conv2d of each ResnetBlock2D, Downsample2D and Upsample2D;
+# LyCORIS' full preset adds conv_in, conv_out and the time embedding to that.
+_KOHYA_CONV = ("conv1", "conv2", "time_emb_proj", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
+CONV_MODULE_SETS: dict[str, tuple[str, ...]] = {
+    "kohya": _KOHYA_CONV,
+    "full": _KOHYA_CONV + ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"),
+    "3x3": ("conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv"),
+}
 MAX_SEED = 2**32 - 1  # what kohya, A1111 and numpy take; torch's own limit is larger
 
 
@@ -25,11 +47,13 @@ class Setting:
     """One training setting.
 
     ``kind`` is ``int``, ``float``, ``bool``, ``choice``, ``modules`` (a non-empty list of module names),
-    ``prompts`` (a list of strings), ``colour`` or ``path``. ``bound`` is ``positive``, ``non_negative`` or
+    ``prompts`` (a list of strings), ``colour`` or ``path``; a ``modules`` setting also takes the name of one of its ``choices`` (a module set). ``bound`` is ``positive``, ``non_negative`` or
     ``probability`` (``[0, 1)``). ``optional`` settings may be ``null`` in a resolved config; ``derived_from``
     names the setting a ``null`` is filled from. ``flag`` is the ``lorakit lora train`` option (``adapters``
     say which trainers take it); ``kohya`` is the name sd-scripts gives it; ``wizard`` is the label on the
-    wizard's Advanced page (``None``: not shown there).
+    wizard's Advanced page (``None``: not shown there). ``absent_means`` is what a stored config written
+    before the setting existed meant by leaving it out (when that is not the default), so a resumed run
+    trains what it started training.
     """
 
     name: str
@@ -48,6 +72,7 @@ class Setting:
     adapters: tuple[str, ...] = ADAPTERS
     kohya: str | None = None
     wizard: str | None = None
+    absent_means: Any = _NOT_GIVEN
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with ``value`` for this setting, or ``None``: the message starts with the name."""
@@ -68,8 +93,10 @@ class Setting:
         if self.kind == "bool":
             return None if isinstance(value, bool) else f"{self.name} must be true or false, got {value!r}"
         if self.kind == "modules":
-            ok = isinstance(value, list) and value and all(isinstance(m, str) and m for m in value)
-            return None if ok else f"{self.name} must be a non-empty list of module names, got {value!r}"
+            ok = (value in self.choices if isinstance(value, str)
+                  else isinstance(value, list) and value and all(isinstance(m, str) and m for m in value))
+            return None if ok else (f"{self.name} must be a module set ({', '.join(self.choices)}) or a non-empty "
+                                    f"list of module names, got {value!r}")
         if self.kind == "prompts":
             ok = isinstance(value, list) and all(isinstance(p, str) for p in value)
             return None if ok else f"{self.name} must be a list of strings, got {value!r}"
@@ -149,15 +176,28 @@ SETTINGS: tuple[Setting, ...] = (
       aliases=("network_dim", "lora_rank"), flag="--rank", kohya="network_dim", wizard="rank"),
     S("alpha", 8.0, "float", "LoRA alpha; the update is scaled by alpha / rank", "network", bound="positive",
       aliases=("network_alpha", "lora_alpha"), flag="--alpha", kohya="network_alpha", wizard="alpha"),
-    S("unet_target_modules", ["to_q", "to_k", "to_v", "to_out.0"], "modules",
-      "UNet module names (the end of a module path) that get a LoRA", "network"),
-    S("train_conv", False, "bool", "also the 3x3 convolutions of the UNet's ResNet blocks and resamplers",
-      "network"),
-    S("conv_rank", None, "int", "rank of the convolution LoRAs (default: rank)", "network", bound="positive",
-      optional=True, derived_from="rank"),
-    S("conv_alpha", None, "float", "alpha of the convolution LoRAs (default: alpha)", "network", bound="positive",
-      optional=True, derived_from="alpha"),
+    S("network_type", "lora", "choice", "lora; dora (LoRA with weight decomposition); locon (LoRA on the "
+      "convolutions too); loha; lokr", "network", choices=NETWORK_TYPES, flag="--network-type",
+      adapters=("native",)),
+    S("unet_target_modules", "kohya", "modules", "UNet modules that get an adapter: a module set (kohya: attention, "
+      "proj_in/proj_out and feed-forward of every transformer block; attention: to_q/to_k/to_v/to_out.0 only) "
+      "or a list of names, each the end of a module path", "network", choices=tuple(UNET_MODULE_SETS)),
+    S("train_conv", None, "bool", "also the UNet's ResNet blocks and resamplers (conv_target_modules) "
+      "(default: true for locon, false otherwise)", "network", optional=True),
+    S("conv_target_modules", "kohya", "modules", "the convolution-side modules train_conv adds: a module set "
+      "(kohya: conv1/conv2, time_emb_proj and conv_shortcut of every ResNet block, and the resamplers; full: "
+      "those plus conv_in, conv_out and the time embedding; 3x3: only the 3x3 convolutions) or a list of names",
+      "network", choices=tuple(CONV_MODULE_SETS), absent_means=list(CONV_MODULE_SETS["3x3"])),
+    S("conv_rank", None, "int", "rank of the convolution adapters with a kernel larger than 1x1 (default: rank)",
+      "network", bound="positive", optional=True, derived_from="rank", aliases=("conv_dim",)),
+    S("conv_alpha", None, "float", "alpha of those convolution adapters (default: alpha)", "network",
+      bound="positive", optional=True, derived_from="alpha"),
+    S("lokr_factor", None, "int", "lokr only: the Kronecker factor of each dimension (default: the most balanced "
+      "split, LyCORIS' factor -1)", "network", bound="positive", optional=True, aliases=("factor",)),
     S("train_text_encoder", False, "bool", "also train LoRAs on the text encoder(s)", "network"),
+    S("text_encoder_target_modules", "kohya", "modules", "text-encoder modules that get an adapter: a module set "
+      "(kohya: q/k/v/out_proj and mlp fc1/fc2; attention: q/k/v/out_proj only) or a list of names", "network",
+      choices=tuple(TEXT_ENCODER_MODULE_SETS), absent_means=list(TEXT_ENCODER_MODULE_SETS["attention"])),
     S("text_encoder_lr", None, "float", "learning rate of the text encoder LoRAs (default: lr)", "network",
       bound="positive", optional=True, derived_from="lr"),
     S("lora_dropout", 0.0, "float", "dropout on the LoRA path", "network", bound="probability"),
@@ -199,6 +239,20 @@ SETTINGS: tuple[Setting, ...] = (
       "optimisation"),
     S("seed", 42, "int", "seed of every random draw of the run", "optimisation", bound="non_negative",
       maximum=MAX_SEED, flag="--seed", kohya="seed"),
+    # ---- validation ----
+    S("validation", True, "bool", "score base model and LoRA on fixed (noise, timestep) draws at the start and "
+      "during training; the release records the drop", "validation", absent_means=False),
+    S("validation_split", 0.0, "float", "hold out this fraction of the assets (by asset, seeded by "
+      "validation_seed) and score them; 0 scores the training images", "validation", bound="probability",
+      flag="--validation-split", adapters=("native",)),
+    S("validation_draws", 4, "int", "seeded (noise, timestep) draws per image, the timesteps spread evenly over the "
+      "schedule", "validation", bound="positive"),
+    S("validation_every", None, "int", "optimizer steps between scores (default: every epoch, at most 20 scores "
+      "in a run)", "validation", bound="positive", optional=True, resume_safe=True),
+    S("validation_seed", 0, "int", "seed of the hold-out and the draws; keep it to compare releases of one LoRA",
+      "validation", bound="non_negative", maximum=MAX_SEED),
+    S("early_stop_patience", None, "int", "stop after this many scores without a lower loss, and keep the best "
+      "score's weights (null: train every step)", "validation", bound="positive", optional=True),
     # ---- output ----
     S("save_every_n_epochs", None, "int", "also write <lora>-<epoch>.safetensors every N epochs", "output",
       bound="positive", optional=True, resume_safe=True, flag="--save-every-n-epochs", kohya="save_every_n_epochs"),
@@ -223,8 +277,32 @@ DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
 ALIASES: dict[str, str] = {alias: s.name for s in SETTINGS for alias in s.aliases}
 # Settings that do not change the numbers a run computes: they may differ between a run and its resume.
 RESUME_SAFE_KEYS: tuple[str, ...] = tuple(s.name for s in SETTINGS if s.resume_safe)
+# What a stored config that lacks a key (written before the setting existed) meant by it.
+ABSENT_MEANS: dict[str, Any] = {s.name: s.absent_means for s in SETTINGS if s.absent_means is not _NOT_GIVEN}
 FLAGGED: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.flag)
 WIZARD_FIELDS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.wizard)
+
+
+def module_list(setting: str, value: str | list[str]) -> list[str]:
+    """The module names a ``modules`` setting's value stands for (a set name, or the list itself).
+
+    >>> module_list("text_encoder_target_modules", "attention")
+    ['q_proj', 'k_proj', 'v_proj', 'out_proj']
+    >>> module_list("unet_target_modules", ["to_q", "ff.net.2"])
+    ['to_q', 'ff.net.2']
+    """
+    sets = {"unet_target_modules": UNET_MODULE_SETS, "text_encoder_target_modules": TEXT_ENCODER_MODULE_SETS,
+            "conv_target_modules": CONV_MODULE_SETS}[setting]
+    return list(sets[value]) if isinstance(value, str) else list(value)
+
+
+def is_module_set(setting: str, value: Any) -> bool:
+    """Whether a (resolved) ``modules`` value is one of the shipped sets rather than a list someone wrote.
+
+    >>> is_module_set("unet_target_modules", ["to_q", "to_k", "to_v", "to_out.0"]), is_module_set("unet_target_modules", ["to_q"])
+    (True, False)
+    """
+    return any(module_list(setting, name) == value for name in BY_NAME[setting].choices) or value in BY_NAME[setting].choices
 
 
 def canonical_name(key: str) -> str:

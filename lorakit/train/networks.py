@@ -1,0 +1,138 @@
+"""What gets trained: which modules of the UNet and text encoders get an adapter, with which rank.
+
+The module sets themselves are data in :mod:`lorakit.train.settings` (``unet_target_modules``,
+``text_encoder_target_modules``, ``conv_target_modules``). Here they meet a model: :func:`select_targets` is the
+one answer to "which modules, at which rank", used by the recipe on the real model and by :func:`module_counts`
+on a model built on the ``meta`` device (no weights allocated), which is what ``--dry-run`` prints.
+
+kohya's rank rule: Linear layers and 1x1 convolutions take ``rank``/``alpha``; convolutions with a larger
+kernel take ``conv_rank``/``conv_alpha``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .settings import TEXT_ENCODER_MODULE_SETS, UNET_MODULE_SETS
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module that gets an adapter: its path in the model, its rank and alpha, and whether it is a
+    convolution with a kernel larger than 1x1."""
+
+    path: str
+    rank: int
+    alpha: float
+    spatial_conv: bool = False
+
+
+def matches(path: str, names: Iterable[str]) -> bool:
+    """Whether a module path ends with one of ``names`` (whole dotted parts).
+
+    >>> matches("down_blocks.0.attentions.0.proj_in", ["proj_in"]), matches("x.to_out.0", ["out.0"])
+    (True, False)
+    """
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+def select_targets(named_modules: Iterable[tuple[str, Any]], names: Iterable[str], cfg: dict, *,
+                   conv_names: Iterable[str] = ()) -> list[Target]:
+    """The Linear and Conv2d modules whose path ends with one of ``names`` (or of ``conv_names``, the
+    convolution side ``train_conv`` adds), in module order, with kohya's rank rule."""
+    import torch
+
+    names, conv_names = list(names), list(conv_names)
+    targets = []
+    for path, module in named_modules:
+        if not isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+            continue
+        if not (matches(path, names) or (conv_names and matches(path, conv_names))):
+            continue
+        spatial = isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+        if spatial:
+            targets.append(Target(path, cfg["conv_rank"], float(cfg["conv_alpha"]), True))
+        else:
+            targets.append(Target(path, cfg["rank"], float(cfg["alpha"])))
+    return targets
+
+
+def unknown_names(named_modules: Iterable[tuple[str, Any]], names: Iterable[str]) -> list[str]:
+    """The ``names`` that end the path of no Linear or Conv2d module (a typo, or another architecture's name)."""
+    import torch
+
+    paths = [p for p, m in named_modules if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    return [n for n in names if not any(matches(p, [n]) for p in paths)]
+
+
+def adaptable_leaves(named_modules: Iterable[tuple[str, Any]]) -> list[str]:
+    """Short names of the Linear and Conv2d modules, for an error message that says what there is: the
+    attention and feed-forward names first (what a module list usually names), then the rest."""
+    import torch
+
+    paths = [p for p, m in named_modules if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    common = [n for n in (*UNET_MODULE_SETS["kohya"], *TEXT_ENCODER_MODULE_SETS["kohya"])
+              if any(matches(p, [n]) for p in paths)]
+    rest = set()
+    for path in paths:
+        if not matches(path, common):
+            parts = path.split(".")
+            rest.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
+    return common + sorted(rest)
+
+
+def unet_targets(unet: Any, cfg: dict) -> list[Target]:
+    """The UNet modules a run adapts: ``unet_target_modules``, plus ``conv_target_modules`` with ``train_conv``."""
+    conv = cfg["conv_target_modules"] if cfg["train_conv"] else []
+    return select_targets(unet.named_modules(), cfg["unet_target_modules"], cfg, conv_names=conv)
+
+
+def text_encoder_targets(encoder: Any, cfg: dict) -> list[Target]:
+    """The text-encoder modules a run adapts (``text_encoder_target_modules``)."""
+    return select_targets(encoder.named_modules(), cfg["text_encoder_target_modules"], cfg)
+
+
+def meta_models(config_folder: str | Path, family: str) -> dict[str, Any]:
+    """The UNet and text encoder(s) of a diffusers config folder, built on the ``meta`` device: every module
+    and shape, no weights allocated (a full-size SDXL UNet in under a second)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(config_folder)
+    encoders = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+    with torch.device("meta"):
+        models = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))}
+        for name in encoders:
+            models[name] = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / name))
+    return models
+
+
+def module_counts(config_folder: str | Path, family: str, cfg: dict) -> dict[str, int]:
+    """How many modules of each model a run with ``cfg`` adapts (the text encoders only when they are trained)."""
+    models = meta_models(config_folder, family)
+    counts = {"unet": len(unet_targets(models.pop("unet"), cfg))}
+    if cfg["train_text_encoder"]:
+        counts.update({name: len(text_encoder_targets(encoder, cfg)) for name, encoder in models.items()})
+    return counts
+
+
+def add_network(model: Any, targets: list[Target], cfg: dict) -> None:
+    """Put the run's adapters (``network_type``) on ``targets`` of ``model``, as peft layers."""
+    from peft import LoraConfig
+
+    from ..errors import TrainingError
+
+    if not targets:
+        raise TrainingError("the module sets match no Linear or Conv2d module of this model; check "
+                            "unet_target_modules / text_encoder_target_modules")
+    paths = [t.path for t in targets]
+    # peft takes one rank and alpha plus per-module exceptions: the exceptions are kohya's conv rank rule.
+    rank_pattern = {t.path: t.rank for t in targets if t.rank != cfg["rank"]}
+    alpha_pattern = {t.path: t.alpha for t in targets if t.alpha != float(cfg["alpha"])}
+    model.add_adapter(LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg["lora_dropout"],
+                                 target_modules=paths, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                                 use_dora=cfg["network_type"] == "dora"))
