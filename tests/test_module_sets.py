@@ -123,3 +123,28 @@ def test_kohya_names_of_the_full_size_sets(full_size):
                 for t in text_encoder_targets(encoder, resolve_config(family))}
     assert f"{prefix}_text_model_encoder_layers_11_mlp_fc2" in te_names
     assert f"{prefix}_text_model_encoder_layers_0_self_attn_out_proj" in te_names
+
+
+# ---- on a real (tiny) checkpoint: the plan's counts are what the file holds -------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_the_dry_run_counts_are_the_modules_the_file_holds(family, tmp_path_factory):
+    from test_train import FAST, _workspace, new_lora, write_dataset
+
+    from lorakit.train import train_lora
+    from lorakit.train.kohya_format import read_lora_file
+
+    with pytest.MonkeyPatch.context() as mp:
+        ws = _workspace(tmp_path_factory.mktemp(f"counts_{family}"), mp)
+        new_lora(ws, "counted", family=family)
+        write_dataset(ws, "counted_set", n=2, sizes=((64, 64),))
+        config = {**FAST, "steps": 1, "train_conv": True, "conv_rank": 2, "train_text_encoder": True,
+                  "validation": False}
+        plan = train_lora(ws, "counted", "counted_set", project="demo", config=config, dry_run=True).plan
+        result = train_lora(ws, "counted", "counted_set", project="demo", config=config, progress=False)
+    tensors, _ = read_lora_file(result.weights_path)
+    prefixes = {"unet": ("lora_unet_",), "text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",)}
+    held = {model: sum(k.startswith(p) and k.endswith(".alpha") for k in tensors for p in prefixes[model])
+            for model in plan["modules"]}
+    assert held == plan["modules"]
+    assert set(plan["modules"]) == ({"unet", "text_encoder"} | ({"text_encoder_2"} if family == "sdxl" else set()))
