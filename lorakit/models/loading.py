@@ -253,13 +253,168 @@ def load_pipeline(
 
 
 def load_lora_file(pipe, path: str | Path, adapter_name: str) -> None:
-    """Load a LoRA ``.safetensors`` file into ``pipe`` as adapter ``adapter_name``.
+    """Load a LoRA ``.safetensors`` file into ``pipe`` as adapter ``adapter_name``, so ``pipe.set_adapters``
+    weighs it like any other.
 
-    Given as folder plus ``weight_name``: the form every diffusers release since 0.35 reads offline (0.36 refuses
-    a bare file path when ``HF_HUB_OFFLINE`` is set).
+    Plain LoRA and LoCon files go through ``diffusers.load_lora_weights``, given as folder plus ``weight_name``
+    (the form every diffusers release since 0.35 reads offline; 0.36 refuses a bare file path when
+    ``HF_HUB_OFFLINE`` is set). diffusers reads no LoHa or LoKr file of an SD1.5/SDXL pipeline and drops a DoRA
+    file's ``dora_scale`` (it would render as plain LoRA), so those are put on the pipeline's UNet and text
+    encoders as peft adapters of their type, the file's kohya names mapped back to the pipeline's modules.
     """
+    from ..train.kohya_format import file_network_type
+
     path = Path(path)
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+    network = "lora"
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            network = file_network_type(handle.keys())
+    if network == "lora":
+        _check_no_lycoris_layers(pipe, path)
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+        return
+    from safetensors.torch import load_file
+
+    add_file_adapter(pipe, load_file(str(path)), network, adapter_name, what=str(path))
+
+
+def _check_no_lycoris_layers(pipe, path: Path) -> None:
+    """peft wraps a LoHa/LoKr layer in a LoRA layer badly (it fails deep inside), though the other order works."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    for attr in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, attr, None)
+        if model is not None and any(isinstance(m, LycorisLayer) for m in model.modules()):
+            raise LorakitError(f"cannot load the LoRA file {path} after a LoHa or LoKr file into the same pipeline "
+                               "(peft cannot put a LoRA layer over theirs); load plain LoRA and LoCon files first")
+
+
+def pipeline_module_names(pipe) -> dict[str, tuple[str, str]]:
+    """``kohya name -> (pipeline component, module path)`` for every Linear and Conv2d of the pipeline's UNet and
+    text encoders (a module that already carries adapters counts by its own path), computed with the names the
+    trainer writes, so the two agree by construction."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ..train.kohya_format import TEXT_ENCODER_PREFIXES, text_encoder_module_name, unet_module_name
+
+    family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+    unet_config = dict(pipe.unet.config)
+    components = [("unet", pipe.unet)] + [
+        (attr, getattr(pipe, attr, None)) for attr in ("text_encoder", "text_encoder_2")[:len(TEXT_ENCODER_PREFIXES[family])]]
+    names: dict[str, tuple[str, str]] = {}
+    for attr, model in components:
+        if model is None:
+            continue
+        prefix = None if attr == "unet" else TEXT_ENCODER_PREFIXES[family][attr == "text_encoder_2"]
+        tuned: list[str] = []
+        for path, module in model.named_modules():
+            # The Linear layers inside an adapter (and the wrapped base layer) are not modules of the model.
+            if any(path.startswith(t + ".") for t in tuned):
+                continue
+            if isinstance(module, BaseTunerLayer):
+                tuned.append(path)
+            elif not isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+                continue
+            try:
+                name = (unet_module_name(path, family, unet_config) if prefix is None
+                        else text_encoder_module_name(prefix, model, path))
+            except ValueError:  # a module with no place in the original layout gets no kohya name
+                continue
+            names[name] = (attr, path)
+    return names
+
+
+def add_file_adapter(pipe, tensors: dict[str, torch.Tensor], network: str, adapter_name: str, *,
+                     what: str = "the LoRA file") -> None:
+    """Put the DoRA, LoHa or LoKr layers of a kohya/LyCORIS state dict on ``pipe`` as peft adapter
+    ``adapter_name`` (one peft config per component, every layer's tensors as the file has them)."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, suffix = key.partition(".")
+        layers.setdefault(name, {})[suffix] = tensor
+    modules = pipeline_module_names(pipe)
+    unknown = sorted(n for n in layers if n not in modules)
+    if unknown:
+        raise LorakitError(f"{what} adapts {len(unknown)} module(s) this pipeline does not have (e.g. {unknown[0]}); "
+                           "it was trained for another model family or architecture: use it with a checkpoint of "
+                           "that family")
+    by_component: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for name, parts in layers.items():
+        _check_layer(network, name, parts, what)
+        component, path = modules[name]
+        by_component.setdefault(component, {})[path] = parts
+    for component, component_layers in by_component.items():
+        model = getattr(pipe, component)
+        model.add_adapter(_file_peft_config(network, component_layers), adapter_name=adapter_name)
+        for path, parts in component_layers.items():
+            _set_layer_tensors(network, model.get_submodule(path), adapter_name, parts)
+
+
+def _check_layer(network: str, name: str, parts: dict[str, torch.Tensor], what: str) -> None:
+    if any(k in parts for k in ("hada_t1", "hada_t2", "lokr_t2")):
+        raise LorakitError(f"{what}: {name} is Tucker-decomposed (use_tucker / conv CP), which lorakit does not "
+                           "render; retrain it without use_tucker, or render it in ComfyUI or A1111")
+    if network == "dora" and "dora_scale" in parts and parts["dora_scale"].shape[0] != parts["lora_up.weight"].shape[0]:
+        raise LorakitError(f"{what}: {name}'s dora_scale has one value per input feature (LyCORIS' old "
+                           "wd_on_output=False); lorakit renders DoRA with one per output feature: retrain it with "
+                           "wd_on_output=True")
+
+
+def _file_rank_alpha(network: str, parts: dict[str, torch.Tensor]) -> tuple[int, float]:
+    """The rank and alpha peft's ``alpha / rank`` scale needs to reproduce LyCORIS' scale for this layer."""
+    alpha = parts.get("alpha")
+    if network == "dora":
+        rank = parts["lora_down.weight"].shape[0]
+    elif network == "loha":
+        rank = parts["hada_w1_b"].shape[0]
+    else:
+        # LoKr scales by alpha / rank only while a factor is rank-decomposed; two full factors take scale 1.
+        decomposed = parts.get("lokr_w2_b", parts.get("lokr_w1_b"))
+        if decomposed is None:
+            return 1, 1.0
+        rank = decomposed.shape[0]
+    return rank, float(rank if alpha is None else alpha.item())
+
+
+def _file_peft_config(network: str, layers: dict[str, dict[str, torch.Tensor]]) -> Any:
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    paths = list(layers)
+    ranks = {p: _file_rank_alpha(network, parts) for p, parts in layers.items()}
+    shape = {"r": 1, "target_modules": paths, "rank_pattern": {p: r for p, (r, _) in ranks.items()},
+             "alpha_pattern": {p: a for p, (_, a) in ranks.items()}}
+    if network == "dora":
+        return LoraConfig(lora_alpha=1, use_dora=True, **shape)
+    if network == "loha":
+        return LoHaConfig(alpha=1, use_effective_conv2d=False, **shape)
+    return LoKrConfig(alpha=1, use_effective_conv2d=False, **shape)
+
+
+def _set_layer_tensors(network: str, layer: Any, adapter: str, parts: dict[str, torch.Tensor]) -> None:
+    """Replace the freshly made adapter weights of one peft layer by the file's (in the base layer's dtype)."""
+    base = layer.get_base_layer().weight
+
+    def param(t: torch.Tensor) -> torch.nn.Parameter:
+        return torch.nn.Parameter(t.to(base.device, base.dtype), requires_grad=False)
+
+    with torch.no_grad():
+        if network == "dora":
+            layer.lora_A[adapter].weight.copy_(parts["lora_down.weight"])
+            layer.lora_B[adapter].weight.copy_(parts["lora_up.weight"])
+            magnitude = layer.lora_magnitude_vector[adapter].weight
+            magnitude.copy_(parts["dora_scale"].reshape(magnitude.shape))
+            return
+        # peft decided its own factor shapes from a rank and a factor; the file's shapes are the ones that count.
+        keys = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if network == "loha" else \
+            ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+        for key in keys:
+            slots = getattr(layer, key)
+            if adapter in slots:
+                del slots[adapter]
+            if key in parts:
+                slots[adapter] = param(parts[key])
 
 
 def folder_variant(folder: Path) -> str | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
 
@@ -127,42 +128,158 @@ def text_encoder_module_name(prefix: str, encoder: torch.nn.Module, module_path:
 
 
 # ---- tensors -----------------------------------------------------------------------------------------------
+# LyCORIS' key suffixes per layer type (lycoris/modules/*.py ``custom_state_dict``); plain LoRA and LoCon
+# share kohya's, DoRA adds its magnitude beside them.
+LAYER_KEYS = {
+    "lora": ("lora_down.weight", "lora_up.weight", "alpha"),
+    "dora": ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale"),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"),
+}
+
+
+@dataclass(frozen=True)
+class AdapterLayer:
+    """One adapted module as the file stores it: its path in the model, its layer type (a :data:`LAYER_KEYS`
+    key) and its tensors by key suffix, already in the file's scale conventions."""
+
+    path: str
+    kind: str
+    tensors: dict[str, torch.Tensor]
+
+
+def layer_kind(module: torch.nn.Module, adapter: str = "default") -> str | None:
+    """``"lora"``, ``"dora"``, ``"loha"`` or ``"lokr"`` for a peft layer holding ``adapter``, else None."""
+    from peft.tuners.loha import LoHaLayer
+    from peft.tuners.lokr import LoKrLayer
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(module, LoraLayer) and adapter in module.lora_A:
+        return "dora" if module.use_dora.get(adapter) else "lora"
+    if isinstance(module, LoHaLayer) and adapter in module.hada_w1_a:
+        return "loha"
+    if isinstance(module, LoKrLayer) and adapter in module._available_adapters:
+        return "lokr"
+    return None
+
+
+def lora_file_tensors(down: torch.Tensor, up: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
+    """kohya's LoRA (and LoCon) tensors: the update is ``up @ down * alpha / rank`` in both peft and the file."""
+    return {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(float(alpha))}
+
+
+def dora_scale(magnitude: torch.Tensor, weight_dims: int) -> torch.Tensor:
+    """peft's DoRA magnitude (one per output feature: ``(out,)`` for Linear, ``(1, out, 1, 1)`` for a conv) as
+    LyCORIS' ``dora_scale`` with ``wd_on_output`` (its default): ``(out, 1)`` / ``(out, 1, 1, 1)``, the norm
+    taken over each output row of the weight. ComfyUI tells that axis from ``dora_scale.shape[0] == out``.
+
+    >>> tuple(dora_scale(torch.ones(1, 8, 1, 1), 4).shape), tuple(dora_scale(torch.ones(8), 2).shape)
+    ((8, 1, 1, 1), (8, 1))
+    """
+    return magnitude.reshape(-1, *[1] * (weight_dims - 1))
+
+
+def loha_file_tensors(w1_a: torch.Tensor, w1_b: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor,
+                      alpha: float) -> dict[str, torch.Tensor]:
+    """LyCORIS' LoHa tensors. peft and LyCORIS agree: ``(w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank``, a
+    convolution's kernel flattened into ``w*_b``'s columns."""
+    return {"hada_w1_a": w1_a, "hada_w1_b": w1_b, "hada_w2_a": w2_a, "hada_w2_b": w2_b,
+            "alpha": torch.tensor(float(alpha))}
+
+
+def lokr_file_tensors(factors: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """LyCORIS' LoKr tensors from peft's factors (``lokr_w1`` or ``lokr_w1_a``/``_b``, ``lokr_w2`` or
+    ``lokr_w2_a``/``_b``): the update is ``kron(w1, w2) * scale``.
+
+    peft always scales by ``alpha / rank``. LyCORIS does too while a factor is rank-decomposed, but when both
+    factors are full matrices it scales by 1 and writes ``alpha = rank`` (lycoris/modules/lokr.py, and ComfyUI
+    reads it so), so peft's scale is folded into ``lokr_w1`` then.
+    """
+    full = "lokr_w1" in factors and "lokr_w2" in factors
+    tensors = dict(factors)
+    if full:
+        tensors["lokr_w1"] = factors["lokr_w1"] * (float(alpha) / rank)
+    tensors["alpha"] = torch.tensor(float(rank) if full else float(alpha))
+    return tensors
+
+
+def _layer_tensors(kind: str, module: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    if kind in ("lora", "dora"):
+        tensors = lora_file_tensors(module.lora_A[adapter].weight, module.lora_B[adapter].weight,
+                                    module.lora_alpha[adapter])
+        if kind == "dora":
+            magnitude = module.lora_magnitude_vector[adapter].weight
+            tensors["dora_scale"] = dora_scale(magnitude, module.get_base_layer().weight.dim())
+        return tensors
+    if kind == "loha":
+        return loha_file_tensors(module.hada_w1_a[adapter], module.hada_w1_b[adapter], module.hada_w2_a[adapter],
+                                 module.hada_w2_b[adapter], module.alpha[adapter])
+    factors = {key: getattr(module, key)[adapter] for key in LAYER_KEYS["lokr"][:-1]
+               if adapter in getattr(module, key)}
+    return lokr_file_tensors(factors, module.r[adapter], module.alpha[adapter])
+
+
+def _model_path(path: str) -> str:
+    # peft may wrap the model (PeftModel, DDP): keep the path relative to the original model.
+    for wrapper in ("module.", "base_model.model."):
+        if path.startswith(wrapper):
+            path = path[len(wrapper):]
+    return path
+
+
+def adapter_layers(model: torch.nn.Module, adapter: str = "default") -> Iterable[AdapterLayer]:
+    """Every peft adapter layer of ``model`` (any :data:`LAYER_KEYS` type), in module order, with its file tensors;
+    the type is read from the peft layer itself."""
+    for path, module in model.named_modules():
+        kind = layer_kind(module, adapter)
+        if kind is not None:
+            yield AdapterLayer(_model_path(path), kind, _layer_tensors(kind, module, adapter))
+
+
 def lora_layers(model: torch.nn.Module, adapter: str = "default") -> Iterable[tuple[str, torch.Tensor, torch.Tensor, float]]:
     """``(module path, down weight, up weight, alpha)`` for every peft LoRA layer of ``model``, in module order."""
     for path, module in model.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if lora_a is None or not isinstance(lora_a, torch.nn.ModuleDict) or adapter not in lora_a:
-            continue
-        alpha = float(module.lora_alpha[adapter])
-        # peft may wrap the model (PeftModel, DDP): keep the path relative to the original model.
-        for wrapper in ("module.", "base_model.model."):
-            if path.startswith(wrapper):
-                path = path[len(wrapper):]
-        yield path, module.lora_A[adapter].weight, module.lora_B[adapter].weight, alpha
+        if layer_kind(module, adapter) in ("lora", "dora"):
+            yield (_model_path(path), module.lora_A[adapter].weight, module.lora_B[adapter].weight,
+                   float(module.lora_alpha[adapter]))
 
 
-def to_kohya_tensors(named_layers: Iterable[tuple[str, str, torch.Tensor, torch.Tensor, float]],
+def to_kohya_tensors(named_layers: Iterable[tuple[str, AdapterLayer]],
                      dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """kohya tensors from ``(kohya name, _, down, up, alpha)`` entries, cast to ``dtype`` on the CPU."""
+    """The file's tensors from ``(kohya name, layer)`` entries, cast to ``dtype`` on the CPU."""
     tensors: dict[str, torch.Tensor] = {}
-    for name, _path, down, up, alpha in named_layers:
-        tensors[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    for name, layer in named_layers:
+        for suffix, tensor in layer.tensors.items():
+            tensors[f"{name}.{suffix}"] = tensor.detach().to("cpu", dtype).contiguous()
     return tensors
 
 
 def kohya_state_dict(family: str, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] = (),
                      dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """The kohya tensors of a peft-adapted UNet (and text encoders, when they were trained)."""
+    """The kohya/LyCORIS tensors of a peft-adapted UNet (and text encoders, when they were trained)."""
     config = dict(getattr(unet, "config", {}) or {})
-    entries = [(unet_module_name(p, family, config), p, d, u, a) for p, d, u, a in lora_layers(unet)]
+    entries = [(unet_module_name(layer.path, family, config), layer) for layer in adapter_layers(unet)]
     for prefix, encoder in zip(TEXT_ENCODER_PREFIXES[family], text_encoders, strict=False):
-        entries += [(text_encoder_module_name(prefix, encoder, p), p, d, u, a) for p, d, u, a in lora_layers(encoder)]
+        entries += [(text_encoder_module_name(prefix, encoder, layer.path), layer) for layer in adapter_layers(encoder)]
     names = [e[0] for e in entries]
     if len(set(names)) != len(names):
         raise ValueError("two LoRA modules map to the same kohya name")
     return to_kohya_tensors(entries, dtype)
+
+
+def file_network_type(keys: Iterable[str]) -> str:
+    """Which layer type a kohya/LyCORIS file holds, from its key suffixes: ``"lokr"``, ``"loha"``, ``"dora"``
+    (LoRA keys plus ``dora_scale``) or ``"lora"`` (anything else, diffusers' own layout included).
+
+    >>> file_network_type(["lora_unet_x.hada_w1_a", "lora_unet_x.alpha"])
+    'loha'
+    """
+    suffixes = {key.split(".", 1)[1] for key in keys if "." in key}
+    if any(s.startswith("lokr_") for s in suffixes):
+        return "lokr"
+    if any(s.startswith("hada_") for s in suffixes):
+        return "loha"
+    return "dora" if "dora_scale" in suffixes else "lora"
 
 
 # ---- hashes ------------------------------------------------------------------------------------------------
@@ -200,6 +317,35 @@ def _tensor_bytes(data: bytes) -> bytes:
 
 
 # ---- metadata ----------------------------------------------------------------------------------------------
+# LyCORIS' algo names for the network types it implements (DoRA is its LoCon with ``dora_wd``).
+LYCORIS_ALGOS = {"dora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr"}
+
+
+def network_metadata(cfg: dict) -> tuple[str, dict | None]:
+    """``(ss_network_module, ss_network_args)`` as sd-scripts records a run of this network type: kohya's
+    ``networks.lora`` for plain LoRA (``conv_dim``/``conv_alpha`` when it trains convolutions), LyCORIS'
+    ``lycoris.kohya`` with its ``--network_args`` (strings, as sd-scripts parses them) for the others.
+
+    >>> network_metadata({"network_type": "loha", "train_conv": False, "rank": 8, "alpha": 4.0})
+    ('lycoris.kohya', {'algo': 'loha', 'preset': 'attn-mlp'})
+    """
+    network, conv = cfg["network_type"], cfg["train_conv"]
+    if network == "lora":
+        return "networks.lora", ({"conv_dim": cfg["conv_rank"], "conv_alpha": cfg["conv_alpha"]} if conv else None)
+    args: dict[str, str] = {"algo": LYCORIS_ALGOS[network]}
+    if conv:
+        args.update(conv_dim=str(cfg["conv_rank"]), conv_alpha=str(cfg["conv_alpha"]))
+    else:
+        # LyCORIS' default preset ("full") adapts the ResNet convolutions too; these runs left them alone.
+        args["preset"] = "attn-mlp"
+    if network == "dora":
+        # The magnitude is per output feature (peft's axis); LyCORIS' older default was per input feature.
+        args.update(dora_wd="True", wd_on_output="True")
+    if network == "lokr":
+        args["factor"] = str(-1 if cfg.get("lokr_factor") is None else cfg["lokr_factor"])
+    return "lycoris.kohya", args
+
+
 def tag_frequency(captions: Iterable[str]) -> dict[str, int]:
     """How often each comma-separated tag occurs in ``captions`` (kohya's ``ss_tag_frequency`` counts).
 
@@ -221,7 +367,7 @@ def build_metadata(*, family: str, cfg: dict, title: str, output_name: str, data
                    prediction_type: str, lorakit: dict[str, object]) -> dict[str, str]:
     """All header metadata of a LoRA file except the hashes (see :func:`finish_metadata`); every value a string."""
     resolution = cfg["resolution"]
-    network_args = {"conv_dim": cfg["conv_rank"], "conv_alpha": cfg["conv_alpha"]} if cfg["train_conv"] else None
+    network_module, network_args = network_metadata(cfg)
     ss: dict[str, object] = {
         "ss_session_id": session_id,
         "ss_training_started_at": started_at,
@@ -243,7 +389,7 @@ def build_metadata(*, family: str, cfg: dict, title: str, output_name: str, data
         "ss_gradient_accumulation_steps": cfg["gradient_accumulation_steps"],
         "ss_lr_warmup_steps": cfg["lr_warmup_steps"],
         "ss_lr_scheduler": cfg["lr_scheduler"],
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": cfg["rank"],
         "ss_network_alpha": cfg["alpha"],
         "ss_network_dropout": cfg["lora_dropout"],
@@ -350,7 +496,8 @@ def read_lora_bytes_hashes(path: str | Path) -> tuple[str, str]:
 
 
 __all__ = [
-    "BASE_MODEL_VERSION", "VOLATILE_METADATA_KEYS", "build_metadata", "diffusers_to_sgm",
-    "finish_metadata", "kohya_name", "kohya_state_dict", "lora_layers", "read_lora_file", "save_lora_file",
+    "BASE_MODEL_VERSION", "LAYER_KEYS", "VOLATILE_METADATA_KEYS", "AdapterLayer", "adapter_layers", "build_metadata",
+    "diffusers_to_sgm", "file_network_type", "finish_metadata", "kohya_name", "kohya_state_dict", "layer_kind",
+    "lora_layers", "network_metadata", "read_lora_file", "save_lora_file",
     "sshs_hashes", "tag_frequency", "text_encoder_module_name", "unet_module_name",
 ]

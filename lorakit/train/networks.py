@@ -120,19 +120,38 @@ def module_counts(config_folder: str | Path, family: str, cfg: dict) -> dict[str
     return counts
 
 
+def network_config(targets: list[Target], cfg: dict) -> Any:
+    """The peft config that puts ``network_type``'s adapters on ``targets``, in LyCORIS' layout for the
+    LyCORIS types: LoHa and LoKr flatten a convolution's kernel into its matrices (``use_effective_conv2d``
+    off is LyCORIS' default, no Tucker core), and LoKr keeps its first factor a full matrix
+    (``decompose_both`` off) and splits dimensions by ``lokr_factor`` (LyCORIS' ``factor``, -1 when unset)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    paths = [t.path for t in targets]
+    # peft takes one rank and alpha plus per-module exceptions: the exceptions are kohya's conv rank rule.
+    shape = {"r": cfg["rank"], "target_modules": paths,
+             "rank_pattern": {t.path: t.rank for t in targets if t.rank != cfg["rank"]},
+             "alpha_pattern": {t.path: t.alpha for t in targets if t.alpha != float(cfg["alpha"])}}
+    network = cfg["network_type"]
+    if network == "loha":
+        return LoHaConfig(alpha=cfg["alpha"], use_effective_conv2d=False, **shape)
+    if network == "lokr":
+        factor = cfg.get("lokr_factor")
+        # init_weights="lycoris": the first factor random, the second zero, as LyCORIS starts a LoKr.
+        return LoKrConfig(alpha=cfg["alpha"], use_effective_conv2d=False, decompose_both=False,
+                          decompose_factor=-1 if factor is None else int(factor), init_weights="lycoris", **shape)
+    return LoraConfig(lora_alpha=cfg["alpha"], lora_dropout=cfg["lora_dropout"], use_dora=network == "dora", **shape)
+
+
 def add_network(model: Any, targets: list[Target], cfg: dict) -> None:
     """Put the run's adapters (``network_type``) on ``targets`` of ``model``, as peft layers."""
-    from peft import LoraConfig
-
     from ..errors import TrainingError
 
     if not targets:
         raise TrainingError("the module sets match no Linear or Conv2d module of this model; check "
                             "unet_target_modules / text_encoder_target_modules")
-    paths = [t.path for t in targets]
-    # peft takes one rank and alpha plus per-module exceptions: the exceptions are kohya's conv rank rule.
-    rank_pattern = {t.path: t.rank for t in targets if t.rank != cfg["rank"]}
-    alpha_pattern = {t.path: t.alpha for t in targets if t.alpha != float(cfg["alpha"])}
-    model.add_adapter(LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg["lora_dropout"],
-                                 target_modules=paths, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                                 use_dora=cfg["network_type"] == "dora"))
+    if cfg["network_type"] in ("loha", "lokr") and cfg["lora_dropout"]:
+        # LyCORIS has no dropout for these either; silently training without it would misreport the run.
+        raise TrainingError(f"lora_dropout {cfg['lora_dropout']} has no meaning for network_type "
+                            f"{cfg['network_type']} (LyCORIS' LoHa and LoKr have no dropout); set lora_dropout 0")
+    model.add_adapter(network_config(targets, cfg))
