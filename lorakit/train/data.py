@@ -35,6 +35,7 @@ class TrainItem:
     caption: str
     width: int
     height: int
+    asset_id: str = ""  # the manifest item's asset: a held-out split takes every item of an asset
 
 
 # ---- checking the files ------------------------------------------------------------------------------------
@@ -71,7 +72,8 @@ def check_items(store: Store, items: list[dict]) -> list[TrainItem]:
         except Exception as exc:  # Pillow raises many kinds for broken files
             problems.append(f"{label}: not a readable image ({type(exc).__name__}: {exc})")
             continue
-        checked.append(TrainItem(index, path, rel, digest, item.get("caption") or "", width, height))
+        checked.append(TrainItem(index, path, rel, digest, item.get("caption") or "", width, height,
+                                 str(item.get("assetId") or "")))
     if problems:
         raise TrainingError(
             f"{len(problems)} dataset image(s) cannot be used; rebuild the dataset or restore the files:\n  "

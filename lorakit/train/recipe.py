@@ -7,7 +7,8 @@
     TrainingData         the latent and text-embedding caches and how a batch is assembled
     _setup_optimizer()   optimizer, learning-rate schedule, accelerate, a resumed state
     loss_step()          noise, timesteps, target and min-SNR weighting for one micro-batch
-    _train_loop()        the steps, with the step callbacks, saved states, epoch files and samples
+    Validation           the validation scores: base model and LoRA on fixed (noise, timestep) draws, early stop
+    _train_loop()        the steps, with the step callbacks, scores, saved states, epoch files and samples
     _save_and_record()   the kohya .safetensors file, then (and only then) the candidate release
 
 :func:`train_lora` runs them in that order. The parts the phases use are small plain modules: ``settings``
@@ -51,6 +52,17 @@ from .data import TrainItem, check_items, epoch_batches, make_buckets, padded_ba
 from .inputs import RunInputs, release_dataset_fields, resolve_run_inputs
 from .progress import LOG_NAME, StepCallback, StepReport
 from .settings import ABSENT_MEANS
+from .validation import (
+    BATCH_FACTOR,
+    ValidationScores,
+    draw_timesteps,
+    is_score_step,
+    noise_seed,
+    score_batches,
+    score_interval,
+    split_items,
+    validation_record,
+)
 
 RUN_FILE = "run.json"
 STATE_FILE = "state.pt"
@@ -127,8 +139,9 @@ def run_plan(ws: Workspace | str | Path | None, training: TrainingPlan, *, cpu: 
     model = _setup_model(ws, training, run)
     data = TrainingData(ws, training, run, model)
     optim = _setup_optimizer(training, run, model)
-    step, loss = _train_loop(training, run, model, data, optim, progress=progress, on_step=on_step)
-    return _save_and_record(ws, training, run, model, optim, step, loss)
+    validation = Validation(training, run, model, data, optim.saved_validation) if training.cfg["validation"] else None
+    step, loss = _train_loop(training, run, model, data, optim, validation, progress=progress, on_step=on_step)
+    return _save_and_record(ws, training, run, model, optim, step, loss, validation)
 
 
 # ---- phase 1: the plan ----------------------------------------------------------------------------------------
@@ -158,6 +171,9 @@ class TrainingPlan:
     set_active: bool
     resumed: dict | None = None
     modules: tuple[tuple[str, int], ...] = ()   # (model, adapted modules), as module_counts finds them
+    held_out: tuple[TrainItem, ...] = ()        # validation_split's images: scored, never trained on
+    held_out_buckets: tuple[tuple[int, int], ...] = ()
+    validation_every: int | None = None         # optimizer steps between scores; None without validation
 
     @property
     def cfg(self) -> dict:
@@ -189,6 +205,7 @@ class TrainingPlan:
             "worldSize": self.world_size, "weights": str(self.weights_path), "networkType": i.settings["network_type"],
             "modules": dict(self.modules), "config": i.settings,
             "resumeFrom": self.resumed["step"] if self.resumed else None,
+            "heldOut": len(self.held_out), "validationEvery": self.validation_every,
         }
 
 
@@ -229,23 +246,30 @@ def plan_training(
                                     preset=preset, config=config, config_file=config_file, overrides=overrides,
                                     force=force)
     cfg = inputs.settings
-    # Every image must exist and match the manifest before anything is loaded.
-    items = check_items(ws.store, inputs.manifest["items"])
+    # Every image must exist and match the manifest before anything is loaded (the held-out ones too: they are
+    # scored).
+    items, held_out = split_items(check_items(ws.store, inputs.manifest["items"]),
+                                  cfg["validation_split"] if cfg["validation"] else 0.0, cfg["validation_seed"],
+                                  inputs.dataset["id"])
     available = make_buckets(cfg["resolution"], cfg["bucket_step"], cfg["bucket_min_side"], cfg["bucket_max_side"])
-    buckets = [pick_bucket(it.width, it.height, available, no_upscale=cfg["bucket_no_upscale"], step=cfg["bucket_step"])
-               for it in items]
+    buckets, held_out_buckets = ([pick_bucket(it.width, it.height, available, no_upscale=cfg["bucket_no_upscale"],
+                                              step=cfg["bucket_step"]) for it in group] for group in (items, held_out))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     micro_per_step = cfg["gradient_accumulation_steps"] * world_size
     batches_per_epoch = len(padded_batches(epoch_batches(buckets, cfg["batch_size"], cfg["repeats"], cfg["seed"], 0),
                                            micro_per_step))
     steps_per_epoch = batches_per_epoch // micro_per_step
     total_steps = cfg["steps"] or cfg["epochs"] * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
     return TrainingPlan(
         modules=tuple(_module_counts(ws, inputs).items()),
         inputs=inputs, items=tuple(items), buckets=tuple(buckets), world_size=world_size,
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, num_epochs=math.ceil(total_steps / steps_per_epoch),
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, num_epochs=num_epochs,
         out_dir=ws.config.loras_root / inputs.lora_id / inputs.release_id, preset=preset, notes=notes,
         set_active=set_active, resumed=resumed.run if resumed else None,
+        held_out=tuple(held_out), held_out_buckets=tuple(held_out_buckets),
+        validation_every=(score_interval(cfg["validation_every"], steps_per_epoch, num_epochs)
+                          if cfg["validation"] else None),
     )
 
 
@@ -446,13 +470,19 @@ def _check_module_names(training: TrainingPlan, run: RunContext, module: Any, se
 # ---- phase 4: the data ----------------------------------------------------------------------------------------
 class TrainingData:
     """The run's images as the model sees them: VAE latents (cached once per run, and on disk) and text
-    embeddings (cached when nothing about them changes), and the pieces a micro-batch is made of."""
+    embeddings (cached when nothing about them changes), and the pieces a micro-batch is made of.
+
+    Positions ``0..len(training.items) - 1`` are the training images; the held-out images of a validation split
+    follow them, cached and conditioned the same way, and only the validation scores ever ask for them."""
 
     def __init__(self, ws: Workspace, training: TrainingPlan, run: RunContext, model: Model):
         self.training, self.run, self.model = training, run, model
         self.cfg = cfg = training.cfg
+        self.items = training.items + training.held_out
+        self.buckets = training.buckets + training.held_out_buckets
         self.latents_in_memory: dict[int, Any] = {}
         self.text_cache: dict[str, tuple] = {}
+        self.fixed_text_cache: dict[str, tuple] = {}
         if cfg["cache_latents"]:
             self._fill_latent_cache(cfg["latent_cache_dir"] or ws.data_root / ".lorakit" / "cache" / "latents")
         captions_fixed = not cfg["shuffle_tags"] and not cfg["train_text_encoder"]
@@ -466,15 +496,15 @@ class TrainingData:
         cache = LatentCache(folder)
         checkpoint = training.inputs.checkpoint
         keys = [latent_cache_key(it.sha256, checkpoint["id"], run.checkpoint_hash, b, self.cfg["background"],
-                                 str(run.vae_dtype)) for it, b in zip(training.items, training.buckets, strict=True)]
+                                 str(run.vae_dtype)) for it, b in zip(self.items, self.buckets, strict=True)]
         # One process per machine fills the disk cache, then the others read it.
         for fill in (True, False):
             if fill == run.accelerator.is_local_main_process:
-                for position, (item, key) in enumerate(zip(training.items, keys, strict=True)):
+                for position, (item, key) in enumerate(zip(self.items, keys, strict=True)):
                     latent = cache.get(key)
                     if latent is None:
                         # One image at a time, so a latent never depends on which others were cached already.
-                        pixels = load_pixels(item, training.buckets[position], self.cfg["background"])[None]
+                        pixels = load_pixels(item, self.buckets[position], self.cfg["background"])[None]
                         latent = self.encode_pixels(pixels)[0].cpu()
                         cache.put(key, latent)
                     self.latents_in_memory[position] = latent
@@ -484,7 +514,7 @@ class TrainingData:
     def _fill_text_cache(self) -> None:
         import torch
 
-        items, cfg = self.training.items, self.cfg
+        items, cfg = self.items, self.cfg
         with torch.no_grad():
             for caption in sorted({it.caption for it in items} | ({""} if cfg["caption_dropout"] else set())):
                 embeds, pooled = self.encode_captions([caption])
@@ -535,7 +565,7 @@ class TrainingData:
 
         if self.cfg["cache_latents"]:
             return torch.stack([self.latents_in_memory[p] for p in positions]).to(self.run.device)
-        items, buckets = self.training.items, self.training.buckets
+        items, buckets = self.items, self.buckets
         pixels = torch.stack([load_pixels(items[p], buckets[p], self.cfg["background"]) for p in positions])
         return self.encode_pixels(pixels)
 
@@ -550,20 +580,37 @@ class TrainingData:
         with contextlib.nullcontext() if self.cfg["train_text_encoder"] else torch.no_grad():
             return self.encode_captions(captions)
 
-    def conditioning(self, positions: list[int], captions: list[str]) -> dict:
-        """The UNet's conditioning: ``encoder_hidden_states`` [+ SDXL's pooled embedding and size ids]."""
+    def fixed_text(self, captions: list[str]) -> tuple[Any, Any]:
+        """The embeddings of the manifest captions as the validation scores use them (call under no_grad): kept
+        after the first score when the text encoders are frozen, since nothing can change them then."""
+        import torch
+
+        if self.text_cache or self.cfg["train_text_encoder"]:
+            return self.text(captions)
+        for caption in captions:
+            if caption not in self.fixed_text_cache:
+                embeds, pooled = self.encode_captions([caption])
+                self.fixed_text_cache[caption] = (embeds[0], None if pooled is None else pooled[0])
+        embeds = torch.stack([self.fixed_text_cache[c][0] for c in captions])
+        pooled = (torch.stack([self.fixed_text_cache[c][1] for c in captions])
+                  if self.training.inputs.family == "sdxl" else None)
+        return embeds, pooled
+
+    def conditioning(self, positions: list[int], captions: list[str], text: tuple[Any, Any] | None = None) -> dict:
+        """The UNet's conditioning: ``encoder_hidden_states`` [+ SDXL's pooled embedding and size ids]; ``text``
+        is the captions' ``(embeddings, pooled)`` when the caller has them already."""
         import torch
 
         from .data import crop_and_size
 
-        embeds, pooled = self.text(captions)
+        embeds, pooled = text if text is not None else self.text(captions)
         dtype, device = self.run.weight_dtype, self.run.device
         conditioning: dict = {"encoder_hidden_states": embeds.to(device, dtype)}
         if self.training.inputs.family == "sdxl":
             rows = []
             for p in positions:
-                bw, bh = self.training.buckets[p]
-                item = self.training.items[p]
+                bw, bh = self.buckets[p]
+                item = self.items[p]
                 crop, original = crop_and_size(item.width, item.height, (bw, bh))
                 rows.append([*original, *crop, bh, bw])   # (orig h, orig w, crop top, crop left, target h, target w)
             conditioning["added_cond_kwargs"] = {"text_embeds": pooled.to(device, dtype),
@@ -574,7 +621,8 @@ class TrainingData:
 # ---- phase 5: the optimizer -----------------------------------------------------------------------------------
 @dataclass
 class Optimization:
-    """The optimizer and schedule, the models as accelerate prepared them, and the step to start from."""
+    """The optimizer and schedule, the models as accelerate prepared them, the step to start from and, for a
+    resumed run, the validation scores its saved state holds."""
 
     optimizer: Any
     optimizer_name: str
@@ -582,6 +630,7 @@ class Optimization:
     trained_models: list
     trainable: list
     start_step: int
+    saved_validation: dict | None = None
 
 
 def _setup_optimizer(training: TrainingPlan, run: RunContext, model: Model) -> Optimization:
@@ -599,11 +648,12 @@ def _setup_optimizer(training: TrainingPlan, run: RunContext, model: Model) -> O
     prepared = run.accelerator.prepare(*model.trained, optimizer)
     trained_models, optimizer = list(prepared[:-1]), prepared[-1]
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    start_step = 0
+    start_step, saved_validation = 0, None
     state_path = training.out_dir / "state" / STATE_FILE
     if training.resumed and state_path.exists():
-        start_step = _load_state(state_path, model.trained, optimizer, lr_scheduler, run.accelerator)
-    return Optimization(optimizer, optimizer_name, lr_scheduler, trained_models, trainable, start_step)
+        start_step, saved_validation = _load_state(state_path, model.trained, optimizer, lr_scheduler, run.accelerator)
+    return Optimization(optimizer, optimizer_name, lr_scheduler, trained_models, trainable, start_step,
+                        saved_validation)
 
 
 # ---- phase 6: one micro-batch's loss ----------------------------------------------------------------------------
@@ -645,11 +695,178 @@ def loss_step(unet: Any, noise_scheduler: Any, latents: Any, conditioning: dict,
     return loss.mean()
 
 
-# ---- phase 7: the loop ----------------------------------------------------------------------------------------
-def _train_loop(training: TrainingPlan, run: RunContext, model: Model, data: TrainingData, optim: Optimization, *,
-                progress: bool, on_step: StepCallback | None) -> tuple[int, float]:
+# ---- phase 7: the validation scores -----------------------------------------------------------------------
+class Validation:
+    """The base model and the LoRA scored on fixed draws (see :mod:`lorakit.train.validation`): the base once at
+    the start with the adapters disabled, the LoRA at the start, every ``validation_every`` steps and at the
+    last step; with ``early_stop_patience``, a CPU copy of the best score's weights.
+
+    Scoring runs under no_grad with the models in eval mode (dropout off) and draws from its own generators, so
+    the training's weights are the same with validation on or off. With several processes each scores every
+    N-th batch and the sums are added, so all of them see the same loss (and stop at the same step)."""
+
+    def __init__(self, training: TrainingPlan, run: RunContext, model: Model, data: TrainingData,
+                 saved: dict | None):
+        cfg = training.cfg
+        self.training, self.run, self.model, self.data = training, run, model, data
+        self.patience: int | None = cfg["early_stop_patience"]
+        self.seed, self.draws = cfg["validation_seed"], cfg["validation_draws"]
+        batch = BATCH_FACTOR * cfg["batch_size"]
+        n = len(training.items)
+        self.training_batches = self._batches(list(range(n)), batch)
+        held = list(range(n, n + len(training.held_out)))
+        # The headline set: the held-out images with a split, else the training images.
+        self.headline_batches = self._batches(held, batch) if held else self.training_batches
+        self.scores = ValidationScores()
+        self.best_models: list[dict] = []
+        if saved is not None:
+            self._restore(saved)
+
+    def _batches(self, positions: list[int], batch: int) -> list[list[tuple[int, int]]]:
+        buckets = [self.data.buckets[p] for p in positions]
+        return [[(positions[i], k) for i, k in pairs] for pairs in score_batches(buckets, self.draws, batch)]
+
+    def _restore(self, saved: dict) -> None:
+        path = self.training.out_dir / "state" / STATE_FILE
+        try:
+            self.scores = ValidationScores.from_state(saved.get("scores"))
+        except ValueError as exc:
+            raise TrainingError(f"saved training state {path} has damaged validation scores ({exc}); delete "
+                                f"{path.parent} and train again without --resume") from None
+        best = saved.get("bestModels") or []
+        names = [set(_trained_parameters(m)) for m in self.model.trained]
+        if best and not (isinstance(best, list) and all(isinstance(b, dict) for b in best)
+                         and [set(b) for b in best] == names):
+            raise TrainingError(f"saved state {path} does not match this run's LoRA layers")
+        self.best_models = best
+
+    def to_state(self) -> dict:
+        """What a saved state keeps: the scores so far and the best score's weights (plain tensors)."""
+        return {"scores": self.scores.to_state(), "bestModels": self.best_models}
+
+    @property
+    def keeps_best(self) -> bool:
+        return self.patience is not None
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.scores.stopped_early
+
+    def start(self, step: int) -> None:
+        """The base model's score and the LoRA's first one; a resumed run has them in its saved state."""
+        if self.scores.curve:
+            return
+        held_out = bool(self.training.held_out)
+        with self._scoring(), _adapters_disabled(self.model.trained):
+            self.scores.base = self._score(self.headline_batches)
+            if held_out:
+                self.scores.base_training = self._score(self.training_batches)
+        self.score(step, math.ceil(step / self.training.steps_per_epoch))
+
+    def score(self, step: int, epoch: int) -> None:
+        """Score the LoRA after ``step`` (both sets with a split) and keep the weights when it is the best."""
+        started = time.perf_counter()
+        with self._scoring():
+            loss = self._score(self.headline_batches)
+            training_loss = self._score(self.training_batches) if self.training.held_out else None
+        best = self.scores.add(step, epoch, loss, training_loss, time.perf_counter() - started, self.patience)
+        if best and self.keeps_best:
+            self.best_models = [{n: p.detach().cpu().clone() for n, p in _trained_parameters(m).items()}
+                                for m in self.model.trained]
+
+    def restore_best(self) -> None:
+        """Put the best score's weights back into the models (the release then holds them)."""
+        import torch
+
+        with torch.no_grad():
+            for module, best in zip(self.model.trained, self.best_models, strict=True):
+                for name, param in _trained_parameters(module).items():
+                    param.copy_(best[name])
+
+    def record(self) -> dict:
+        training = self.training
+        return validation_record(
+            self.scores, held_out=bool(training.held_out), split=training.cfg["validation_split"], seed=self.seed,
+            draws=self.draws, every=training.validation_every or 0,
+            images=len(training.held_out) or len(training.items), training_images=len(training.items),
+            keeps_best=self.keeps_best)
+
+    @contextlib.contextmanager
+    def _scoring(self):
+        import torch
+
+        modules = [self.model.unet, *self.model.text_encoders]
+        modes = [m.training for m in modules]
+        for module in modules:
+            module.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for module, mode in zip(modules, modes, strict=True):
+                module.train(mode)
+
+    def _score(self, batches: list[list[tuple[int, int]]]) -> float:
+        """Mean plain MSE over every (image, draw) pair of ``batches``."""
+        import torch
+        import torch.nn.functional as F
+
+        run, model, data = self.run, self.model, self.data
+        scheduler = model.noise_scheduler
+        num_timesteps = scheduler.config.num_train_timesteps
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch in batches[run.rank::self.training.world_size]:
+            positions = [p for p, _ in batch]
+            items = [data.items[p] for p in positions]
+            latents = data.latents(positions)
+            # The draws come from CPU generators, so a GPU run scores on exactly the draws a CPU run does.
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
+                noise_seed(self.seed, it.sha256, k))) for it, (_, k) in zip(items, batch, strict=True)]).to(run.device)
+            timesteps = torch.tensor([draw_timesteps(self.seed, it.sha256, self.draws, num_timesteps)[k]
+                                      for it, (_, k) in zip(items, batch, strict=True)], device=run.device)
+            captions = [it.caption for it in items]
+            conditioning = data.conditioning(positions, captions, data.fixed_text(captions))
+            with run.accelerator.autocast():
+                noisy = scheduler.add_noise(latents, noise, timesteps)
+                pred = model.unet(noisy.to(run.weight_dtype), timesteps, **conditioning).sample
+            target = noise if model.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+            losses = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            total += torch.stack([losses.double().sum().cpu(), torch.tensor(len(batch), dtype=torch.float64)])
+        if self.training.world_size > 1:
+            total = run.accelerator.reduce(total.to(run.device), reduction="sum").cpu()
+        loss = float(total[0] / total[1])
+        if not math.isfinite(loss):
+            raise TrainingError(f"validation loss is {loss} (the model's predictions overflowed); nothing recorded. "
+                                "Use fp32/bf16 instead of fp16, or lower the learning rate")
+        return loss
+
+
+def _trained_parameters(module: Any) -> dict[str, Any]:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def _adapters_disabled(models: list):
+    """The base model: the adapters of ``models`` switched off (peft's ``disable_adapters``), then on again with
+    every parameter's ``requires_grad`` as it was (peft's re-enabling sets it on its own terms)."""
+    flags = [[p.requires_grad for p in m.parameters()] for m in models]
+    for module in models:
+        module.disable_adapters()
+    try:
+        yield
+    finally:
+        for module, module_flags in zip(models, flags, strict=True):
+            module.enable_adapters()
+            for param, flag in zip(module.parameters(), module_flags, strict=True):
+                param.requires_grad_(flag)
+
+
+# ---- phase 8: the loop ----------------------------------------------------------------------------------------
+def _train_loop(training: TrainingPlan, run: RunContext, model: Model, data: TrainingData, optim: Optimization,
+                validation: Validation | None, *, progress: bool, on_step: StepCallback | None) -> tuple[int, float]:
     """Every optimizer step from the start (or the resumed) step; returns the last step and its loss. Ctrl-C or
-    SIGTERM stops after the current step with the state saved; anything else marks the run failed."""
+    SIGTERM stops after the current step with the state saved; anything else marks the run failed. With
+    validation, the scores come first and after the steps they are due at; early stopping ends the loop."""
     from .progress import LossLog, ProgressBar
 
     lora_id, release_id, start = training.lora_id, training.release_id, optim.start_step
@@ -668,8 +885,13 @@ def _train_loop(training: TrainingPlan, run: RunContext, model: Model, data: Tra
                 for callback in callbacks:
                     callback(StepReport(done, training.total_steps, epoch, loss, lr, time.perf_counter() - loop_start))
 
+            if validation is not None:
+                validation.start(start)
             for epoch in range(start // training.steps_per_epoch, training.num_epochs):
-                step, loss = _train_epoch(training, run, model, data, optim, epoch, step, loss, stop, report)
+                step, loss = _train_epoch(training, run, model, data, optim, validation, epoch, step, loss, stop,
+                                          report)
+                if validation is not None and validation.stopped_early:
+                    break
                 _end_of_epoch(training, run, model, optim, epoch, step)
         except BaseException as exc:
             _close(bar, log)
@@ -681,8 +903,10 @@ def _train_loop(training: TrainingPlan, run: RunContext, model: Model, data: Tra
 
 
 def _train_epoch(training: TrainingPlan, run: RunContext, model: Model, data: TrainingData, optim: Optimization,
-                 epoch: int, step: int, loss_value: float, stop: _StopRequest, report) -> tuple[int, float]:
-    """The steps of one epoch (from ``step``, for a resumed run); ``report(step, epoch, loss, lr)`` after each."""
+                 validation: Validation | None, epoch: int, step: int, loss_value: float, stop: _StopRequest,
+                 report) -> tuple[int, float]:
+    """The steps of one epoch (from ``step``, for a resumed run); ``report(step, epoch, loss, lr)`` after each,
+    then the validation score when one is due (before a saved state, which then holds it)."""
     import torch
 
     cfg, accumulation = training.cfg, training.cfg["gradient_accumulation_steps"]
@@ -712,10 +936,14 @@ def _train_epoch(training: TrainingPlan, run: RunContext, model: Model, data: Tr
         optim.optimizer.zero_grad(set_to_none=True)
         step += 1
         report(step, epoch + 1, loss_value, optim.lr_scheduler.get_last_lr()[0])
+        if validation is not None and is_score_step(step, training.total_steps, training.validation_every or 0):
+            validation.score(step, epoch + 1)
+            if validation.stopped_early:
+                break
         if cfg["save_state_every"] and step % cfg["save_state_every"] == 0 and step < training.total_steps:
-            _save_state_everywhere(training, run, model, optim, step)
+            _save_state_everywhere(training, run, model, optim, validation, step)
         if stop.requested():
-            _save_state_everywhere(training, run, model, optim, step)
+            _save_state_everywhere(training, run, model, optim, validation, step)
             raise KeyboardInterrupt
     return step, loss_value
 
@@ -778,26 +1006,32 @@ def _close(*things: Any) -> None:
 
 
 def _save_state_everywhere(training: TrainingPlan, run: RunContext, model: Model, optim: Optimization,
-                           step: int) -> None:
+                           validation: Validation | None, step: int) -> None:
     if run.is_main:
         _save_state(training.out_dir / "state" / STATE_FILE, step, model.trained, optim.optimizer, optim.lr_scheduler,
-                    run.accelerator)
+                    run.accelerator, None if validation is None else validation.to_state())
         _update_run(training.out_dir, step=step)
     run.accelerator.wait_for_everyone()
 
 
-# ---- phase 8: the weights file, then (and only then) the release -------------------------------------------------
+# ---- phase 9: the weights file, then (and only then) the release -------------------------------------------------
 def _save_and_record(ws: Workspace, training: TrainingPlan, run: RunContext, model: Model, optim: Optimization,
-                     step: int, loss: float) -> TrainResult:
+                     step: int, loss: float, validation: Validation | None = None) -> TrainResult:
     from . import kohya_format
 
     inputs, out_dir = training.inputs, training.out_dir
     result = TrainResult(inputs.lora_id, inputs.release_id, out_dir, weights_path=training.weights_path, steps=step,
                          final_loss=loss, duration_s=time.time() - run.started_at, plan=training.describe())
+    scores = None
+    if validation is not None:
+        if validation.keeps_best and validation.best_models:
+            validation.restore_best()
+        scores = validation.record()
     if run.is_main:
         finished_at = time.time()
         tensors = _lora_tensors(training, run, optim)
-        metadata = _metadata(training, run, model, optim, step, training.num_epochs, finished_at, final=True)
+        metadata = _metadata(training, run, model, optim, step, training.num_epochs, finished_at, final=True,
+                             validation=scores)
         try:
             sha256 = kohya_format.save_lora_file(training.weights_path, tensors,
                                                  kohya_format.finish_metadata(tensors, metadata))
@@ -813,6 +1047,7 @@ def _save_and_record(ws: Workspace, training: TrainingPlan, run: RunContext, mod
             "optimizer": optim.optimizer_name, "finalLoss": loss, "durationS": round(finished_at - run.started_at, 3),
             "startedAt": _read_run(out_dir)["startedAt"], "finishedAt": now_iso(), "libraries": _library_versions(),
             "lossLog": f"{inputs.lora_id}/{inputs.release_id}/{LOG_NAME}",
+            **({"validation": scores} if scores is not None else {}),
         }
         weights = {"kind": "config_relative", "base": "lorasRoot",
                    "path": f"{inputs.lora_id}/{inputs.release_id}/{training.weights_path.name}"}
@@ -836,12 +1071,16 @@ def _lora_tensors(training: TrainingPlan, run: RunContext, optim: Optimization) 
 
 
 def _metadata(training: TrainingPlan, run: RunContext, model: Model, optim: Optimization, step: int, epoch: int,
-              finished_at: float, *, final: bool) -> dict[str, str]:
-    """The kohya ``ss_*`` metadata of a weights file, with lorakit's own block."""
+              finished_at: float, *, final: bool, validation: dict | None = None) -> dict[str, str]:
+    """The kohya ``ss_*`` metadata of a weights file, with lorakit's own block (and the release's validation
+    numbers in the final file, so they travel with it)."""
     from . import kohya_format
 
     inputs, cfg, ref = training.inputs, training.cfg, training.inputs.dataset
     checkpoint_id = inputs.checkpoint["id"]
+    scores = {} if validation is None else {f"validation_{key}": validation[name] for key, name in (
+        ("set", "set"), ("base_loss", "baseLoss"), ("final_loss", "finalLoss"), ("drop", "drop"),
+        ("best_step", "bestStep"), ("stopped_early", "stoppedEarly"))}
     return kohya_format.build_metadata(
         family=inputs.family, cfg=cfg, title=inputs.lora["name"], output_name=inputs.lora_id,
         dataset_name=ref["id"], captions=[it.caption for it in training.items], num_images=len(training.items),
@@ -854,7 +1093,7 @@ def _metadata(training: TrainingPlan, run: RunContext, model: Model, optim: Opti
         lorakit={"release_id": inputs.release_id, "lora_id": inputs.lora_id, "checkpoint_id": checkpoint_id,
                  "checkpoint_sha256": run.checkpoint_hash, "dataset_id": ref["id"], "dataset_scope": ref["scope"],
                  "dataset_project": ref["projectId"], "manifest_hash": ref["manifestHash"], "config": cfg,
-                 "final": "true" if final else "false", "notes": training.notes},
+                 "final": "true" if final else "false", "notes": training.notes, **scores},
     )
 
 
@@ -1029,8 +1268,9 @@ def _still_running(run: dict) -> bool:
     return run["pid"] != os.getpid() and pid_alive(run["pid"])
 
 
-def _save_state(path: Path, step: int, models, optimizer, lr_scheduler, accelerator) -> None:
-    """The resumable state, written atomically: trained LoRA weights (fp32), optimizer, scheduler, step."""
+def _save_state(path: Path, step: int, models, optimizer, lr_scheduler, accelerator, validation: dict | None = None) -> None:
+    """The resumable state, written atomically: trained LoRA weights (fp32), optimizer, scheduler, step and the
+    validation scores so far (with the best score's weights)."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1041,12 +1281,14 @@ def _save_state(path: Path, step: int, models, optimizer, lr_scheduler, accelera
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
         "scaler": accelerator.scaler.state_dict() if getattr(accelerator, "scaler", None) else None,
+        "validation": validation,
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_state(path: Path, models, optimizer, lr_scheduler, accelerator) -> int:
+def _load_state(path: Path, models, optimizer, lr_scheduler, accelerator) -> tuple[int, dict | None]:
+    """Load a saved state into the models, optimizer and scheduler; returns its step and validation scores."""
     import torch
 
     # The run folder can come from someone else (a shared drive, a copied data folder): a state file is read
@@ -1071,7 +1313,8 @@ def _load_state(path: Path, models, optimizer, lr_scheduler, accelerator) -> int
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if state.get("scaler") and getattr(accelerator, "scaler", None):
         accelerator.scaler.load_state_dict(state["scaler"])
-    return int(state["step"])
+    validation = state.get("validation")
+    return int(state["step"]), validation if isinstance(validation, dict) else None
 
 
 def _remove_state(out_dir: Path) -> None:

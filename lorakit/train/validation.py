@@ -1,0 +1,236 @@
+"""Validation loss: the decisions behind the number a reviewer reads beside the eval grid.
+
+A score is the mean plain MSE of the model's prediction on FIXED draws: for image ``i`` and draw ``k`` the noise
+comes from a generator seeded by ``(validation_seed, sha256 of the image, k)`` and the timestep lies in stratum
+``k`` of ``validation_draws`` equal slices of the schedule. So an image gets the same draws in every epoch, run
+and release of a LoRA, and two scores differ only because the weights do.
+
+Everything here is pure (no torch): which assets are held out, the draws' timesteps, when to score, how pairs
+are batched, early stopping and the record the release keeps. The recipe does the forward passes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import TrainingError
+from .data import TrainItem, step_seed
+
+# The default schedule scores every epoch, but a long run gets at most this many scores (every k-th epoch):
+# each score costs forward passes over the whole validation set, and a curve needs a few points, not hundreds.
+MAX_DEFAULT_SCORES = 20
+# Pairs (image, draw) per forward pass, as a multiple of the training batch size: no gradients are kept, so a
+# larger batch fits, and fewer, fuller forward passes are what makes scoring cheap.
+BATCH_FACTOR = 4
+
+
+# ---- the held-out split ------------------------------------------------------------------------------------
+def held_out_assets(asset_ids: Sequence[str], fraction: float, seed: int) -> frozenset[str]:
+    """The assets a ``fraction`` split holds out: ``round(fraction * assets)``, at least one, chosen by a hash of
+    ``(seed, asset id)``. Ranking by hash (not shuffling a list) keeps an asset on its side when other assets
+    are added to or removed from the dataset.
+
+    >>> sorted(held_out_assets(["a", "b", "c", "d", "e"], 0.4, 0))
+    ['b', 'd']
+    """
+    assets = sorted(set(asset_ids))
+    count = max(1, round(fraction * len(assets)))
+    ranked = sorted(assets, key=lambda a: (step_seed(seed, "held-out", a), a))
+    return frozenset(ranked[:count])
+
+
+def split_items(items: Sequence[TrainItem], fraction: float, seed: int,
+                dataset: str) -> tuple[list[TrainItem], list[TrainItem]]:
+    """``(training items, held-out items)``: every item of a held-out asset is held out. ``fraction`` 0 holds out
+    nothing. A split that leaves either side without an asset is a :class:`TrainingError`."""
+    if not fraction:
+        return list(items), []
+    assets = sorted({it.asset_id for it in items})
+    if len(assets) < 2:
+        raise TrainingError(f"validation_split {fraction:g} needs at least 2 assets in dataset {dataset!r}, which has "
+                            f"{len(assets)}: add assets, or set validation_split 0 to score the training images")
+    held = held_out_assets(assets, fraction, seed)
+    if len(held) == len(assets):
+        raise TrainingError(f"validation_split {fraction:g} holds out all {len(assets)} assets of dataset {dataset!r} "
+                            f"and leaves none to train on: use at most {(len(assets) - 1) / len(assets):.2f}, or set "
+                            "validation_split 0 to score the training images")
+    return [it for it in items if it.asset_id not in held], [it for it in items if it.asset_id in held]
+
+
+# ---- the fixed draws ---------------------------------------------------------------------------------------
+def noise_seed(seed: int, image_sha256: str, draw: int) -> int:
+    """The seed of the noise of one (image, draw) pair."""
+    return step_seed(seed, image_sha256, draw)
+
+
+def draw_timesteps(seed: int, image_sha256: str, draws: int, num_train_timesteps: int) -> list[int]:
+    """One timestep per draw, draw ``k`` at a seeded point of stratum ``k`` of ``draws`` equal slices of
+    ``[0, num_train_timesteps)``: every score covers the schedule evenly, low noise to high.
+
+    >>> draw_timesteps(0, "ab", 4, 1000)
+    [122, 446, 669, 948]
+    """
+    steps = []
+    for k in range(draws):
+        low = k * num_train_timesteps // draws
+        high = max(low + 1, (k + 1) * num_train_timesteps // draws)
+        steps.append(low + int(random.Random(step_seed(seed, image_sha256, k, "timestep")).random() * (high - low)))
+    return steps
+
+
+def score_batches(buckets: Sequence[tuple[int, int]], draws: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """The (position, draw) pairs of a validation set in forward-pass batches of up to ``batch_size``; a batch
+    holds one bucket shape (so its latents stack), in a fixed order.
+
+    >>> score_batches([(64, 64), (64, 96), (64, 64)], 2, 3)
+    [[(0, 0), (0, 1), (2, 0)], [(2, 1)], [(1, 0), (1, 1)]]
+    """
+    by_bucket: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for position, bucket in enumerate(buckets):
+        by_bucket.setdefault(bucket, []).extend((position, k) for k in range(draws))
+    batches = []
+    for bucket in sorted(by_bucket):
+        pairs = by_bucket[bucket]
+        batches += [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
+    return batches
+
+
+# ---- when to score -----------------------------------------------------------------------------------------
+def score_interval(every: int | None, steps_per_epoch: int, num_epochs: int,
+                   max_scores: int = MAX_DEFAULT_SCORES) -> int:
+    """Optimizer steps between scores: ``every`` when set, else every epoch, or every k-th epoch when there are
+    more than ``max_scores`` epochs.
+
+    >>> score_interval(None, 6, 50), score_interval(None, 6, 10), score_interval(15, 6, 50)
+    (18, 6, 15)
+    """
+    if every:
+        return every
+    return steps_per_epoch * max(1, math.ceil(num_epochs / max_scores))
+
+
+def is_score_step(step: int, total_steps: int, interval: int) -> bool:
+    """Whether the LoRA is scored after optimizer step ``step``: every ``interval`` steps and at the last step
+    (the start, step 0, is scored before the loop)."""
+    return step > 0 and (step % interval == 0 or step == total_steps)
+
+
+def score_steps(total_steps: int, interval: int) -> list[int]:
+    """Every step the LoRA is scored at, the start included.
+
+    >>> score_steps(10, 4)
+    [0, 4, 8, 10]
+    """
+    return [0] + [s for s in range(1, total_steps + 1) if is_score_step(s, total_steps, interval)]
+
+
+# ---- the scores of a run, early stopping and the record -------------------------------------------------
+def round_loss(value: float) -> float:
+    """A loss as recorded: 6 significant digits.
+
+    >>> round_loss(0.123456789), round_loss(12345.6789)
+    (0.123457, 12345.7)
+    """
+    return float(f"{value:.6g}")
+
+
+def loss_drop(base: float, final: float) -> float:
+    """How much of the base model's loss the LoRA removed: ``(base - final) / base``."""
+    return (base - final) / base if base else 0.0
+
+
+@dataclass
+class ValidationScores:
+    """The scores of one run so far, the best one and the early-stop count. :meth:`to_state` and
+    :meth:`from_state` carry it through a saved state as plain numbers, lists and dicts (``weights_only``)."""
+
+    base: float | None = None                 # the base model on the headline set
+    base_training: float | None = None        # ... and on the training images, with a held-out split
+    curve: list[dict] = field(default_factory=list)   # {"step", "epoch", "loss", "trainingLoss"?}, raw floats
+    best_step: int = 0
+    best_loss: float = math.inf
+    since_best: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0                      # wall time of the LoRA scores so far
+    timed: int = 0                            # how many of them
+
+    def add(self, step: int, epoch: int, loss: float, training_loss: float | None, seconds: float,
+            patience: int | None) -> bool:
+        """Record a LoRA score; returns True when it is the best so far. With ``patience``, ``stopped_early``
+        turns true once ``patience`` scores in a row have not gone below the best."""
+        point: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss}
+        if training_loss is not None:
+            point["trainingLoss"] = training_loss
+        self.curve.append(point)
+        self.seconds += seconds
+        self.timed += 1
+        if loss < self.best_loss:
+            self.best_step, self.best_loss, self.since_best = step, loss, 0
+            return True
+        self.since_best += 1
+        if patience is not None and self.since_best >= patience:
+            self.stopped_early = True
+        return False
+
+    def to_state(self) -> dict:
+        return {"base": self.base, "baseTraining": self.base_training, "curve": [dict(p) for p in self.curve],
+                "bestStep": self.best_step, "bestLoss": self.best_loss, "sinceBest": self.since_best,
+                "stoppedEarly": self.stopped_early, "seconds": self.seconds, "timed": self.timed}
+
+    @classmethod
+    def from_state(cls, state: Any) -> ValidationScores:
+        """The scores a saved state holds; ``ValueError`` when it is not what :meth:`to_state` wrote."""
+        if not isinstance(state, dict) or not isinstance(state.get("curve"), list):
+            raise ValueError("no validation scores")
+        numbers = (int, float)
+        curve = []
+        for point in state["curve"]:
+            if not (isinstance(point, dict) and isinstance(point.get("step"), int)
+                    and isinstance(point.get("epoch"), int) and isinstance(point.get("loss"), numbers)
+                    and isinstance(point.get("trainingLoss", 0.0), numbers)):
+                raise ValueError("a validation curve point is not {step, epoch, loss}")
+            curve.append(dict(point))
+        for key in ("bestLoss", "seconds"):
+            if not isinstance(state.get(key), numbers):
+                raise ValueError(f"validation {key} is not a number")
+        for key in ("base", "baseTraining"):
+            if state.get(key) is not None and not isinstance(state[key], numbers):
+                raise ValueError(f"validation {key} is not a number")
+        return cls(base=state["base"], base_training=state.get("baseTraining"), curve=curve,
+                   best_step=int(state.get("bestStep", 0)), best_loss=float(state["bestLoss"]),
+                   since_best=int(state.get("sinceBest", 0)), stopped_early=bool(state.get("stoppedEarly")),
+                   seconds=float(state["seconds"]), timed=int(state.get("timed", 0)))
+
+    def released(self, keeps_best: bool) -> dict:
+        """The curve point of the weights the release holds: the best score's with early stopping, else the
+        last one."""
+        if keeps_best:
+            return next(p for p in self.curve if p["step"] == self.best_step)
+        return self.curve[-1]
+
+
+def validation_record(scores: ValidationScores, *, held_out: bool, split: float, seed: int, draws: int, every: int,
+                      images: int, training_images: int, keeps_best: bool) -> dict:
+    """``training.validation`` of a release (see docs/data-model.md): the headline numbers are for the held-out
+    images with a split, else for the training images; losses rounded to 6 significant digits."""
+    final = scores.released(keeps_best)
+    base = scores.base if scores.base is not None else math.nan
+    record: dict[str, Any] = {
+        "set": "heldOut" if held_out else "training", "split": split, "seed": seed, "draws": draws, "every": every,
+        "images": images, "baseLoss": round_loss(base), "finalLoss": round_loss(final["loss"]),
+        "drop": round_loss(loss_drop(base, final["loss"])), "bestStep": scores.best_step,
+        "bestLoss": round_loss(scores.best_loss), "stoppedEarly": scores.stopped_early,
+    }
+    if held_out:
+        base_training = scores.base_training if scores.base_training is not None else math.nan
+        record["training"] = {"images": training_images, "baseLoss": round_loss(base_training),
+                              "finalLoss": round_loss(final["trainingLoss"]),
+                              "drop": round_loss(loss_drop(base_training, final["trainingLoss"]))}
+    record["curve"] = [{k: round_loss(v) if k in ("loss", "trainingLoss") else v for k, v in p.items()}
+                       for p in scores.curve]
+    record["secondsPerScore"] = round(scores.seconds / scores.timed, 3) if scores.timed else 0.0
+    return record
