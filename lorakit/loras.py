@@ -17,6 +17,7 @@ recommend, activate: ``lorakit/gate.py``) builds on :func:`get_lora` and :func:`
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -247,3 +248,116 @@ def update_release(ws: Workspace | str | Path | None, lora_id: str, release_id: 
         return record
 
     return ws.store.update("lora", lora_id, apply, project=project)
+
+
+# ---- a release's validation drop ------------------------------------------------------------------------------
+# What a reviewer reads beside the grid. The trainer writes ``training.validation``; releases trained before it,
+# and those of the kohya_ss and manual adapters, have none. Records come from a shared data folder, so every
+# value is checked: a missing or non-number field is unknown (None here, "?" in the text), never an error.
+VALIDATION_SETS = {"heldOut": "held-out", "training": "training"}
+
+
+def _finite(value: object) -> float | None:
+    # bool is an int to Python, but a loss of True is a broken record, not 1.0.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _count(value: object) -> int | None:
+    number = _finite(value)
+    return int(number) if number is not None and number >= 0 and number == int(number) else None
+
+
+def release_validation(release: object) -> dict | None:
+    """A release's ``training.validation`` block, or None when it has none (or the record is malformed there).
+
+    >>> release_validation({"training": {"validation": {"drop": 0.3}}}), release_validation({"training": "x"})
+    ({'drop': 0.3}, None)
+    """
+    training = release.get("training") if isinstance(release, dict) else None
+    validation = training.get("validation") if isinstance(training, dict) else None
+    return validation if isinstance(validation, dict) else None
+
+
+def validation_facts(validation: object) -> dict | None:
+    """The checked numbers of a ``training.validation`` block (or of an eval's copy of its headline), or None
+    when there is no block.
+
+    Keys: ``set`` (``heldOut``, ``training`` or None), ``images``, ``baseLoss``, ``finalLoss``, ``drop``,
+    ``bestStep``, ``bestLoss``, ``stoppedEarly`` (True only when recorded as true), ``stoppedAt`` (the last scored
+    step of a run that stopped early), ``training`` (the training set's ``images``/``baseLoss``/``finalLoss``/
+    ``drop`` beside a held-out headline, else None) and ``curve`` (the points whose step and loss are numbers,
+    as ``{step, epoch, loss, trainingLoss}``). A value that is missing or not a finite number is None.
+
+    >>> validation_facts({"set": "training", "images": 8, "baseLoss": "0.1", "drop": 0.25})["baseLoss"] is None
+    True
+    """
+    if not isinstance(validation, dict):
+        return None
+    curve = []
+    for point in validation.get("curve") if isinstance(validation.get("curve"), list) else []:
+        if not isinstance(point, dict):
+            continue
+        step, loss = _count(point.get("step")), _finite(point.get("loss"))
+        if step is not None and loss is not None:
+            curve.append({"step": step, "epoch": _count(point.get("epoch")), "loss": loss,
+                          "trainingLoss": _finite(point.get("trainingLoss"))})
+    stopped_early = validation.get("stoppedEarly") is True
+    stopped_at = _count(validation.get("stoppedAt"))
+    if stopped_at is None and stopped_early and curve:
+        stopped_at = curve[-1]["step"]  # the trainer's block: the run stopped after its last score
+    training = validation.get("training")
+    return {
+        "set": validation.get("set") if validation.get("set") in VALIDATION_SETS else None,
+        "images": _count(validation.get("images")),
+        **{key: _finite(validation.get(key)) for key in ("baseLoss", "finalLoss", "drop", "bestLoss")},
+        "bestStep": _count(validation.get("bestStep")),
+        "stoppedEarly": stopped_early,
+        "stoppedAt": stopped_at if stopped_early else None,
+        "training": ({"images": _count(training.get("images")),
+                      **{key: _finite(training.get(key)) for key in ("baseLoss", "finalLoss", "drop")}}
+                     if isinstance(training, dict) else None),
+        "curve": curve,
+    }
+
+
+def validation_summary(validation: object, *, ascii_only: bool = False) -> str:
+    """The one-line text every display shows for a release's validation drop (``training.validation``, or an
+    eval's copy of it): ``"no validation"`` when there is none, ``?`` for each value that is unknown.
+    ``ascii_only`` spells the arrow and minus sign in ASCII, for fonts without them (the contact sheet's).
+
+    >>> validation_summary({"set": "heldOut", "images": 2, "baseLoss": 0.117, "finalLoss": 0.079, "drop": 0.327})
+    'validation loss 0.117 → 0.079 (−32.7%) on 2 held-out images'
+    >>> validation_summary({"set": "training", "images": 10, "baseLoss": 0.2, "finalLoss": 0.15, "drop": 0.25,
+    ...                     "stoppedEarly": True, "curve": [{"step": 0, "loss": 0.2}, {"step": 90, "loss": 0.16}]})
+    'validation loss 0.2 → 0.15 (−25.0%) on the 10 training images (stopped early at step 90)'
+    >>> validation_summary(None), validation_summary({"baseLoss": "high"})
+    ('no validation', 'validation loss ? → ? (?) on ? images')
+    """
+    facts = validation_facts(validation)
+    if facts is None:
+        return "no validation"
+    arrow, minus = ("->", "-") if ascii_only else ("→", "−")
+
+    def loss(value: float | None) -> str:
+        return "?" if value is None else f"{value:.3g}"
+
+    # A drop is a fall in loss, shown as the loss's change: a drop of 0.327 is -32.7%, a rise is +.
+    percent = None if facts["drop"] is None else _finite(-facts["drop"] * 100)
+    if percent is None:
+        change = "?"
+    elif round(percent, 1) == 0:
+        change = "0.0%"
+    else:  # a diverged run can rise by orders of magnitude: keep its change short
+        change = (f"{percent:+.1f}%" if abs(percent) < 1000 else f"{percent:+.3g}%").replace("-", minus)
+    count = "?" if facts["images"] is None else str(facts["images"])
+    noun = "image" if facts["images"] == 1 else "images"
+    where = {"heldOut": f"{count} held-out {noun}", "training": f"the {count} training {noun}"}.get(
+        facts["set"] or "", f"{count} {noun}")
+    text = f"validation loss {loss(facts['baseLoss'])} {arrow} {loss(facts['finalLoss'])} ({change}) on {where}"
+    if facts["stoppedEarly"]:
+        text += f" (stopped early at step {facts['stoppedAt']})" if facts["stoppedAt"] is not None \
+            else " (stopped early)"
+    return text
+

@@ -108,3 +108,125 @@ def test_cli_lora_group_is_shared_with_other_modules():
     first.add_parser("one")
     second = lora_subcommands(sub, common)
     assert second is first and "one" in second.choices
+
+
+# ---- the validation drop of a release ---------------------------------------------------------------------------
+HELD_OUT = {
+    "set": "heldOut", "split": 0.2, "seed": 0, "draws": 4, "every": 15, "images": 2,
+    "baseLoss": 0.117, "finalLoss": 0.079, "drop": 0.327, "bestStep": 300, "bestLoss": 0.079, "stoppedEarly": False,
+    "training": {"images": 8, "baseLoss": 0.12, "finalLoss": 0.07, "drop": 0.416667},
+    "curve": [{"step": 0, "epoch": 0, "loss": 0.117, "trainingLoss": 0.12},
+              {"step": 300, "epoch": 10, "loss": 0.079, "trainingLoss": 0.07}],
+    "secondsPerScore": 0.21,
+}
+GARBAGE = {"set": "everything", "images": -3, "baseLoss": "0.117", "finalLoss": True, "drop": float("nan"),
+           "bestStep": 1.5, "stoppedEarly": "yes", "training": [1], "curve": [{"step": "0", "loss": 0.1}, 7,
+                                                                                {"step": 5, "loss": None}]}
+
+
+def test_validation_summary_reads_the_headline_set():
+    from lorakit.loras import validation_summary
+
+    assert validation_summary(HELD_OUT) == "validation loss 0.117 → 0.079 (−32.7%) on 2 held-out images"
+    on_training = {"set": "training", "images": 10, "baseLoss": 0.2, "finalLoss": 0.15, "drop": 0.25}
+    assert validation_summary(on_training) == "validation loss 0.2 → 0.15 (−25.0%) on the 10 training images"
+    assert validation_summary({**on_training, "images": 1}).endswith("on the 1 training image")
+    # A loss that rose is shown as a rise, not hidden behind the word "drop".
+    assert "(+10.0%)" in validation_summary({**on_training, "finalLoss": 0.22, "drop": -0.1})
+    assert validation_summary(HELD_OUT, ascii_only=True) == "validation loss 0.117 -> 0.079 (-32.7%) on 2 held-out images"
+
+
+def test_validation_summary_says_where_an_early_stop_ended():
+    from lorakit.loras import validation_summary
+
+    stopped = {**HELD_OUT, "stoppedEarly": True, "bestStep": 120,
+               "curve": [{"step": s, "loss": 0.1} for s in (0, 60, 120, 180)]}
+    assert validation_summary(stopped).endswith("on 2 held-out images (stopped early at step 180)")
+    # An eval's copy has no curve: it keeps the step itself.
+    assert validation_summary({**stopped, "curve": None, "stoppedAt": 180}).endswith("(stopped early at step 180)")
+    assert validation_summary({**stopped, "curve": []}).endswith("(stopped early)")
+    assert "stopped" not in validation_summary({**HELD_OUT, "stoppedAt": 50})
+
+
+def test_releases_without_validation_and_garbage_values_never_raise():
+    from lorakit.loras import release_validation, validation_facts, validation_summary
+
+    for release in ({}, {"training": None}, {"training": "native"}, {"training": {"validation": [1, 2]}}, "r1"):
+        assert release_validation(release) is None
+    assert validation_summary(release_validation({"training": {"finalLoss": 0.1}})) == "no validation"
+    assert validation_summary({}) == "validation loss ? → ? (?) on ? images"
+    facts = validation_facts(GARBAGE)
+    assert {k: facts[k] for k in ("set", "images", "baseLoss", "finalLoss", "drop", "bestStep", "stoppedEarly",
+                                  "training")} == {
+        "set": None, "images": None, "baseLoss": None, "finalLoss": None, "drop": None, "bestStep": None,
+        "stoppedEarly": False, "training": None}
+    assert facts["curve"] == []
+    assert validation_summary(GARBAGE) == "validation loss ? → ? (?) on ? images"
+    assert validation_summary({"baseLoss": float("inf"), "finalLoss": 0.1, "drop": 0.5}) \
+        == "validation loss ? → 0.1 (−50.0%) on ? images"
+
+
+def test_validation_facts_keep_the_usable_curve_points_and_the_training_set():
+    from lorakit.loras import validation_facts
+
+    facts = validation_facts({**HELD_OUT, "curve": [*HELD_OUT["curve"], {"step": 400}, {"loss": 0.1}, "x"]})
+    assert facts["curve"] == [{"step": 0, "epoch": 0, "loss": 0.117, "trainingLoss": 0.12},
+                              {"step": 300, "epoch": 10, "loss": 0.079, "trainingLoss": 0.07}]
+    assert facts["training"] == {"images": 8, "baseLoss": 0.12, "finalLoss": 0.07, "drop": 0.416667}
+    assert facts["bestStep"] == 300 and facts["bestLoss"] == 0.079 and facts["stoppedAt"] is None
+
+
+# Values the LoRA schema lets through that no sane run writes: a display must still show them, not fail.
+ODD = {**HELD_OUT, "images": 0, "baseLoss": 0.0, "finalLoss": 1e300, "drop": -1e300, "stoppedEarly": True, "curve": []}
+ODD_TEXT = "validation loss 0 → 1e+300 (+1e+302%) on 0 held-out images (stopped early)"
+
+
+def lora_with_validated_releases(ws, tmp_path: Path) -> None:
+    """LoRA ``hero`` (project demo) with a held-out release, one trained before validation existed and one with
+    odd values, each with a weights file so the resolved view can pick them."""
+    create_lora(ws, "hero", name="Hero", scope="project", project="demo", checkpoint="sd15_base", asset_types=["icon"])
+    for release_id, validation in (("r1", HELD_OUT), ("r2", None), ("r3", ODD)):
+        weights = tmp_path / f"{release_id}.safetensors"
+        weights.write_bytes(b"weights")
+        training = {"steps": 300} | ({"validation": validation} if validation else {})
+        release = make_release(release_id, weights={"kind": "absolute", "path": str(weights)}, sha256="a" * 64,
+                               training=training, created_at=f"2026-01-0{release_id[1]}T00:00:00.000Z")
+        add_release(ws, "hero", release, project="demo")
+
+
+def test_lora_list_shows_each_releases_validation_drop(ws, tmp_path, capsys):
+    lora_with_validated_releases(ws, tmp_path)
+    assert main(["lora", "list", "--project", "demo"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split()[-1] == "validation"
+    by_release = {next(r for r in ("r1", "r2", "r3") if f" {r} " in row): row.rstrip() for row in rows}
+    assert by_release["r1"].endswith("validation loss 0.117 → 0.079 (−32.7%) on 2 held-out images")
+    assert by_release["r2"].endswith("no validation")
+    assert by_release["r3"].endswith(ODD_TEXT)
+
+    assert main(["lora", "list", "--project", "demo", "--json"]) == 0
+    records = {r["release_id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert records["r1"]["validation_drop"] == 0.327 and records["r1"]["validation"].startswith("validation loss 0.117")
+    assert records["r2"]["validation"] == "no validation" and records["r2"]["validation_drop"] is None
+    assert records["r3"]["validation"] == ODD_TEXT
+
+
+def test_lora_list_for_a_checkpoint_and_asset_type_shows_the_picked_releases_drop(ws, tmp_path, capsys):
+    lora_with_validated_releases(ws, tmp_path)
+    picked = ["lora", "list", "--project", "demo", "--checkpoint", "sd15_base", "--asset-type", "icon", "--pick"]
+    assert main([*picked, "hero@r1", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["release_id"] == "r1" and row["validation"] == "validation loss 0.117 → 0.079 (−32.7%) on 2 held-out images"
+    assert main([*picked, "hero@r2"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].rstrip().endswith("no validation")
+
+
+def test_lora_list_names_the_file_of_a_validation_block_the_schema_refuses(ws, tmp_path, capsys):
+    lora_with_validated_releases(ws, tmp_path)
+    path = ws.store.path("lora", "hero", "demo")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    record["releases"][0]["training"]["validation"]["baseLoss"] = "0.117"
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    assert main(["lora", "list", "--project", "demo"]) == 1
+    err = capsys.readouterr().err
+    assert str(path) in err and "baseLoss" in err and "Traceback" not in err

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
 from ..gate import GateResult, activate_release, deprecate_release, review_release, set_recommended
+from ..loras import get_release, release_validation, validation_facts, validation_summary
 from ..select import list_loras
 from .common import split_list, workspace
 from .lora import lora_subcommands
 
-RESOLVED_TEXT_COLUMNS = ["order", "picked", "lora_id", "scope", "recommended", "release_id", "strength", "reason"]
+RESOLVED_TEXT_COLUMNS = ["order", "picked", "lora_id", "scope", "recommended", "release_id", "strength", "reason",
+                         "validation"]
 OVERVIEW_TEXT_COLUMNS = ["lora_id", "scope", "project", "checkpoint_id", "asset_types", "recommended", "release_id",
-                         "release_status", "review", "active", "eval_state"]
+                         "release_status", "review", "active", "eval_state", "validation"]
 
 
 def register(subparsers, common) -> None:
@@ -96,9 +99,42 @@ def cmd_recommend(args) -> int:
     return _print(set_recommended(workspace(args), args.lora, not args.off, project=args.project))
 
 
+def validation_columns(rows: list[dict], lora_of: Callable[[str, str | None], dict],
+                       project: str | None) -> tuple[list[str | None], list[float | None]]:
+    """The ``validation`` text and ``validation_drop`` of each listed row's release (None for a row without one).
+
+    ``lora_of(lora_id, where)`` gives a listed LoRA's record, ``where`` being its project (None: shared); a row
+    that names no project (the resolved view) is a LoRA of ``project``, the only project LoRAs that resolve there.
+    """
+    texts: list[str | None] = []
+    drops: list[float | None] = []
+    for row in rows:
+        release_id = row.get("release_id")
+        if not isinstance(release_id, str):
+            texts.append(None)
+            drops.append(None)
+            continue
+        where = (row.get("project") or project) if row.get("scope") == "project" else None
+        validation = release_validation(get_release(lora_of(row["lora_id"], where), release_id))
+        facts = validation_facts(validation)
+        texts.append(validation_summary(validation))
+        drops.append(facts["drop"] if facts else None)
+    return texts, drops
+
+
 def cmd_list(args) -> int:
-    frame = list_loras(workspace(args), args.project, args.checkpoint, args.asset_type,
+    ws = workspace(args)
+    frame = list_loras(ws, args.project, args.checkpoint, args.asset_type,
                        include_all=args.include_all, picks=args.pick)
+    read: dict[tuple[str, str | None], dict] = {}
+
+    def lora_of(lora_id: str, where: str | None) -> dict:
+        if (lora_id, where) not in read:
+            read[(lora_id, where)] = ws.store.read("lora", lora_id, where)
+        return read[(lora_id, where)]
+
+    rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    frame["validation"], frame["validation_drop"] = validation_columns(rows, lora_of, args.project)
     if args.json:
         records = frame.astype(object).where(frame.notna(), None).to_dict("records")
         print(json.dumps(records, indent=2, ensure_ascii=False))
@@ -108,5 +144,9 @@ def cmd_list(args) -> int:
         return 0
     resolved = bool(args.checkpoint and args.asset_type)
     shown = frame[RESOLVED_TEXT_COLUMNS if resolved else OVERVIEW_TEXT_COLUMNS].astype(object)
-    print(shown.where(shown.notna(), "-").to_string(index=False))
+    # Left-aligned: the validation column holds sentences, which pandas would right-align.
+    shown = shown.where(shown.notna(), "-")
+    width = max(len(str(text)) for text in shown["validation"])
+    table = shown.to_string(index=False, justify="left", formatters={"validation": lambda text: f"{text:<{width}}"})
+    print("\n".join(line.rstrip() for line in table.splitlines()))
     return 0
