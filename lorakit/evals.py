@@ -29,7 +29,7 @@ from .config import release_weights_path, resolve_weights
 from .errors import ConfigError, EvalError, LorakitError, RecordError, RecordNotFoundError
 from .hashing import file_sha256
 from .ids import check_id, given_or_new_id, new_ulid
-from .loras import get_release, recorded_sha256
+from .loras import get_release, recorded_sha256, release_validation, validation_facts, validation_summary
 from .store import now_iso
 from .workspace import Workspace, as_workspace
 
@@ -47,6 +47,8 @@ DEFAULT_BATCH_SIZE = 4
 FAMILY_DEFAULTS = {"sd15": {"width": 512, "height": 512}, "sdxl": {"width": 1024, "height": 1024}}
 FALLBACK_PARAMS = {"width": 512, "height": 512, "steps": 20, "cfg": 7.0}
 BASELINE_FOLDER = "baseline"  # files/evals/<this>/ holds images of baseline evals
+# What an eval copies from its release's training.validation, so the grid shows the drop of the weights it renders.
+VALIDATION_HEADLINE = ("set", "images", "baseLoss", "finalLoss", "drop", "stoppedEarly", "stoppedAt")
 
 
 # ---- canonical prompts ---------------------------------------------------------------------------------
@@ -417,6 +419,19 @@ def _link_release(ws: Workspace, lora: LoraRef, release_id: str, eval_id: str) -
 
 
 # ---- creating evals ------------------------------------------------------------------------------------
+def validation_headline(release: dict) -> dict | None:
+    """What an eval record keeps of its release's validation drop (:data:`VALIDATION_HEADLINE`, each value checked
+    as :func:`~lorakit.loras.validation_facts` does), or None when the release was trained without validation.
+
+    >>> validation_headline({"training": {"validation": {"set": "training", "images": 4, "drop": "?", "curve": []}}})
+    {'set': 'training', 'images': 4, 'baseLoss': None, 'finalLoss': None, 'drop': None, 'stoppedEarly': False, 'stoppedAt': None}
+    >>> validation_headline({"training": {}}) is None
+    True
+    """
+    facts = validation_facts(release_validation(release))
+    return None if facts is None else {key: facts[key] for key in VALIDATION_HEADLINE}
+
+
 def _lora_prompts(ws: Workspace, lora: dict, project: str | None, asset_type: str | None) -> list[tuple[str, str]]:
     types = [asset_type] if asset_type else list(lora.get("assetTypes") or [])
     catalog = load_canonical_prompts(ws, project)
@@ -464,12 +479,13 @@ def create_eval(
     """
     ws = as_workspace(ws)
     lora = find_lora(ws, lora_id, project, scope)
-    get_release(lora.record, release_id)
+    release = get_release(lora.record, release_id)
     prompt_list = list(dict.fromkeys(p.strip() for p in prompts or [] if p.strip())) or \
         [p for p, _ in _lora_prompts(ws, lora.record, project or lora.project, None)]
     eval_id = given_or_new_id(eval_id, "eval id")
     record = new_eval_record(eval_id, lora, release_id, prompt_list, now_iso(), notes=notes,
-                             assetTypes=list(lora.record.get("assetTypes") or []))
+                             assetTypes=list(lora.record.get("assetTypes") or []),
+                             validation=validation_headline(release))
     if not dry_run:
         ws.store.write("eval", record, lora.project, create=True)
         _link_release(ws, lora, release_id, eval_id)
@@ -600,7 +616,7 @@ def create_eval_grid(
     record = new_eval_record(
         eval_id, lora, release_id, list(dict.fromkeys(p for p, _ in prompt_pairs)), now,
         autoCleanup=bool(auto_cleanup), checkpointId=checkpoint["id"], grid=grid,
-        assetTypes=list(dict.fromkeys(t for _, t in prompt_pairs if t)),
+        assetTypes=list(dict.fromkeys(t for _, t in prompt_pairs if t)), validation=validation_headline(releases[0]),
     )
     all_settings = [cell_settings(cell, checkpoint=checkpoint, checkpoint_hash=ckpt_hash, lora_id=lora_id,
                                   release_sha256=sha256_of[cell.release_id], params=params) for cell in cells]
@@ -879,6 +895,22 @@ def sheet_layout(eval_record: dict) -> SheetLayout:
     return SheetLayout([row], [((p, None), p) for p in prompts], images)
 
 
+def sheet_heading(eval_record: dict) -> list[tuple[str, str]]:
+    """The lines above an eval's contact sheet, each with its colour: what the eval is, its release's validation
+    drop (the number a reviewer reads beside the grid) and the checkpoint.
+
+    >>> [text for text, _ in sheet_heading({"id": "e1", "loraId": "icons", "releaseId": "r1", "status": "complete"})]
+    ['eval e1 - LoRA icons release r1 - complete', 'no validation']
+    """
+    title = (f"eval {eval_record.get('id')} - LoRA {eval_record.get('loraId')} release {eval_record.get('releaseId')}"
+             f" - {eval_record.get('status')}")
+    # The sheet's default font has no arrow or minus sign, hence ASCII.
+    heading = [(title, "black"), (validation_summary(eval_record.get("validation"), ascii_only=True), "black")]
+    if eval_record.get("checkpointId"):
+        heading.append((f"checkpoint {eval_record['checkpointId']}", "dimgray"))
+    return heading
+
+
 def _wrap(text: str, width_chars: int, max_lines: int) -> list[str]:
     words, lines, line = text.split(), [], ""
     for word in words:
@@ -922,15 +954,17 @@ def contact_sheet(
     font = ImageFont.load_default(size=12) if hasattr(ImageFont, "load_default") else None
     label_w, pad, line_h = 150, 4, 14
     header_h = pad + 4 * line_h
-    title_h = 2 * line_h + pad
-    width = label_w + len(layout.columns) * (size + pad) + pad
+    heading = sheet_heading(record)
+    title_h = len(heading) * line_h + pad
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # A one-column grid is narrower than its heading: widen the sheet so the validation drop is never cut off.
+    width = max(label_w + len(layout.columns) * (size + pad) + pad,
+                *(int(measure.textlength(text, font=font)) + 2 * pad for text, _ in heading))
     height = title_h + header_h + len(layout.rows) * (size + pad) + pad
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
-    title = f"eval {record['id']} - LoRA {record['loraId']} release {record['releaseId']} - {record.get('status')}"
-    draw.text((pad, pad), title, fill="black", font=font)
-    if record.get("checkpointId"):
-        draw.text((pad, pad + line_h), f"checkpoint {record['checkpointId']}", fill="dimgray", font=font)
+    for k, (text, colour) in enumerate(heading):
+        draw.text((pad, pad + k * line_h), text, fill=colour, font=font)
     chars = max(8, size // 7)
     for j, (_, label) in enumerate(layout.columns):
         x = label_w + pad + j * (size + pad)

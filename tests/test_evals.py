@@ -27,6 +27,7 @@ from lorakit.evals import (
     parse_prompts,
     plan_batches,
     plan_cells,
+    sheet_heading,
     sheet_layout,
     upsert_output,
 )
@@ -361,3 +362,79 @@ def test_store_is_untouched_by_failed_grid_requests(ws):
         create_eval_grid(ws, PROJECT, "icons", "r9")
     Store(ws.data_root)  # still opens
     assert tree_digest(ws.data_root) == before
+
+
+# ---- the release's validation drop beside the grid ------------------------------------------------------------
+VALIDATION = {
+    "set": "heldOut", "split": 0.2, "seed": 0, "draws": 4, "every": 15, "images": 2, "baseLoss": 0.117,
+    "finalLoss": 0.079, "drop": 0.327, "bestStep": 180, "bestLoss": 0.079, "stoppedEarly": True,
+    "training": {"images": 8, "baseLoss": 0.12, "finalLoss": 0.07, "drop": 0.416667},
+    "curve": [{"step": s, "epoch": s // 60, "loss": loss, "trainingLoss": loss - 0.01}
+              for s, loss in ((0, 0.117), (60, 0.09), (120, 0.085), (180, 0.079), (240, 0.08))],
+    "secondsPerScore": 0.21,
+}
+DROP_TEXT = "validation loss 0.117 → 0.079 (−32.7%) on 2 held-out images (stopped early at step 240)"
+
+
+def add_validated_release(ws, release_id: str = "r3") -> None:
+    rel = f"icons/{release_id}/icons.safetensors"
+    weights = ws.config.loras_root / rel
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"validated" * 10)
+    add_release(ws, "icons", make_release(release_id, weights={"kind": "config_relative", "base": "lorasRoot", "path": rel},
+                                          sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
+                                          training={"steps": 240, "validation": VALIDATION}), project=PROJECT)
+
+
+def test_evals_copy_the_releases_validation_headline(ws):
+    from lorakit.loras import validation_summary
+
+    add_validated_release(ws)
+    headline = {"set": "heldOut", "images": 2, "baseLoss": 0.117, "finalLoss": 0.079, "drop": 0.327,
+                "stoppedEarly": True, "stoppedAt": 240}
+    plain = create_eval(ws, "icons", "r3", project=PROJECT, prompts=["a"], eval_id="v1")
+    grid = create_eval_grid(ws, PROJECT, "icons", "r3", prompts=["x"], seeds=[1], strengths=[1.0], eval_id="v2",
+                            compare_release="r1")
+    for record in (plain, grid.eval, ws.store.read("eval", "v1", PROJECT), ws.store.read("eval", "v2", PROJECT)):
+        assert record["validation"] == headline
+        assert validation_summary(record["validation"]) == DROP_TEXT
+    # A release trained before validation existed (or by the kohya_ss/manual adapters) gives an eval without it.
+    older = create_eval_grid(ws, PROJECT, "icons", "r1", prompts=["x"], seeds=[1], strengths=[1.0], eval_id="v3")
+    assert "validation" not in older.eval and "validation" not in ws.store.read("eval", "v3", PROJECT)
+    assert validate_records(ws) == []
+
+
+def test_contact_sheet_shows_the_drop_under_its_title(ws, tmp_path, capsys):
+    from PIL import ImageDraw, ImageFont
+
+    add_validated_release(ws)
+    plan = create_eval_grid(ws, PROJECT, "icons", "r3", prompts=["x"], seeds=[1], strengths=[1.0], eval_id="d1")
+    fake_render(ws, PROJECT, "d1", [c["key"] for c in plan.cells])
+    record = ws.store.read("eval", "d1", PROJECT)
+    ascii_text = DROP_TEXT.replace("→", "->").replace("−", "-")
+    assert [text for text, _ in sheet_heading(record)] == [
+        "eval d1 - LoRA icons release r3 - complete", ascii_text, "checkpoint ckpt"]
+    sheet = contact_sheet(ws, "d1", cell_size=64)
+    # One column of 64 px is narrower than the line: the sheet widens so the whole drop is on it.
+    font = ImageFont.load_default(size=12)
+    assert sheet.width >= ImageDraw.Draw(sheet).textlength(ascii_text, font=font) + 8
+    line = sheet.crop((0, 4 + 14, sheet.width, 4 + 28)).convert("L")
+    inked = [x for x in range(line.width) if min(line.getpixel((x, y)) for y in range(line.height)) < 128]
+    assert inked and inked[-1] > 150 + 64  # drawn, and further right than the grid alone would reach
+    code, out = cli(capsys, "eval", "grid-image", "d1", "--out", str(tmp_path / "d1.png"))
+    assert code == 0 and out.splitlines()[-1] == DROP_TEXT
+
+
+def test_contact_sheet_of_an_eval_without_or_with_broken_validation(ws, capsys, tmp_path):
+    plan = create_eval_grid(ws, PROJECT, "icons", "r1", prompts=["x"], seeds=[1], strengths=[1.0], eval_id="b1")
+    fake_render(ws, PROJECT, "b1", [c["key"] for c in plan.cells])
+    assert sheet_heading(ws.store.read("eval", "b1", PROJECT))[1][0] == "no validation"
+    code, out = cli(capsys, "eval", "grid-image", "b1", "--out", str(tmp_path / "b1.png"))
+    assert code == 0 and out.splitlines()[-1] == "no validation"
+    # An eval record comes from a shared folder: a hand-edited copy with text for numbers shows them as unknown.
+    broken = {"set": "somewhere", "images": "two", "baseLoss": "0.117", "finalLoss": None, "drop": [0.3],
+              "stoppedEarly": "yes"}
+    ws.store.update("eval", "b1", lambda r: {**r, "validation": broken}, PROJECT)
+    assert sheet_heading(ws.store.read("eval", "b1", PROJECT))[1][0] == "validation loss ? -> ? (?) on ? images"
+    assert contact_sheet(ws, "b1", cell_size=64).width > 0
+    assert validate_records(ws) == []

@@ -16,10 +16,12 @@ from ..evals import (
     cleanup_eval,
     create_eval,
     create_eval_grid,
+    find_eval,
     normalize_evals,
     parse_prompts,
     save_contact_sheet,
 )
+from ..loras import validation_summary
 from .common import split_list, workspace
 from .lora import lora_subcommands
 
@@ -212,4 +214,5 @@ def cmd_grid_image(args) -> int:
     ws = workspace(args)
     out = save_contact_sheet(ws, args.eval_id, args.out, args.project, cell_size=args.cell_size)
     print(f"wrote {out}")
+    print(validation_summary(find_eval(ws, args.eval_id, args.project)[0].get("validation")))
     return 0
