@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from ..errors import TrainingError
+
 LOG_NAME = "train_log.csv"
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "elapsed_s")
 
@@ -100,36 +102,82 @@ def smooth(values: list[float], weight: float) -> list[float]:
     return out
 
 
-def plot_loss(log: str | Path, out: str | Path | None = None, smoothing: float = 0.9):
-    """Plot a run's loss (raw and smoothed) and learning rate from its ``train_log.csv``.
+VALIDATION_SET_LABELS = {"heldOut": "held-out images", "training": "training images"}
 
-    ``log`` is the CSV or the folder holding it. Returns the matplotlib ``Figure`` (shown inline in a
-    notebook); ``out`` also saves it as an image.
 
-    >>> fig = plot_loss("models/loras/hero/01J.../train_log.csv", "loss.png")   # doctest: +SKIP
+def plot_loss(log: str | Path | None, out: str | Path | None = None, smoothing: float = 0.9,
+              validation: dict | None = None):
+    """Plot a run's loss (raw and smoothed) and learning rate from its ``train_log.csv`` and, given the release's
+    ``training.validation``, its validation curve on a second axis below, on the same steps.
+
+    ``log`` is the CSV or the folder holding it (None: the validation curve alone, for a release whose log is on
+    another machine). The validation axis shows the headline loss at each score, the training images' loss
+    beside a held-out one, and the base model's loss as a dashed line: the curve falling away from it is the
+    drop. Returns the matplotlib ``Figure`` (shown inline in a notebook); ``out`` also saves it as an image.
+
+    >>> release = lorakit.get_lora(ws, "hero")["releases"][-1]                           # doctest: +SKIP
+    >>> fig = plot_loss("models/loras/hero/01J.../train_log.csv", "loss.png",
+    ...                 validation=release["training"].get("validation"))                # doctest: +SKIP
     """
     from matplotlib.figure import Figure
 
-    path = Path(log)
-    if path.is_dir():
-        path = path / LOG_NAME
-    rows = read_loss_log(path)
+    from ..loras import validation_facts, validation_summary
+
+    facts = validation_facts(validation)
+    curve = facts["curve"] if facts else []
+    if log is None and not curve:
+        raise TrainingError("nothing to plot: no loss log given and the release has no validation curve")
+    fig = Figure(figsize=(8, 7.5 if log is not None and curve else 4.5), layout="constrained")
+    axes = fig.subplots(2 if log is not None and curve else 1, 1, sharex=True, squeeze=False)[:, 0]
+    title = ""
+    if log is not None:
+        path = Path(log)
+        path = path / LOG_NAME if path.is_dir() else path
+        _plot_training_loss(axes[0], read_loss_log(path), smoothing)
+        title = path.parent.name
+    if curve:
+        _plot_validation(axes[-1], facts)
+    if facts is not None:
+        title = f"{title}\n{validation_summary(validation)}" if title else validation_summary(validation)
+    fig.suptitle(title)
+    axes[-1].set_xlabel("step")
+    if out is not None:
+        fig.savefig(out, dpi=100)
+    return fig
+
+
+def _plot_training_loss(ax, rows: list[dict], smoothing: float) -> None:
     steps = [r["step"] for r in rows]
     losses = [r["loss"] for r in rows]
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    ax = fig.add_subplot()
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
     if rows:
         ax.plot(steps, smooth(losses, smoothing), color="tab:blue", linewidth=2, label=f"loss (EMA {smoothing})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     lr_ax = ax.twinx()
     lr_ax.plot(steps, [r["lr"] for r in rows], color="tab:orange", linewidth=1, label="learning rate")
     lr_ax.set_ylabel("learning rate")
     handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="upper right")
-    ax.set_title(path.parent.name)
-    if out is not None:
-        fig.savefig(out, dpi=100)
-    return fig
+
+
+def _plot_validation(ax, facts: dict) -> None:
+    """The validation axis: the headline set's loss per score, the training images' beside a held-out set, and
+    the base model's loss as the reference the drop is measured from."""
+    curve = facts["curve"]
+    label = VALIDATION_SET_LABELS.get(facts["set"] or "", "validation images")
+    ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], color="tab:green", marker="o", linewidth=2,
+            label=f"validation loss ({label})")
+    beside = [p for p in curve if p["trainingLoss"] is not None]
+    if beside:
+        ax.plot([p["step"] for p in beside], [p["trainingLoss"] for p in beside], color="tab:purple", marker=".",
+                linewidth=1, label="validation loss (training images)")
+    if facts["baseLoss"] is not None:
+        ax.axhline(facts["baseLoss"], color="gray", linestyle="--", linewidth=1, label="base model")
+    if facts["stoppedAt"] is not None:
+        ax.axvline(facts["stoppedAt"], color="tab:red", linestyle=":", linewidth=1, label="stopped early")
+        if facts["bestStep"] is not None:  # an early stop keeps the best score's weights, not the last step's
+            ax.axvline(facts["bestStep"], color="tab:green", linestyle=":", linewidth=1, label="weights kept")
+    ax.set_ylabel("validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
