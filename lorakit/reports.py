@@ -306,6 +306,34 @@ class ReleaseReport:
 
         return reviews_of(self.release)
 
+    @property
+    def validation(self) -> dict | None:
+        """The release's ``training.validation`` block as recorded (None: trained without validation)."""
+        from .loras import release_validation
+
+        return release_validation(self.release)
+
+    @property
+    def validation_text(self) -> str:
+        """The release's validation drop in one line, as every display shows it."""
+        from .loras import validation_summary
+
+        return validation_summary(self.validation)
+
+    @property
+    def validation_details(self) -> dict:
+        """The validation block without its curve (which the loss chart draws), for a key-value table; empty when
+        the release has none."""
+        return {k: v for k, v in (self.validation or {}).items() if k != "curve"}
+
+    @property
+    def has_validation_curve(self) -> bool:
+        """Whether the release's validation block holds a curve with at least one usable point."""
+        from .loras import validation_facts
+
+        facts = validation_facts(self.validation)
+        return bool(facts and facts["curve"])
+
 
 def pick_release_id(lora: dict, release_id: str | None = None) -> str:
     """The release a report is about: the one asked for, else the active one, else the newest."""
@@ -321,7 +349,8 @@ def pick_release_id(lora: dict, release_id: str | None = None) -> str:
 
 def release_report(ws: Workspace | str | Path | None, lora_id: str, release_id: str | None = None,
                    project: str | None = None) -> ReleaseReport:
-    """Read what a release report shows: checkpoint, dataset manifest, training files, evals, review state."""
+    """Read what a release report shows: checkpoint, dataset manifest, training files, validation drop, evals,
+    review state."""
     from .config import resolve_weights
     from .datasets import load_manifest
     from .errors import ConfigError

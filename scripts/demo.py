@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import lorakit
     from lorakit.ids import new_ulid
+    from lorakit.loras import get_release, release_validation, validation_summary
     from lorakit.reports import NotebookError, make_report, run_notebook
 
     out = Path(args.out).resolve() if args.out else REPO / "reports"
@@ -107,13 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {CHECKPOINT} / {asset_type}: {picked}")
         for p in res.not_picked:
             print(f"      not picked: {p.lora_id} ({p.reason})")
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; the release report:")
+    lora = lorakit.get_lora(data, LORA, project=PROJECT)
+    print(f"\n== release {release}: {validation_summary(release_validation(get_release(lora, release)))}")
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; the release report (with the drop):")
     print(html)
     return 0
 
 
 def summarize(name: str, lorakit, data: Path, release: str) -> str:
     """One or two lines on what a step produced, read back from the records."""
+    from lorakit.loras import release_validation, validation_summary
+
     if name == "01_build_dataset":
         manifest = lorakit.load_manifest(data, DATASET, PROJECT)
         s = lorakit.dataset_summary(manifest, top_tags=3)
@@ -123,7 +128,7 @@ def summarize(name: str, lorakit, data: Path, release: str) -> str:
     if name == "02_train_lora":
         t = rel["training"]
         return (f"LoRA {LORA} release {release} ({rel['status']}): {t['steps']} steps on {t['images']} images, "
-                f"final loss {t['finalLoss']:.4f}")
+                f"final loss {t['finalLoss']:.4f}\n{validation_summary(release_validation(rel))}")
     if name == "03_eval_grid":
         evaluation = rel.get("evaluation") or {}
         return (f"evals {evaluation.get('evalIds')}; review {evaluation.get('status')}; "

@@ -203,9 +203,19 @@ result = lorakit.train_lora(ws, lora, dataset, project=project, preset=preset, c
 print(f"release {result.release_id}: {result.steps} steps in {result.duration_s:.0f} s, final loss {result.final_loss:.4f}")
 print("weights:", result.weights_path)
 """),
-    md("## Loss curve"),
+    md("""
+## Loss curve and validation drop
+
+The top axis is the training loss of each step. The lower one, when the run scored validation, is the loss on
+fixed (noise, timestep) draws of the validation images at each score; the dashed line is the base model's loss
+on the same draws, and the drop is how far the LoRA fell below it.
+"""),
     code("""
-lorakit.plot_loss(result.output_dir)
+from lorakit.loras import release_validation, validation_summary
+
+validation = release_validation(result.release)
+print(validation_summary(validation))
+lorakit.plot_loss(result.output_dir, validation=validation)
 """),
     md("## Sample images (fixed prompts and seeds, after each epoch)"),
     code("""
@@ -262,8 +272,11 @@ print(f"eval {eval_id}: {len(plan.jobs)} images queued for release {release_id}"
 stats = lorakit.run_worker(ws, project, once=True)
 print(f"rendered {len(stats.rendered)}, failed {len(stats.failed)} in {stats.seconds:.0f} s")
 """),
-    md("## Contact sheet"),
+    md("## Contact sheet, with the release's validation drop"),
     code("""
+from lorakit.loras import validation_summary
+
+print(validation_summary(plan.eval.get("validation")))
 sheet = lorakit.show_eval_grid(ws, eval_id, project=project, cell_size=cell_size)
 if contact_sheet_out:
     print("saved", lorakit.save_contact_sheet(ws, eval_id, contact_sheet_out, project=project, cell_size=cell_size))
@@ -295,7 +308,7 @@ NOTEBOOKS["04_eval_report"] = notebook("04_eval_report", [
 # 04 · Release report
 
 The shareable report of one LoRA release: the checkpoint, the dataset (summary and samples), provenance,
-the training config and loss curve, the eval grid (base against LoRA, same seeds), the review history and
+the training config and loss curve, the validation drop, the eval grid (base against LoRA, same seeds), the review history and
 the current status. `lorakit report --lora L --release R` writes it as standalone HTML.
 """),
     params("""
@@ -349,17 +362,30 @@ nh.key_values(provenance)
     code("""
 display(nh.key_values({"preset": training.get("preset"), "steps": training.get("steps"),
                        "images": training.get("images"), "final loss": training.get("finalLoss"),
-                       "duration (s)": training.get("durationS"), **(training.get("config") or {})}))
-if report.loss_log:
-    display(lorakit.plot_loss(report.loss_log))
-else:
+                       "validation": report.validation_text, "duration (s)": training.get("durationS"),
+                       **(training.get("config") or {})}))
+if report.loss_log or report.has_validation_curve:
+    display(lorakit.plot_loss(report.loss_log, validation=report.validation))
+if not report.loss_log:
     print("no loss log on this machine")
 if report.samples:
     display(nh.image_files(report.samples, size=96))
 """),
+    md("""
+## Validation drop
+
+The loss of the base model and of the LoRA on fixed (noise, timestep) draws of the validation images: the
+held-out images when the run held some out, else the training images. The curve is on the loss chart above.
+"""),
+    code("""
+display(Markdown(f"**{report.validation_text}**"))
+if report.validation:
+    display(nh.key_values(report.validation_details))
+"""),
     md("## Eval grid: base (strength 0) against the LoRA, same prompts and seeds"),
     code("""
 if report.grid_eval:
+    print(report.validation_text)
     grid = report.grid_eval.get("grid") or {}
     print(f"eval {report.grid_eval['id']} ({report.grid_eval['status']}): seeds {grid.get('seeds')}, "
           f"strengths {grid.get('strengths')}, {grid.get('steps')} steps, cfg {grid.get('cfg')}, "
