@@ -229,7 +229,8 @@ def test_review_panel_buttons_call_the_gate(ws):
                                          sha256="0" * 64, training={})
     lorakit.add_release(ws, "panel", release, project=PROJECT)
     panel = ReviewPanel(ws, "panel", "r1", project=PROJECT)
-    assert [b.description for b in panel.children[2].children] == ["Approve", "Reject", "Activate", "Recommend"]
+    assert [b.description for b in panel.children[3].children] == ["Approve", "Reject", "Activate", "Recommend"]
+    assert panel.children[0] is panel.validation and panel.validation.value == "<b>Validation:</b> no validation"
     panel.approve_button.click()  # no complete eval: the gate refuses, the panel says so
     assert "cannot review" in panel.result.value and "lorakit-error" in panel.result.value
     panel.recommend_button.click()
@@ -239,6 +240,32 @@ def test_review_panel_buttons_call_the_gate(ws):
     assert "candidate" in panel.result.value
     assert lorakit.get_lora(ws, "panel", project=PROJECT)["releases"][0]["status"] == "candidate"
     assert "not reviewed yet" in panel.history.value and "review <b>unreviewed</b>" in panel.status.value
+
+
+def test_review_panel_shows_the_releases_validation_drop_first(ws):
+    lorakit.make_tiny_checkpoint(ws, "tiny-sd15", "sd15")
+    lorakit.create_lora(ws, "panel", name="Panel", scope="project", project=PROJECT, checkpoint="tiny-sd15",
+                        asset_types=["ui_icon"])
+    validation = {"set": "training", "split": 0.0, "seed": 0, "draws": 4, "every": 2, "images": 10, "baseLoss": 0.2,
+                  "finalLoss": 0.15, "drop": 0.25, "bestStep": 4, "bestLoss": 0.15, "stoppedEarly": True,
+                  "curve": [{"step": s, "epoch": s // 2, "loss": 0.2 - s / 100} for s in (0, 2, 4, 6)],
+                  "secondsPerScore": 0.1}
+    odd = {**validation, "images": 0, "baseLoss": 1e300, "finalLoss": 0.0, "drop": 1.0, "curve": []}
+    for release_id, block in (("r1", validation), ("r2", odd)):
+        release = lorakit.loras.make_release(release_id, weights={"kind": "absolute", "path": "/nonexistent.safetensors"},
+                                             sha256="0" * 64, training={"validation": block})
+        lorakit.add_release(ws, "panel", release, project=PROJECT)
+    panel = ReviewPanel(ws, "panel", "r1", project=PROJECT, beginner=True)
+    assert panel.children[0] is panel.validation
+    assert panel.validation.value == ("<b>Validation:</b> validation loss 0.2 → 0.15 (−25.0%) on the 10 training "
+                                      "images (stopped early at step 6)")
+    panel.reject_button.click()  # refused (no complete eval); the drop is still shown after the refresh
+    assert "−25.0%" in panel.validation.value
+    odd_panel = ReviewPanel(ws, "panel", "r2", project=PROJECT)
+    assert odd_panel.validation.value == ("<b>Validation:</b> validation loss 1e+300 → 0 (−100.0%) on the 0 training "
+                                          "images (stopped early)")
+    missing = ReviewPanel(ws, "panel", "r9", project=PROJECT)
+    assert missing.validation.value == "" and "cannot read release r9" in missing.status.value
 
 
 def test_preset_options_and_ids():

@@ -32,13 +32,16 @@ from ..gate import (
     reviews_of,
     set_recommended,
 )
-from ..loras import get_release
+from ..loras import get_release, release_validation, validation_summary
 from ..workspace import Workspace, as_workspace
 from .messages import message_box
 
 
 class ReviewPanel(widgets.VBox):
     """Review one release after looking at its eval grid: approve or reject (with notes), activate, recommend.
+
+    Above the buttons: the release's validation drop (:func:`~lorakit.loras.validation_summary`), the number a
+    reviewer reads beside the grid.
 
     A refusal of the gate is shown, not raised. ``beginner=True`` (the wizard) shows two buttons: *Approve and
     make active* (:func:`~lorakit.gate.approve_and_activate`: approve, activate, then recommend when the gate
@@ -63,6 +66,7 @@ class ReviewPanel(widgets.VBox):
         self.reject_button = widgets.Button(description="Reject", button_style="danger", icon="times")
         self.activate_button = widgets.Button(description="Activate", icon="play")
         self.recommend_button = widgets.Button(description="Recommend", icon="star")
+        self.validation = widgets.HTML()
         self.status = widgets.HTML()
         self.history = widgets.HTML()
         self.result = widgets.HTML()
@@ -73,8 +77,9 @@ class ReviewPanel(widgets.VBox):
         buttons = [self.approve_button, self.reject_button]
         if not beginner:
             buttons += [self.activate_button, self.recommend_button]
-        self.children = [widgets.HBox([self.reviewer]), self.notes, widgets.HBox(buttons), self.result, self.status,
-                         self.history]
+        # The validation drop comes first, right under the grid it is read beside.
+        self.children = [self.validation, widgets.HBox([self.reviewer]), self.notes, widgets.HBox(buttons),
+                         self.result, self.status, self.history]
         self.refresh()
 
     def _notes(self) -> str | None:
@@ -128,7 +133,9 @@ class ReviewPanel(widgets.VBox):
             evals = evals_of_release(self.ws.store, self.lora_id, release, eval_scopes(location, self.project))
         except LorakitError as exc:
             self.status.value = message_box(html.escape(f"cannot read release {self.release_id}: {exc}"), "error")
+            self.validation.value = ""
             return
+        self.validation.value = "<b>Validation:</b> " + html.escape(validation_summary(release_validation(release)))
         facts = {"release": self.release_id, "status": release.get("status"), "review": review_state(release),
                  "active": "yes" if lora.get("activeReleaseId") == self.release_id else "no",
                  "LoRA recommended": "yes" if lora.get("recommended") else "no", "evals": eval_state(evals)}
