@@ -332,6 +332,8 @@ def validation_summary(validation: object, *, ascii_only: bool = False) -> str:
     >>> validation_summary({"set": "training", "images": 10, "baseLoss": 0.2, "finalLoss": 0.15, "drop": 0.25,
     ...                     "stoppedEarly": True, "curve": [{"step": 0, "loss": 0.2}, {"step": 90, "loss": 0.16}]})
     'validation loss 0.2 → 0.15 (−25.0%) on the 10 training images (stopped early at step 90)'
+    >>> validation_summary({"set": "training", "images": 9, "baseLoss": 1.1534, "finalLoss": 1.1497, "drop": 0.0032})
+    'validation loss 1.153 → 1.15 (−0.3%) on the 9 training images'
     >>> validation_summary(None), validation_summary({"baseLoss": "high"})
     ('no validation', 'validation loss ? → ? (?) on ? images')
     """
@@ -340,8 +342,13 @@ def validation_summary(validation: object, *, ascii_only: bool = False) -> str:
         return "no validation"
     arrow, minus = ("->", "-") if ascii_only else ("→", "−")
 
+    # Three significant digits, more when base and final would read the same (a small drop on a large loss):
+    # "1.15 -> 1.15 (-0.3%)" would contradict itself.
+    base, final = facts["baseLoss"], facts["finalLoss"]
+    digits = next((d for d in range(3, 7) if base is None or final is None or f"{base:.{d}g}" != f"{final:.{d}g}"), 6)
+
     def loss(value: float | None) -> str:
-        return "?" if value is None else f"{value:.3g}"
+        return "?" if value is None else f"{value:.{digits}g}"
 
     # A drop is a fall in loss, shown as the loss's change: a drop of 0.327 is -32.7%, a rise is +.
     percent = None if facts["drop"] is None else _finite(-facts["drop"] * 100)

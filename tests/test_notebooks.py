@@ -10,6 +10,7 @@ also saved to ``test-artifacts/eval-grid.png`` for the README.
 from __future__ import annotations
 
 import base64
+import html as html_module
 import io
 import json
 import re
@@ -24,6 +25,7 @@ from PIL import Image
 
 import lorakit
 from lorakit.cli import main
+from lorakit.loras import release_validation, validation_summary
 from lorakit.reports import NotebookError, export_html, find_notebook, report_stem, run_notebook
 from lorakit.workspace import open_workspace
 
@@ -178,6 +180,13 @@ def test_02_train_lora(chain, demo):
     images = html_images(run.html)
     assert any(im.width > 500 for im in images)  # the loss curve
     assert sum(1 for im in images if im.size == (64, 64)) >= 1  # the sample images
+    # The trainer scored validation (on by default): the chart has the validation axis below the training loss,
+    # and the drop is printed above it, as every display words it.
+    validation = release_validation(release)
+    assert validation is not None and len(validation["curve"]) >= 2
+    chart_cell = "".join(o.get("text", "") for o in outputs_of(run.executed, "lorakit.plot_loss(result.output_dir"))
+    assert chart_cell.strip() == validation_summary(validation)
+    assert any(im.width > 500 and im.height > 0.8 * im.width for im in images)  # two axes, stacked
 
 
 def test_03_eval_grid(chain, demo):
@@ -192,6 +201,9 @@ def test_03_eval_grid(chain, demo):
     assert record["status"] == "complete" and len(record["outputs"]) == 4  # 2 prompts x 1 seed x (base + 1.0)
     assert all(ws.store.file_path(img).is_file() for o in record["outputs"] for img in o["images"])
     assert release["evaluation"]["reviews"][-1]["reviewer"] == "tester"
+    assert record["validation"]["drop"] == release["training"]["validation"]["drop"]  # the drop beside the grid
+    shown = "".join(o.get("text", "") for o in outputs_of(run.executed, "show_eval_grid"))
+    assert validation_summary(release_validation(release)) in shown
     sheet = Image.open(ARTIFACTS / "eval-grid.png")
     assert sheet.size == lorakit.contact_sheet(ws, eval_id, PROJECT, cell_size=128).size
     assert any(im.size == sheet.size for im in html_images(run.html))
@@ -205,9 +217,12 @@ def test_04_report_html_holds_the_grid(chain, demo):
     lora = lorakit.get_lora(ws, LORA, project=PROJECT)
     (eval_id,) = next(r for r in lora["releases"] if r["id"] == RELEASE)["evaluation"]["evalIds"]
     html = run.html.read_text(encoding="utf-8")
-    for heading in ("Checkpoint", "Dataset", "Provenance", "Training config and loss curve", "Eval grid",
-                    "Review history", "Current status"):
+    for heading in ("Checkpoint", "Dataset", "Provenance", "Training config and loss curve", "Validation drop",
+                    "Eval grid", "Review history", "Current status"):
         assert heading in html
+    release = next(r for r in lora["releases"] if r["id"] == RELEASE)
+    assert validation_summary(release_validation(release)) in html_module.unescape(html)
+    assert "secondsPerScore" in html  # the full validation block
     assert "batch approval in the notebook test" in html and eval_id in html
     assert "lorakit.reports import release_report" not in html  # the report hides its code
     sheet = lorakit.contact_sheet(ws, eval_id, PROJECT, cell_size=128)
