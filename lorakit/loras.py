@@ -295,8 +295,9 @@ def validation_facts(validation: object) -> dict | None:
     """
     if not isinstance(validation, dict):
         return None
-    curve = []
-    for point in validation.get("curve") if isinstance(validation.get("curve"), list) else []:
+    points = validation.get("curve")
+    curve: list[dict] = []
+    for point in points if isinstance(points, list) else []:
         if not isinstance(point, dict):
             continue
         step, loss = _count(point.get("step")), _finite(point.get("loss"))
@@ -306,7 +307,7 @@ def validation_facts(validation: object) -> dict | None:
     stopped_early = validation.get("stoppedEarly") is True
     stopped_at = _count(validation.get("stoppedAt"))
     if stopped_at is None and stopped_early and curve:
-        stopped_at = curve[-1]["step"]  # the trainer's block: the run stopped after its last score
+        stopped_at = int(curve[-1]["step"])  # the trainer's block: the run stopped after its last score
     training = validation.get("training")
     return {
         "set": validation.get("set") if validation.get("set") in VALIDATION_SETS else None,

@@ -135,7 +135,7 @@ def plot_loss(log: str | Path | None, out: str | Path | None = None, smoothing: 
         path = path / LOG_NAME if path.is_dir() else path
         _plot_training_loss(axes[0], read_loss_log(path), smoothing)
         title = path.parent.name
-    if curve:
+    if facts is not None and curve:
         _plot_validation(axes[-1], facts)
     if facts is not None:
         title = f"{title}\n{validation_summary(validation)}" if title else validation_summary(validation)
