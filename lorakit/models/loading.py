@@ -372,8 +372,9 @@ def _file_rank_alpha(network: str, parts: dict[str, torch.Tensor]) -> tuple[int,
     else:
         # LoKr scales by alpha / rank only while a factor is rank-decomposed; two full factors take scale 1.
         decomposed = parts.get("lokr_w2_b", parts.get("lokr_w1_b"))
-        if decomposed is None:
-            return 1, 1.0
+        if decomposed is None:  # rank = alpha = the file's alpha: scale 1, and the layer reads back as the file
+            same = 1.0 if alpha is None else float(alpha.item())
+            return max(1, round(same)), float(max(1, round(same)))
         rank = decomposed.shape[0]
     return rank, float(rank if alpha is None else alpha.item())
 

@@ -57,7 +57,7 @@ from ..workspace import Workspace, as_workspace
 from .config import parse_config_json
 from .inputs import RunInputs, is_manifest_path, resolve_run_inputs
 from .manual import RecordedRun, inspect_weights, release_entry, training_block
-from .settings import BY_NAME, canonical_name
+from .settings import BY_NAME, NETWORK_TYPES, canonical_name
 
 ADAPTER_KIND = "kohya_ss"
 DEFAULT_REPO = "https://github.com/kohya-ss/sd-scripts.git"
@@ -75,10 +75,15 @@ SCRIPTS = {False: "train_network.py", True: "sdxl_train_network.py"}
 CAPTION_EXTENSION = ".txt"
 DEFAULT_REPEATS = 10
 # Keys of a kohya config that lorakit consumes itself rather than passing to the script (which rejects them).
-LORAKIT_KEYS = ("sdxl", "num_repeats", "class_tokens", "caption_extension")
+LORAKIT_KEYS = ("sdxl", "num_repeats", "class_tokens", "caption_extension", "network_type")
 KOHYA_MIXED_PRECISION = ("no", "fp16", "bf16")
 # kohya options lorakit fills in when neither the config nor --adapter-args sets them.
 NETWORK_MODULE = "networks.lora"
+# The network types other than plain LoRA run through LyCORIS' sd-scripts module (lycoris-lora in the kohya
+# environment), with its algo names; DoRA is its LoCon with weight decomposition on the output axis.
+LYCORIS_NETWORK_MODULE = "lycoris.kohya"
+LYCORIS_NETWORK_ARGS = {"dora": ("algo=locon", "dora_wd=True", "wd_on_output=True"), "locon": ("algo=locon",),
+                        "loha": ("algo=loha",), "lokr": ("algo=lokr",)}
 
 
 # ---- install location and marker --------------------------------------------------------------------------
@@ -529,6 +534,9 @@ def kohya_flag_values(overrides: dict | None) -> dict:
         if value is None:
             continue
         setting = BY_NAME.get(canonical_name(flag))
+        if setting is not None and setting.name in LORAKIT_KEYS:
+            out[setting.name] = value  # lorakit's own key: plan_kohya_run turns it into kohya options
+            continue
         if setting is None or setting.kohya is None:
             known = ", ".join(s.name for s in BY_NAME.values() if s.kohya)
             raise ConfigError(f"unknown training flag {flag!r} for kohya_ss (known: {known})")
@@ -642,7 +650,7 @@ def plan_kohya_run(
         raise ConfigError(f"output_dir must be an absolute path, got {str(output_dir)!r} (leave it out to write "
                           f"into the run folder {run_dir})")
     output_name = str(effective("output_name", lora_id))
-    effective("network_module", NETWORK_MODULE)
+    _fill_network(own.get("network_type", "lora"), opts, adapter_args, effective)
     save_as = effective("save_model_as", "safetensors")
     if save_as != "safetensors":
         raise ConfigError(f"save_model_as must be safetensors (lorakit records .safetensors releases), got {save_as!r}")
@@ -659,6 +667,45 @@ def plan_kohya_run(
     return KohyaPlan(script=SCRIPTS[sdxl], args=opts, adapter_args=tuple(adapter_args), dataset_toml=dataset_toml,
                      run_dir=run_dir, dataset_dir=dataset_dir, image_dir=image_dir, output_dir=output_dir,
                      output_name=output_name, sdxl=sdxl)
+
+
+def network_options(network_type: str) -> tuple[str, list[str]]:
+    """``(network_module, network_args)`` that make sd-scripts train ``network_type`` (pure).
+
+    >>> network_options("dora")
+    ('lycoris.kohya', ['algo=locon', 'dora_wd=True', 'wd_on_output=True'])
+    """
+    if network_type not in NETWORK_TYPES:
+        raise ConfigError(f"network_type must be one of {', '.join(NETWORK_TYPES)}, got {network_type!r}")
+    if network_type == "lora":
+        return NETWORK_MODULE, []
+    return LYCORIS_NETWORK_MODULE, list(LYCORIS_NETWORK_ARGS[network_type])
+
+
+def _fill_network(network_type: str, opts: dict, adapter_args: Sequence[str], effective: Any) -> None:
+    """``network_module`` (and LyCORIS' ``algo`` in ``network_args``) for ``network_type``; a module or algo the
+    user set that says otherwise is refused rather than silently training another network type."""
+    module, args = network_options(network_type)
+    chosen = effective("network_module", module)
+    if network_type == "lora":
+        return
+    if chosen != module:
+        raise ConfigError(f"network_type {network_type} trains through network_module {module}, but the kohya "
+                          f"options set network_module {chosen!r}; drop one of them")
+    if adapter_arg_value(adapter_args, "network_args") is not None:
+        raise ConfigError(f"network_type {network_type} sets network_args; give further LyCORIS arguments as a "
+                          "network_args list in the kohya config instead of --adapter-args")
+    given = opts.get("network_args", [])
+    if isinstance(given, str):
+        given = [given]
+    if not isinstance(given, list) or not all(isinstance(a, str) for a in given):
+        raise ConfigError(f"network_args must be a list of key=value strings, got {given!r}")
+    mine = {a.split("=", 1)[0] for a in args}
+    clash = [a for a in given if a.split("=", 1)[0] in mine and a not in args]
+    if clash:
+        raise ConfigError(f"network_args {', '.join(clash)} contradict network_type {network_type} "
+                          f"({' '.join(args)}); drop them or the network_type")
+    opts["network_args"] = args + [a for a in given if a not in args]
 
 
 def kohya_command(plan: KohyaPlan, install: KohyaInstall, accelerate_config: Path | None = None) -> list[str]:
