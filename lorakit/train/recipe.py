@@ -758,9 +758,9 @@ class Validation:
             return
         held_out = bool(self.training.held_out)
         with self._scoring(), _adapters_disabled(self.model.trained):
-            self.scores.base = self._score(self.headline_batches)
+            self.scores.base = _finite(self._score(self.headline_batches), "the base model", step)
             if held_out:
-                self.scores.base_training = self._score(self.training_batches)
+                self.scores.base_training = _finite(self._score(self.training_batches), "the base model", step)
         self.score(step, math.ceil(step / self.training.steps_per_epoch))
 
     def score(self, step: int, epoch: int) -> None:
@@ -769,6 +769,7 @@ class Validation:
         with self._scoring():
             loss = self._score(self.headline_batches)
             training_loss = self._score(self.training_batches) if self.training.held_out else None
+        _finite(loss if training_loss is None else loss + training_loss, "the LoRA", step)
         best = self.scores.add(step, epoch, loss, training_loss, time.perf_counter() - started, self.patience)
         if best and self.keeps_best:
             self.best_models = [{n: p.detach().cpu().clone() for n, p in _trained_parameters(m).items()}
@@ -834,15 +835,20 @@ class Validation:
             total += torch.stack([losses.double().sum().cpu(), torch.tensor(len(batch), dtype=torch.float64)])
         if self.training.world_size > 1:
             total = run.accelerator.reduce(total.to(run.device), reduction="sum").cpu()
-        loss = float(total[0] / total[1])
-        if not math.isfinite(loss):
-            raise TrainingError(f"validation loss is {loss} (the model's predictions overflowed); nothing recorded. "
-                                "Use fp32/bf16 instead of fp16, or lower the learning rate")
-        return loss
+        return float(total[0] / total[1])
 
 
 def _trained_parameters(module: Any) -> dict[str, Any]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _finite(loss: float, what: str, step: int) -> float:
+    """A score, or the error of one that overflowed (a curve of JSON numbers cannot hold it)."""
+    if not math.isfinite(loss):
+        raise TrainingError(f"validation loss of {what} is {loss} at step {step}: its predictions overflow; stopping, "
+                            "nothing recorded. Lower the learning rate, use fp32/bf16 instead of fp16, or check the "
+                            "images")
+    return loss
 
 
 @contextlib.contextmanager
