@@ -293,6 +293,18 @@ def test_a_failing_run_records_nothing_and_names_the_log(studio: Studio, capfd: 
     assert "already exists" in capfd.readouterr().err
 
 
+def test_a_lycoris_network_type_needs_lycoris_in_kohyas_environment(studio: Studio, installed,
+                                                                    capfd: pytest.CaptureFixture) -> None:
+    """The stand-in's venv has no lycoris-lora: the run is refused before its folder is written."""
+    code = main(KOHYA + ["--run", "--release", "loha1", "--network-type", "loha"])
+    err = capfd.readouterr().err
+    assert code == 1
+    assert "error: network module lycoris.kohya (for the LyCORIS network types) is not installed" in err
+    assert "-m pip install lycoris-lora==4.1.3" in err and "Traceback" not in err
+    assert not (studio.loras_root / "hero" / "loha1").exists()
+    assert studio.lora()["releases"] == []
+
+
 @pytest.mark.parametrize("value, message", [
     ('{"output_name": "x"}', "must be a JSON array of strings"),
     ('["--seed", 3]', "must be a JSON array of strings"),

@@ -184,6 +184,9 @@ def _cross_problems(cfg: dict, max_side: int | None) -> list[str]:
     if cfg["network_type"] == "locon" and cfg["train_conv"] is False:
         problems.append("train_conv must be true for network_type locon (LoRA on the convolutions too); drop "
                         "train_conv, or use network_type lora")
+    if cfg["network_type"] in ("loha", "lokr") and _is_plain_number(cfg["lora_dropout"]) and cfg["lora_dropout"] > 0:
+        problems.append(f"lora_dropout must be 0 for network_type {cfg['network_type']} (LyCORIS' {cfg['network_type']} "
+                        "has no dropout on its path); set it to 0, or use lora, dora or locon")
     if cfg["early_stop_patience"] is not None and not cfg["validation"]:
         problems.append("early_stop_patience needs validation true: the scores decide when to stop")
     if cfg["validation_split"] and not cfg["validation"]:

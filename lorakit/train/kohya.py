@@ -809,6 +809,7 @@ def train_kohya(
         return KohyaRunResult(plan, command, dry_run=True,
                               description=describe_plan(plan, command, installed=install is not None))
     install = install or require_install(root)
+    _check_network_module(plan, install)
     command = kohya_command(plan, install, accel)
     _write_run_folder(ws, inputs, plan)
     started = time.time()
@@ -831,6 +832,18 @@ def _plan(ws: Workspace, inputs: RunInputs, extra_args: list[str]) -> KohyaPlan:
     run_dir = ws.config.loras_root / inputs.lora_id / inputs.release_id
     return plan_kohya_run(inputs.settings, extra_args, family=inputs.family, model_path=model_path, run_dir=run_dir,
                           lora_id=inputs.lora_id, dataset_name=check_id(inputs.manifest["id"], "dataset id"))
+
+
+def _check_network_module(plan: KohyaPlan, install: KohyaInstall) -> None:
+    """LyCORIS' module is not one of sd-scripts' requirements: say how to add it before anything is written."""
+    if plan.args.get("network_module") != LYCORIS_NETWORK_MODULE:
+        return
+    code, _ = _capture([str(install.python), "-c", f"import {LYCORIS_NETWORK_MODULE}"], env=tool_env(install.venv))
+    if code != 0:
+        raise KohyaSetupError(
+            f"network module {LYCORIS_NETWORK_MODULE} (for the LyCORIS network types) is not installed in kohya's "
+            f"environment {install.venv}; install it with `{install.python} -m pip install lycoris-lora==4.1.3`, "
+            "or train network_type lora")
 
 
 def _write_run_folder(ws: Workspace, inputs: RunInputs, plan: KohyaPlan) -> None:

@@ -178,7 +178,7 @@ SETTINGS: tuple[Setting, ...] = (
       aliases=("network_alpha", "lora_alpha"), flag="--alpha", kohya="network_alpha", wizard="alpha"),
     S("network_type", "lora", "choice", "lora; dora (LoRA with weight decomposition); locon (LoRA on the "
       "convolutions too); loha; lokr", "network", choices=NETWORK_TYPES, flag="--network-type",
-      adapters=("native",)),
+      adapters=("native", "kohya_ss")),
     S("unet_target_modules", "kohya", "modules", "UNet modules that get an adapter: a module set (kohya: attention, "
       "proj_in/proj_out and feed-forward of every transformer block; attention: to_q/to_k/to_v/to_out.0 only) "
       "or a list of names, each the end of a module path", "network", choices=tuple(UNET_MODULE_SETS)),
