@@ -16,6 +16,7 @@ from lorakit.train.kohya_format import read_lora_file
 from lorakit.train.recipe import plan_training
 from lorakit.train.validation import (
     MAX_DEFAULT_SCORES,
+    default_max_scores,
     ValidationScores,
     draw_timesteps,
     held_out_assets,
@@ -111,6 +112,18 @@ def test_default_schedule_scores_every_epoch_but_at_most_max_scores_times():
     assert score_steps(10, score_interval(None, 4, 3)) == [0, 4, 8, 10]
     assert score_interval(5, 4, 100) == 5 and score_steps(12, 5) == [0, 5, 10, 12]
     assert not is_score_step(0, 12, 5) and is_score_step(12, 12, 5) and not is_score_step(11, 12, 5)
+
+
+def test_the_default_number_of_scores_fits_a_tenth_of_the_training_compute():
+    # (steps, images per step, scored (image, draw) pairs): a score is one forward pass per pair, a trained
+    # image about three.
+    for steps, per_step, pairs in [(300, 2, 40), (300, 2, 80), (1500, 4, 400), (20, 1, 24), (10_000, 8, 64)]:
+        scores = default_max_scores(steps, per_step, pairs)
+        assert 1 <= scores <= MAX_DEFAULT_SCORES
+        assert scores == 1 or scores * pairs <= 0.10 * 3 * steps * per_step
+        assert scores == MAX_DEFAULT_SCORES or (scores + 1) * pairs > 0.10 * 3 * steps * per_step
+    # The demo benchmark's run: 300 steps of 2 images, 10 images x 4 draws, 5 steps an epoch.
+    assert score_steps(300, score_interval(None, 5, 60, default_max_scores(300, 2, 40))) == [0, 75, 150, 225, 300]
 
 
 # ---- scores, early stopping, the record ----------------------------------------------------------------------
@@ -209,11 +222,12 @@ def test_a_run_records_its_validation_identically_and_leaves_the_weights_as_they
     write_dataset(ws, "val_gems", seed=12)
     # The hardest case for "no effect on training": trained text encoders (scored through their adapters),
     # LoRA dropout (eval mode must switch it off) and shuffled captions (the scores use the manifest's).
-    config = {**FAST, "steps": 12, "lr": 3e-3, "train_text_encoder": True, "lora_dropout": 0.1, "shuffle_tags": True}
+    config = {**FAST, "steps": 12, "lr": 3e-3, "train_text_encoder": True, "lora_dropout": 0.1, "shuffle_tags": True,
+              "validation_every": 3}
     first = train_lora(ws, "val", "val_gems", project="demo", config=config, progress=False)
     record = _validation(first)
     assert record["set"] == "training" and record["images"] == 6 and record["draws"] == 4 and record["every"] == 3
-    assert [p["step"] for p in record["curve"]] == [0, 3, 6, 9, 12]          # start + every epoch (3 steps)
+    assert [p["step"] for p in record["curve"]] == [0, 3, 6, 9, 12]          # start + every 3 steps (an epoch)
     assert [p["epoch"] for p in record["curve"]] == [0, 1, 2, 3, 4]
     assert "trainingLoss" not in record["curve"][0] and "training" not in record
     # The adapters start as a no-op, so the LoRA's first score is the base model's.
@@ -238,7 +252,8 @@ def test_a_held_out_split_scores_both_sets(ws):
     new_lora(ws, "held")
     _multi_item_assets(ws, "held_gems")
     result = train_lora(ws, "held", "held_gems", project="demo", progress=False,
-                        config={**FAST, "steps": 6, "lr": 3e-3, "validation_split": 0.25, "validation_draws": 2})
+                        config={**FAST, "steps": 6, "lr": 3e-3, "validation_split": 0.25, "validation_draws": 2,
+                                "validation_every": 3})
     record = _validation(result)
     assert record["set"] == "heldOut" and record["images"] == 2 and record["split"] == 0.25
     assert record["training"]["images"] == 6 and result.release["training"]["images"] == 6

@@ -59,6 +59,7 @@ from .validation import (
     is_score_step,
     noise_seed,
     score_batches,
+    default_max_scores,
     score_interval,
     split_items,
     validation_record,
@@ -170,7 +171,7 @@ class TrainingPlan:
     notes: str | None
     set_active: bool
     resumed: dict | None = None
-    modules: tuple[tuple[str, int], ...] = ()   # (model, adapted modules), as module_counts finds them
+    modules: dict[str, int] | None = None   # adapted modules per model, as module_counts finds them
     held_out: tuple[TrainItem, ...] = ()        # validation_split's images: scored, never trained on
     held_out_buckets: tuple[tuple[int, int], ...] = ()
     validation_every: int | None = None         # optimizer steps between scores; None without validation
@@ -203,7 +204,7 @@ class TrainingPlan:
             "family": i.family, "dataset": i.dataset, "images": len(self.items), "buckets": _bucket_counts(self.buckets),
             "stepsPerEpoch": self.steps_per_epoch, "steps": self.total_steps, "epochs": self.num_epochs,
             "worldSize": self.world_size, "weights": str(self.weights_path), "networkType": i.settings["network_type"],
-            "modules": dict(self.modules), "config": i.settings,
+            "modules": self.modules, "config": i.settings,
             "resumeFrom": self.resumed["step"] if self.resumed else None,
             "heldOut": len(self.held_out), "validationEvery": self.validation_every,
         }
@@ -262,24 +263,42 @@ def plan_training(
     total_steps = cfg["steps"] or cfg["epochs"] * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     return TrainingPlan(
-        modules=tuple(_module_counts(ws, inputs).items()),
+        modules=_module_counts(ws, inputs),
         inputs=inputs, items=tuple(items), buckets=tuple(buckets), world_size=world_size,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, num_epochs=num_epochs,
         out_dir=ws.config.loras_root / inputs.lora_id / inputs.release_id, preset=preset, notes=notes,
         set_active=set_active, resumed=resumed.run if resumed else None,
         held_out=tuple(held_out), held_out_buckets=tuple(held_out_buckets),
-        validation_every=(score_interval(cfg["validation_every"], steps_per_epoch, num_epochs)
-                          if cfg["validation"] else None),
+        validation_every=_validation_every(cfg, items, held_out, steps_per_epoch, num_epochs, total_steps,
+                                           micro_per_step),
     )
 
 
-def _module_counts(ws: Workspace, inputs: RunInputs) -> dict[str, int]:
+def _validation_every(cfg: dict, items: Sequence[TrainItem], held_out: Sequence[TrainItem], steps_per_epoch: int,
+                      num_epochs: int, total_steps: int, micro_per_step: int) -> int | None:
+    """Steps between validation scores: the setting, else the default schedule within its compute budget."""
+    if not cfg["validation"]:
+        return None
+    scored = (len(items) + len(held_out)) if held_out else len(items)
+    max_scores = default_max_scores(total_steps, cfg["batch_size"] * micro_per_step, scored * cfg["validation_draws"])
+    return score_interval(cfg["validation_every"], steps_per_epoch, num_epochs, max_scores)
+
+
+def _module_counts(ws: Workspace, inputs: RunInputs) -> dict[str, int] | None:
     """How many modules of each model the run adapts, counted on the checkpoint's architecture built on the
-    ``meta`` device (no weights are read)."""
+    ``meta`` device (no weights are read); None when its config folder does not describe the models (loading
+    the checkpoint then says what is wrong with it)."""
     from ..models import checkpoint_config_folder
     from .networks import module_counts
 
-    return module_counts(checkpoint_config_folder(ws, inputs.checkpoint), inputs.family, inputs.settings)
+    folder = checkpoint_config_folder(ws, inputs.checkpoint)
+    encoders = ["text_encoder"] + (["text_encoder_2"] if inputs.family == "sdxl" else [])
+    if not all((folder / name / "config.json").is_file() for name in ["unet", *encoders]):
+        return None
+    try:
+        return module_counts(folder, inputs.family, inputs.settings)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def find_resumed_run(ws: Workspace, lora: str, resume: bool | str, *, project: str | None,

@@ -247,8 +247,8 @@ SETTINGS: tuple[Setting, ...] = (
       flag="--validation-split", adapters=("native",)),
     S("validation_draws", 4, "int", "seeded (noise, timestep) draws per image, the timesteps spread evenly over the "
       "schedule", "validation", bound="positive"),
-    S("validation_every", None, "int", "optimizer steps between scores (default: every epoch, at most 20 scores "
-      "in a run)", "validation", bound="positive", optional=True, resume_safe=True),
+    S("validation_every", None, "int", "optimizer steps between scores (default: every epoch, or every k-th epoch "
+      "so that a run has at most 10 scores and they cost at most 10% of its training compute)", "validation", bound="positive", optional=True, resume_safe=True),
     S("validation_seed", 0, "int", "seed of the hold-out and the draws; keep it to compare releases of one LoRA",
       "validation", bound="non_negative", maximum=MAX_SEED),
     S("early_stop_patience", None, "int", "stop after this many scores without a lower loss, and keep the best "

@@ -20,11 +20,13 @@ from typing import Any
 from ..errors import TrainingError
 from .data import TrainItem, step_seed
 
-# The default schedule scores every epoch, but a long run gets at most this many scores (every k-th epoch):
-# each score costs forward passes over the whole validation set, and a curve needs a few points, not hundreds.
-# 10 (not 20) keeps the scores under 10 % of an epoch's time in benchmarks/bench_learning.py, where one score
-# of 4 draws per image costs about a third of an epoch.
+# The default schedule scores every epoch, but a run gets at most this many scores (every k-th epoch): a curve
+# needs a few points, not hundreds.
 MAX_DEFAULT_SCORES = 10
+# ... and its scores cost at most this fraction of its training compute (see default_max_scores).
+SCORE_BUDGET = 0.10
+# A training step costs about three forward passes per image (the forward, and a backward of about twice that).
+FORWARDS_PER_TRAINED_IMAGE = 3
 # Pairs (image, draw) per forward pass, as a multiple of the training batch size: no gradients are kept, so a
 # larger batch fits, and fewer, fuller forward passes are what makes scoring cheap.
 BATCH_FACTOR = 8
@@ -102,6 +104,20 @@ def score_batches(buckets: Sequence[tuple[int, int]], draws: int, batch_size: in
 
 
 # ---- when to score -----------------------------------------------------------------------------------------
+def default_max_scores(total_steps: int, images_per_step: int, scored_pairs: int,
+                       budget: float = SCORE_BUDGET) -> int:
+    """How many scores a run gets by default: as many as fit in ``budget`` of its training compute (a score is
+    one forward pass per (image, draw) pair, both sets with a held-out split), between 1 and
+    :data:`MAX_DEFAULT_SCORES`. On a GPU, where a forward pass costs the same batched or not, this is what
+    keeps validation near 10 % of the run; a small dataset without repeats gets few scores.
+
+    >>> default_max_scores(300, 2, 40), default_max_scores(3000, 2, 40), default_max_scores(20, 2, 400)
+    (4, 10, 1)
+    """
+    trained = total_steps * images_per_step * FORWARDS_PER_TRAINED_IMAGE
+    return max(1, min(MAX_DEFAULT_SCORES, math.floor(budget * trained / max(1, scored_pairs))))
+
+
 def score_interval(every: int | None, steps_per_epoch: int, num_epochs: int,
                    max_scores: int = MAX_DEFAULT_SCORES) -> int:
     """Optimizer steps between scores: ``every`` when set, else every epoch, or every k-th epoch when there are
