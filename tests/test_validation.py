@@ -16,8 +16,8 @@ from lorakit.train.kohya_format import read_lora_file
 from lorakit.train.recipe import plan_training
 from lorakit.train.validation import (
     MAX_DEFAULT_SCORES,
-    default_max_scores,
     ValidationScores,
+    default_max_scores,
     draw_timesteps,
     held_out_assets,
     is_score_step,

@@ -55,11 +55,11 @@ from .settings import ABSENT_MEANS
 from .validation import (
     BATCH_FACTOR,
     ValidationScores,
+    default_max_scores,
     draw_timesteps,
     is_score_step,
     noise_seed,
     score_batches,
-    default_max_scores,
     score_interval,
     split_items,
     validation_record,
