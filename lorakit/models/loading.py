@@ -384,7 +384,7 @@ def _file_peft_config(network: str, layers: dict[str, dict[str, torch.Tensor]]) 
 
     paths = list(layers)
     ranks = {p: _file_rank_alpha(network, parts) for p, parts in layers.items()}
-    shape = {"r": 1, "target_modules": paths, "rank_pattern": {p: r for p, (r, _) in ranks.items()},
+    shape: dict[str, Any] = {"r": 1, "target_modules": paths, "rank_pattern": {p: r for p, (r, _) in ranks.items()},
              "alpha_pattern": {p: a for p, (_, a) in ranks.items()}}
     if network == "dora":
         return LoraConfig(lora_alpha=1, use_dora=True, **shape)

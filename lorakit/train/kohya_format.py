@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -203,7 +204,7 @@ def lokr_file_tensors(factors: dict[str, torch.Tensor], rank: int, alpha: float)
     return tensors
 
 
-def _layer_tensors(kind: str, module: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+def _layer_tensors(kind: str, module: Any, adapter: str) -> dict[str, torch.Tensor]:
     if kind in ("lora", "dora"):
         tensors = lora_file_tensors(module.lora_A[adapter].weight, module.lora_B[adapter].weight,
                                     module.lora_alpha[adapter])
