@@ -578,20 +578,25 @@ def apply_loras(pipeline: Any, resolved: Iterable[ResolvedLora]) -> list[str]:
     >>> apply_loras(pipe, res)                                      # doctest: +SKIP
     ['hero__r2', 'ui_base__r1']
     """
-    from .models.loading import load_lora_file
+    from .models.loading import LORA_LAYER_TYPES, load_lora_file, lora_file_network, needs_unload_before
 
     stack = list(resolved)
     loaded = _loaded_adapters(pipeline)
-    names = []
-    for lora in stack:
-        name = adapter_name(lora.lora_id, lora.release_id, lora.sha256)
-        if name not in loaded:
-            if not lora.weights_path or not Path(lora.weights_path).exists():
-                raise SelectionError(f"LoRA {lora.lora_id!r} release {lora.release_id!r}: weights file not found: "
-                                     f"{lora.weights_path}")
-            load_lora_file(pipeline, lora.weights_path, name)
-            loaded.add(name)
-        names.append(name)
+    names = [adapter_name(lora.lora_id, lora.release_id, lora.sha256) for lora in stack]
+    missing = [(name, lora) for name, lora in zip(names, stack, strict=True) if name not in loaded]
+    for _, lora in missing:
+        if not lora.weights_path or not Path(lora.weights_path).exists():
+            raise SelectionError(f"LoRA {lora.lora_id!r} release {lora.release_id!r}: weights file not found: "
+                                 f"{lora.weights_path}")
+    # LoRA and DoRA files load before LoHa/LoKr ones (peft cannot wrap theirs in a LoRA layer); such a file new
+    # to a pipeline that holds LoHa/LoKr layers already means loading the whole stack again, in that order.
+    if any(needs_unload_before(pipeline, lora.weights_path) for _, lora in missing):
+        pipeline.unload_lora_weights()
+        loaded = set()
+        missing = list(zip(names, stack, strict=True))
+    for name, lora in sorted(missing, key=lambda pair: lora_file_network(pair[1].weights_path) not in LORA_LAYER_TYPES):
+        load_lora_file(pipeline, lora.weights_path, name)
+        loaded.add(name)
     if names:
         pipeline.enable_lora()  # undo an earlier disable_lora() from an empty stack
         pipeline.set_adapters(names, adapter_weights=[float(lora.strength) for lora in stack])

@@ -366,8 +366,11 @@ class PipelineCache:
                 raise EvalError(f"LoRA {lora['id']} release {lora['releaseId']}: weights file {path} has sha256 "
                                 f"{actual}, the grid was planned with {sha256} (file replaced since?)")
             self._verified[str(path)] = sha256
-        from .models.loading import load_lora_file
+        from .models.loading import load_lora_file, needs_unload_before
 
+        if needs_unload_before(warm.pipe, path):
+            warm.pipe.unload_lora_weights()
+            warm.adapters.clear()
         try:
             with warnings.catch_warnings(), _quiet_logger("diffusers.loaders.lora_base"):
                 # peft warns whenever a model gets a second adapter; several adapters is the point here

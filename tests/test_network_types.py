@@ -278,3 +278,38 @@ def test_sdxl_lokr_saves_sgm_names_lycoris_reads(ws, monkeypatch):
         assert_same_delta(module_delta(lycoris_module, base[path], x), module_delta(trained[path], base[path], x),
                           base[path](x))
     check_renders_through_load_lora_file(ws, "sdxl", result.weights_path, with_strength_zero=True)
+
+
+@pytest.mark.slow
+def test_a_picker_stack_mixing_lora_and_loha_loads_in_any_order(ws):
+    """peft cannot put a LoRA layer over a LoHa one: apply_loras loads plain files first, and a plain file new to
+    a pipeline that holds LoHa layers reloads the stack, so the order a user stacks them in never matters."""
+    from lorakit.models import load_pipeline
+    from lorakit.select import ResolvedLora, apply_loras
+
+    files = {}
+    for network in ("loha", "lora", "dora"):
+        lora_id = f"stack_{network}"
+        new_lora(ws, lora_id)
+        write_dataset(ws, f"{lora_id}_data", n=2, checkpoint="tiny_sd15")
+        result = train_lora(ws, lora_id, f"{lora_id}_data", project="demo", progress=False,
+                            config={**RUN, "network_type": network, "validation": False})
+        files[network] = result
+
+    def resolved(network: str, strength: float = 1.0) -> ResolvedLora:
+        r = files[network]
+        return ResolvedLora(r.lora_id, r.lora_id, "project", r.release_id, "candidate", str(r.weights_path),
+                            strength, "test", sha256=r.release["sha256"])
+
+    pipe = load_pipeline(ws, "tiny_sd15")
+    pipe.set_progress_bar_config(disable=True)
+    base = render(pipe)
+    names = apply_loras(pipe, [resolved("loha"), resolved("lora")])
+    both = render(pipe)
+    assert len(names) == 2 and np.abs(both - base).max() > 1e-4
+    # A LoRA-layer file (DoRA) new to a pipeline that holds the LoHa already: the stack is loaded again.
+    names = apply_loras(pipe, [resolved("loha"), resolved("dora")])
+    assert len(names) == 2 and np.abs(render(pipe) - base).max() > 1e-4
+    # And back: the same stack as at first renders what it rendered then.
+    apply_loras(pipe, [resolved("loha"), resolved("lora")])
+    assert np.abs(render(pipe) - both).max() < 1e-5

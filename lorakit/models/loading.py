@@ -261,18 +261,14 @@ def load_lora_file(pipe, path: str | Path, adapter_name: str) -> None:
     ``HF_HUB_OFFLINE`` is set). diffusers reads no LoHa or LoKr file of an SD1.5/SDXL pipeline and drops a DoRA
     file's ``dora_scale`` (it would render as plain LoRA), so those are put on the pipeline's UNet and text
     encoders as peft adapters of their type, the file's kohya names mapped back to the pipeline's modules.
+    A plain file cannot go on top of a LoHa/LoKr one (see :func:`needs_unload_before`).
     """
-    from ..train.kohya_format import file_network_type
-
     path = Path(path)
-    network = "lora"
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            network = file_network_type(handle.keys())
+    network = lora_file_network(path)
+    if network in LORA_LAYER_TYPES and has_lycoris_layers(pipe):
+        raise LorakitError(f"cannot load the {network} file {path} after a LoHa or LoKr file into the same pipeline "
+                           "(peft cannot put a LoRA layer over theirs); load LoRA, LoCon and DoRA files first")
     if network == "lora":
-        _check_no_lycoris_layers(pipe, path)
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
         return
     from safetensors.torch import load_file
@@ -280,15 +276,36 @@ def load_lora_file(pipe, path: str | Path, adapter_name: str) -> None:
     add_file_adapter(pipe, load_file(str(path)), network, adapter_name, what=str(path))
 
 
-def _check_no_lycoris_layers(pipe, path: Path) -> None:
-    """peft wraps a LoHa/LoKr layer in a LoRA layer badly (it fails deep inside), though the other order works."""
+# The file types peft puts on a model as LoRA layers (DoRA is a LoRA layer with a magnitude).
+LORA_LAYER_TYPES = ("lora", "dora")
+
+
+def lora_file_network(path: str | Path) -> str:
+    """``lora`` (LoRA and LoCon), ``dora``, ``loha`` or ``lokr``: what a LoRA file holds, from its keys."""
+    from ..train.kohya_format import file_network_type
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return "lora"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return file_network_type(handle.keys())
+
+
+def has_lycoris_layers(pipe) -> bool:
+    """Whether a LoHa or LoKr adapter is on any of the pipeline's models."""
     from peft.tuners.lycoris_utils import LycorisLayer
 
-    for attr in ("unet", "text_encoder", "text_encoder_2"):
-        model = getattr(pipe, attr, None)
-        if model is not None and any(isinstance(m, LycorisLayer) for m in model.modules()):
-            raise LorakitError(f"cannot load the LoRA file {path} after a LoHa or LoKr file into the same pipeline "
-                               "(peft cannot put a LoRA layer over theirs); load plain LoRA and LoCon files first")
+    return any(isinstance(m, LycorisLayer) for attr in ("unet", "text_encoder", "text_encoder_2")
+               if (model := getattr(pipe, attr, None)) is not None for m in model.modules())
+
+
+def needs_unload_before(pipe, path: str | Path) -> bool:
+    """Whether loading ``path`` needs the pipeline's adapters unloaded first: peft wraps a LoHa/LoKr layer in a
+    LoRA layer badly (it fails deep inside), though the other order works. A caller that keeps adapters loaded
+    (the eval worker, the picker) then unloads them all and loads what it needs again, plain files first."""
+    return lora_file_network(path) in LORA_LAYER_TYPES and has_lycoris_layers(pipe)
 
 
 def pipeline_module_names(pipe) -> dict[str, tuple[str, str]]:
