@@ -80,15 +80,18 @@ def bare_loop_step_times(ws, family: str, steps: int, batch: int, rank: int, alp
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
-    from peft import LoraConfig
 
     from lorakit.models import load_pipeline
+    from lorakit.train.config import resolve_config
+    from lorakit.train.networks import add_network, unet_targets
 
     pipe = load_pipeline(ws, f"tiny_{family}")
     unet = pipe.unet
     unet.requires_grad_(False)
     torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    # The trainer's own module selection (kohya's default set), so both loops train the same layers.
+    cfg = resolve_config(family, config={"rank": rank, "alpha": alpha})
+    add_network(unet, unet_targets(unet, cfg), cfg)
     unet.train()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -138,7 +141,9 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    base = {"resolution": 64, "rank": 4, "alpha": 4, "batch_size": args.batch, "save_state_every": 0}
+    # Validation off: its scores run between steps and would count in the logged step times.
+    base = {"resolution": 64, "rank": 4, "alpha": 4, "batch_size": args.batch, "save_state_every": 0,
+            "validation": False}
     with tempfile.TemporaryDirectory() as tmp:
         ws = setup(Path(tmp), args.family, args.images, args.source_size)
         print(f"tiny {args.family}, 64 px, batch {args.batch}, rank 4, {args.images} images of {args.source_size} px, "
