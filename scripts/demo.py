@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "caption": "tags+spec", "with_tokens": True, "sample_size": 8}),
         ("02_train_lora", "train a release", {"project": PROJECT, "lora": LORA, "lora_name": "Demo UI icons",
                                               "checkpoint": CHECKPOINT, "asset_types": ASSET_TYPES, "dataset": DATASET,
-                                              "release": release, "preset": "tiny-demo", "config": {"steps": 16},
+                                              "release": release, "preset": "tiny-demo", "config": {"steps": 60},
                                               "sample_steps": 4}),
         ("03_eval_grid", "render the eval grid and review it", {
             "project": PROJECT, "lora": LORA, "release": release, "seeds": [1, 2], "strengths": [1.0],
