@@ -24,6 +24,7 @@ import lorakit
 from lorakit.cli import main as cli_main
 from lorakit.config import resolve_weights
 from lorakit.errors import DatasetError, RecordError, RecordNotFoundError
+from lorakit.loras import validation_summary
 from lorakit.models import TINY_RESOLUTION, make_tiny_checkpoint
 from lorakit.store import now_iso
 from lorakit.train import TrainingError, plot_loss, read_loss_log, train_lora
@@ -538,3 +539,10 @@ def test_two_cpu_processes_train_data_parallel_and_record_once(ws):
     meta = read_lora_file(weights)[1]
     assert meta["ss_total_batch_size"] == "2"
     assert proc.stdout.count("recorded as a candidate") == 1
+    # Validation: each process scores every other batch of draws and the sums are reduced, so the base model's
+    # score is the one a single process computes on the same draws.
+    validation = release["training"]["validation"]
+    assert validation["images"] == 4 and validation["set"] == "training"
+    assert proc.stdout.count(validation_summary(validation)) == 1
+    single = train_lora(ws, "ddp", "ddp_gems", project="demo", progress=False, config=config)
+    assert single.release["training"]["validation"]["baseLoss"] == pytest.approx(validation["baseLoss"], rel=1e-5)

@@ -18,6 +18,7 @@ import json
 import sys
 
 from ..errors import ConfigError
+from ..loras import release_validation, validation_summary
 from ..train.settings import add_setting_flags, flag_values
 from .common import split_list, workspace
 
@@ -195,6 +196,9 @@ def _print_native(result, args: argparse.Namespace) -> int:
     print(f"release {result.release_id} of LoRA {result.lora_id}: {result.steps} steps, final loss "
           f"{result.final_loss:.4f}, {result.duration_s:.1f} s")
     print(f"weights {result.weights_path} (sha256 {result.release['sha256']})")
+    validation = release_validation(result.release)
+    if validation is not None:
+        print(validation_summary(validation))
     print(f"recorded as a candidate{' and set active' if args.set_active else ''}; loss log "
           f"{result.output_dir / 'train_log.csv'}")
     return 0
