@@ -302,7 +302,11 @@ def test_one_checkpoint_fingerprint_over_weight_files_only(ckpt_ws: Workspace) -
 def test_the_cached_fingerprint_goes_when_a_weight_file_is_rewritten(ckpt_ws: Workspace, tmp_path: Path) -> None:
     folder = ckpt_ws.config.checkpoints_root / "ck"
     cache = tmp_path / "hash-cache"
-    # Files written in the last moments are not cached (they could change again within one mtime tick).
+    # Files written in the last moments are not cached (they could change again within one mtime tick); stamped
+    # now, so the check does not hang on how long ago the fixture wrote them.
+    now = time.time_ns()
+    for file in folder.rglob("*"):
+        os.utime(file, ns=(now, now))
     assert weights_sha256(folder, cache) and not list(cache.glob("*.json"))
     old = time.time_ns() - 10 * 10**9
     for file in folder.rglob("*"):
