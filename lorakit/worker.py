@@ -353,6 +353,18 @@ class PipelineCache:
             _free_memory()
         return warm
 
+    def put(self, checkpoint_id: str, pipe: Any) -> WarmPipeline:
+        """Use ``pipe``, already built (a notebook's, a benchmark's random-weight full-size one), as the warm
+        pipeline of ``checkpoint_id``; it is not loaded again."""
+        from .models.registry import checkpoint_weights_hash, get_checkpoint
+
+        record = get_checkpoint(self.ws, checkpoint_id)
+        pipe.set_progress_bar_config(disable=True)
+        warm = WarmPipeline(checkpoint_id, pipe, checkpoint_weights_hash(self.ws, record, record=False, missing_ok=True),
+                            pipe.scheduler)
+        self._warm[checkpoint_id] = warm
+        return warm
+
     def adapter(self, warm: WarmPipeline, lora: dict, sha256: str | None) -> str:
         """The adapter name of a release in ``warm``, loading its weights (checked against ``sha256``) once."""
         name = adapter_name(lora["id"], lora["releaseId"], sha256)

@@ -133,11 +133,13 @@ def train_lora(
 
 
 def run_plan(ws: Workspace | str | Path | None, training: TrainingPlan, *, cpu: bool = False, progress: bool = True,
-             on_step: StepCallback | None = None) -> TrainResult:
-    """Train what :func:`plan_training` decided: every phase after the plan, in order."""
+             on_step: StepCallback | None = None, pipeline: Any = None) -> TrainResult:
+    """Train what :func:`plan_training` decided: every phase after the plan, in order. ``pipeline`` is the
+    checkpoint's diffusers pipeline when the caller has it built already (a notebook that loaded it, a benchmark's
+    random-weight full-size model); its models are frozen, cast and given adapters in place."""
     ws = as_workspace(ws)
     run = _start_run(ws, training, cpu)
-    model = _setup_model(ws, training, run)
+    model = _setup_model(ws, training, run, pipeline)
     data = TrainingData(ws, training, run, model)
     optim = _setup_optimizer(training, run, model)
     validation = Validation(training, run, model, data, optim.saved_validation) if training.cfg["validation"] else None
@@ -376,6 +378,10 @@ def _start_run(ws: Workspace, training: TrainingPlan, cpu: bool) -> RunContext:
         raise TrainingError(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE is "
                             f"{training.world_size}")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if accelerator.device.type == "cuda":
+        # TF32 tensor cores for what still runs in fp32 (the LoRA's own matmuls, the VAE); the CPU is unaffected.
+        torch.backends.cuda.matmul.allow_tf32 = cfg["tf32"]
+        torch.backends.cudnn.allow_tf32 = cfg["tf32"]
     # The main process hashes the weights (and records the hash) first; the others then read the recorded one.
     if accelerator.is_main_process:
         checkpoint_hash = checkpoint_weights_hash(ws, inputs.checkpoint)
@@ -418,15 +424,16 @@ class Model:
         return self.noise_scheduler.config.prediction_type
 
 
-def _setup_model(ws: Workspace, training: TrainingPlan, run: RunContext) -> Model:
-    """The base model in the training dtypes (SDPA attention, diffusers' default in torch 2) with its LoRAs."""
+def _setup_model(ws: Workspace, training: TrainingPlan, run: RunContext, pipeline: Any = None) -> Model:
+    """The base model in the training dtypes (SDPA attention, diffusers' default in torch 2) with its LoRAs;
+    ``pipeline`` is one already built for the checkpoint (else it is loaded)."""
     import torch
     from diffusers import DDPMScheduler
 
     from ..models import load_pipeline
 
     family = training.inputs.family
-    pipe = load_pipeline(ws, training.inputs.checkpoint, torch_dtype=torch.float32, device="cpu")
+    pipe = pipeline or load_pipeline(ws, training.inputs.checkpoint, torch_dtype=torch.float32, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     unet, vae = pipe.unet, pipe.vae
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
@@ -436,6 +443,8 @@ def _setup_model(ws: Workspace, training: TrainingPlan, run: RunContext) -> Mode
     for module, dtype in [(unet, run.weight_dtype), (vae, run.vae_dtype)] + [(e, run.weight_dtype) for e in text_encoders]:
         # Only cast when the dtype changes (diffusers warns about every cast, even to the same dtype).
         module.to(run.device) if module.dtype == dtype else module.to(run.device, dtype)
+    if training.cfg["channels_last"] and run.device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)   # the layout cuDNN's fastest convolution kernels want
     model = Model(pipe, unet, vae, tokenizers, text_encoders, [unet], DDPMScheduler.from_config(pipe.scheduler.config))
     _add_adapters(training, run, model)
     return model
@@ -526,9 +535,16 @@ class TrainingData:
                         pixels = load_pixels(item, self.buckets[position], self.cfg["background"])[None]
                         latent = self.encode_pixels(pixels)[0].cpu()
                         cache.put(key, latent)
-                    self.latents_in_memory[position] = latent
+                    self.latents_in_memory[position] = self._resident(latent)
             if fill:
                 run.accelerator.wait_for_everyone()
+
+    def _resident(self, latent: Any) -> Any:
+        """A cached latent as the steps read it: on a GPU it stays there, in the training dtype (kohya's and
+        diffusers' trainers cast latents so too), so a step copies nothing from the host."""
+        if self.run.device.type != "cuda":
+            return latent
+        return latent.to(self.run.device, self.run.weight_dtype)
 
     def _fill_text_cache(self) -> None:
         import torch
@@ -546,8 +562,12 @@ class TrainingData:
         import torch
 
         vae = self.model.vae
+        if self.run.device.type == "cuda":
+            # Page-locked host memory lets the copy run asynchronously (decoded images go to the GPU each step
+            # when latents are not cached).
+            pixels = pixels.pin_memory()
         with torch.no_grad():
-            latents = vae.encode(pixels.to(self.run.device, self.run.vae_dtype)).latent_dist.mode()
+            latents = vae.encode(pixels.to(self.run.device, self.run.vae_dtype, non_blocking=True)).latent_dist.mode()
         return latents.float() * vae.config.scaling_factor
 
     def encode_captions(self, captions: list[str]) -> tuple[Any, Any]:
@@ -650,6 +670,7 @@ class Optimization:
     trainable: list
     start_step: int
     saved_validation: dict | None = None
+    unet_forward: Any = None   # what a micro-batch calls: the prepared UNet, or its torch.compile'd form
 
 
 def _setup_optimizer(training: TrainingPlan, run: RunContext, model: Model) -> Optimization:
@@ -671,8 +692,15 @@ def _setup_optimizer(training: TrainingPlan, run: RunContext, model: Model) -> O
     state_path = training.out_dir / "state" / STATE_FILE
     if training.resumed and state_path.exists():
         start_step, saved_validation = _load_state(state_path, model.trained, optimizer, lr_scheduler, run.accelerator)
+    unet_forward = trained_models[0]
+    if cfg["compile_unet"]:
+        import torch
+
+        # Compiled on its first call (the first step pays for it; see the step times). Only the training
+        # forward is compiled: saving, the state and the validation scores use the module itself.
+        unet_forward = torch.compile(trained_models[0])
     return Optimization(optimizer, optimizer_name, lr_scheduler, trained_models, trainable, start_step,
-                        saved_validation)
+                        saved_validation, unet_forward)
 
 
 # ---- phase 6: one micro-batch's loss ----------------------------------------------------------------------------
@@ -988,7 +1016,7 @@ def _micro_batch(training: TrainingPlan, run: RunContext, model: Model, data: Tr
     sync = micro == cfg["gradient_accumulation_steps"] - 1
     with _no_sync(run.accelerator, optim.trained_models, not sync), run.accelerator.autocast():
         latents = data.latents(positions)
-        loss = loss_step(optim.trained_models[0], model.noise_scheduler, latents, data.conditioning(positions, captions),
+        loss = loss_step(optim.unet_forward, model.noise_scheduler, latents, data.conditioning(positions, captions),
                          generator, noise_offset=cfg["noise_offset"], ip_noise_gamma=cfg["ip_noise_gamma"],
                          min_snr_gamma=cfg["min_snr_gamma"], dtype=run.weight_dtype)
     run.accelerator.backward(loss / cfg["gradient_accumulation_steps"])
@@ -1176,6 +1204,10 @@ def _make_optimizer(cfg: dict, groups: list[dict], device):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **kwargs), "bitsandbytes.optim.AdamW8bit"
+    if device.type == "cuda":
+        # One kernel for every parameter instead of a handful per tensor: the LoRA's thousands of small tensors
+        # make the per-tensor launches, not the arithmetic, what a step's optimizer part costs.
+        return torch.optim.AdamW(groups, **kwargs, fused=True), "torch.optim.AdamW (fused)"
     return torch.optim.AdamW(groups, **kwargs), "torch.optim.AdamW"
 
 

@@ -237,6 +237,12 @@ SETTINGS: tuple[Setting, ...] = (
     S("gradient_checkpointing", False, "bool", "trade compute for memory", "optimisation"),
     S("vae_fp32", None, "bool", "keep the VAE in fp32 (default: true for SDXL, whose VAE overflows in fp16)",
       "optimisation"),
+    S("tf32", True, "bool", "TF32 tensor cores for fp32 matmuls and convolutions on NVIDIA GPUs (no effect on a "
+      "CPU)", "optimisation", absent_means=False),
+    S("channels_last", False, "bool", "channels-last memory layout for the UNet on a GPU", "optimisation",
+      resume_safe=True),
+    S("compile_unet", False, "bool", "torch.compile the UNet's training forward (the first step pays the compile "
+      "time)", "optimisation", resume_safe=True),
     S("seed", 42, "int", "seed of every random draw of the run", "optimisation", bound="non_negative",
       maximum=MAX_SEED, flag="--seed", kohya="seed"),
     # ---- validation ----
