@@ -62,8 +62,41 @@ def test_training_set_curve_and_an_early_stop(run_folder):
 
 def test_without_validation_the_chart_is_the_training_loss_alone(run_folder):
     fig = plot_loss(run_folder)
-    assert sorted(ax.get_ylabel() for ax in fig.axes) == ["learning rate", "training loss"]
-    assert fig._suptitle.get_text() == run_folder.name
+    (loss_ax,) = fig.axes  # a constant learning rate gets no axis of its own
+    assert loss_ax.get_ylabel() == "training loss"
+    # Without records, the run folder (<lorasRoot>/<LoRA>/<release>) names both, the release id shortened.
+    run = run_folder / "icons" / "01M8T5S2T2CF3WAEK317TK1MG2"
+    run.mkdir(parents=True)
+    (run / LOG_NAME).write_bytes((run_folder / LOG_NAME).read_bytes())
+    assert plot_loss(run)._suptitle.get_text() == "LoRA icons - release …17TK1MG2"
+
+
+def test_the_title_names_the_lora_and_a_readable_release(run_folder):
+    release_id = "01M8T5S2T2CF3WAEK317TK1MG2"
+    lora = {"id": "demo_icons", "name": "Demo icons",
+            "releases": [{"id": "01M8SZ66031TM61WKAERQGTG0H"}, {"id": release_id}]}
+    release = {"id": release_id, "status": "candidate", "createdAt": "2026-12-02T01:26:56.000Z"}
+    fig = plot_loss(run_folder, lora=lora, release=release)
+    assert fig._suptitle.get_text() == ("LoRA Demo icons (demo_icons) - release 2 of 2 (…17TK1MG2), candidate, "
+                                        "trained 2026-12-02 01:26 UTC")
+    assert release_id not in fig._suptitle.get_text()  # the raw id is not the label
+
+
+def test_a_constant_learning_rate_is_labelled_with_its_value(run_folder, tmp_path):
+    fig = plot_loss(run_folder)
+    (loss_ax,) = fig.axes
+    assert "lr 0.0001 (constant)" in [t.get_text() for t in loss_ax.get_legend().get_texts()]
+    assert "learning rate" not in [ax.get_ylabel() for ax in fig.axes]
+    # A schedule that changes the rate keeps its own axis, drawn step by step.
+    log = LossLog(tmp_path / "warmup" / LOG_NAME)
+    for step in range(1, 5):
+        log.write(step, 1, 0.3, 1e-4 * step, 0.1 * step)
+    log.close()
+    fig = plot_loss(tmp_path / "warmup")
+    (lr_ax,) = (ax for ax in fig.axes if ax.get_ylabel() == "learning rate")
+    assert lines_of(lr_ax)["learning rate"][1] == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4])
+    assert not any("(constant)" in t.get_text() for ax in fig.axes if ax.get_legend()
+                   for t in ax.get_legend().get_texts())
 
 
 def test_broken_curve_points_are_left_out_and_an_unplottable_block_draws_no_axis(run_folder):

@@ -8,6 +8,7 @@ progress bar are such callbacks; none of them reads another's output.
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -105,13 +106,78 @@ def smooth(values: list[float], weight: float) -> list[float]:
 VALIDATION_SET_LABELS = {"heldOut": "held-out images", "training": "training images"}
 
 
+def short_id(record_id: str, keep: int = 8) -> str:
+    """A long id cut to its last ``keep`` characters after a "…" (a ULID's last characters are its random part,
+    the ones that tell two releases of the same minute apart); a short id as it is.
+
+    >>> short_id("01M8T5S2T2CF3WAEK317TK1MG2"), short_id("r1")
+    ('…17TK1MG2', 'r1')
+    """
+    return record_id if len(record_id) <= keep + 1 else "…" + record_id[-keep:]
+
+
+def release_label(release: Mapping | str, lora: Mapping | None = None) -> str:
+    """A release as a person reads it: its number among the LoRA's releases, its status and when it was
+    trained, with the id shortened.
+
+    >>> release_label({"id": "01M8T5S2T2CF3WAEK317TK1MG2", "status": "candidate", "createdAt": "2026-12-02T01:26:56.000Z"},
+    ...               {"releases": [{"id": "r0"}, {"id": "01M8T5S2T2CF3WAEK317TK1MG2"}]})
+    'release 2 of 2 (…17TK1MG2), candidate, trained 2026-12-02 01:26 UTC'
+    """
+    record = release if isinstance(release, Mapping) else {"id": release}
+    release_id = str(record.get("id"))
+    ids = [r.get("id") for r in (lora or {}).get("releases") or [] if isinstance(r, Mapping)]
+    label = f"release {ids.index(release_id) + 1} of {len(ids)} ({short_id(release_id)})" if release_id in ids \
+        else f"release {short_id(release_id)}"
+    if record.get("status"):
+        label += f", {record['status']}"
+    created = record.get("createdAt")
+    if isinstance(created, str) and len(created) >= 16 and created[10] == "T":
+        label += f", trained {created[:10]} {created[11:16]} UTC"
+    return label
+
+
+def loss_title(log_path: Path | None, lora: Mapping | str | None, release: Mapping | str | None) -> str:
+    """The loss chart's title: the LoRA (name and id) and a readable release label. Without records it reads
+    them from the run folder, which is ``<lorasRoot>/<LoRA id>/<release id>/``.
+
+    >>> loss_title(Path("loras/icons/01M8T5S2T2CF3WAEK317TK1MG2/train_log.csv"), None, None)
+    'LoRA icons - release …17TK1MG2'
+    """
+    if isinstance(lora, Mapping):
+        name, lora_id = lora.get("name"), lora.get("id")
+        who = f"{name} ({lora_id})" if name and name != lora_id else str(lora_id or name)
+    else:
+        who = lora or (log_path.parent.parent.name if log_path is not None else "")
+    if release is None and log_path is not None:
+        release = log_path.parent.name
+    parts = [f"LoRA {who}" if who else "", release_label(release, lora if isinstance(lora, Mapping) else None)
+             if release else ""]
+    return " - ".join(p for p in parts if p)
+
+
+def constant_rate(rates: list[float]) -> float | None:
+    """The learning rate when every step used the same one (a constant schedule), else None.
+
+    >>> constant_rate([1e-3, 1e-3]), constant_rate([1e-3, 5e-4]), constant_rate([])
+    (0.001, None, None)
+    """
+    if not rates:
+        return None
+    first = rates[0]
+    return first if all(abs(r - first) <= 1e-12 * max(abs(first), 1e-30) for r in rates) else None
+
+
 def plot_loss(log: str | Path | None, out: str | Path | None = None, smoothing: float = 0.9,
-              validation: dict | None = None):
+              validation: dict | None = None, *, lora: Mapping | str | None = None,
+              release: Mapping | str | None = None):
     """Plot a run's loss (raw and smoothed) and learning rate from its ``train_log.csv`` and, given the release's
     ``training.validation``, its validation curve on a second axis below, on the same steps.
 
     ``log`` is the CSV or the folder holding it (None: the validation curve alone, for a release whose log is on
-    another machine). The validation axis shows the headline loss at each score, the training images' loss
+    another machine). The title names the LoRA and the release (:func:`loss_title`): give ``lora`` (its record,
+    or a name) and ``release`` (its record, or id) for the name, number, status and date; without them the run
+    folder's names are used. A constant learning rate is labelled with its one value instead of an axis. The validation axis shows the headline loss at each score, the training images' loss
     beside a held-out one, and the base model's loss as a dashed line: the curve falling away from it is the
     drop. Returns the matplotlib ``Figure`` (shown inline in a notebook); ``out`` also saves it as an image.
 
@@ -129,12 +195,12 @@ def plot_loss(log: str | Path | None, out: str | Path | None = None, smoothing: 
         raise TrainingError("nothing to plot: no loss log given and the release has no validation curve")
     fig = Figure(figsize=(8, 7.5 if log is not None and curve else 4.5), layout="constrained")
     axes = fig.subplots(2 if log is not None and curve else 1, 1, sharex=True, squeeze=False)[:, 0]
-    title = ""
+    path = None
     if log is not None:
         path = Path(log)
         path = path / LOG_NAME if path.is_dir() else path
         _plot_training_loss(axes[0], read_loss_log(path), smoothing)
-        title = path.parent.name
+    title = loss_title(path, lora, release)
     if facts is not None and curve:
         _plot_validation(axes[-1], facts)
     if facts is not None:
@@ -154,10 +220,17 @@ def _plot_training_loss(ax, rows: list[dict], smoothing: float) -> None:
         ax.plot(steps, smooth(losses, smoothing), color="tab:blue", linewidth=2, label=f"loss (EMA {smoothing})")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
-    lr_ax = ax.twinx()
-    lr_ax.plot(steps, [r["lr"] for r in rows], color="tab:orange", linewidth=1, label="learning rate")
-    lr_ax.set_ylabel("learning rate")
-    handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
+    rates = [r["lr"] for r in rows]
+    constant = constant_rate(rates)
+    handles = ax.get_legend_handles_labels()[0]
+    if constant is not None:
+        # One value: an axis would only show ticks around it (1e-3 +/- 1e-12); the legend says it instead.
+        handles += [ax.plot([], [], " ", label=f"lr {constant:g} (constant)")[0]]
+    else:
+        lr_ax = ax.twinx()
+        lr_ax.plot(steps, rates, color="tab:orange", linewidth=1, label="learning rate")
+        lr_ax.set_ylabel("learning rate")
+        handles += lr_ax.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="upper right")
 
 
