@@ -20,7 +20,7 @@ pure functions; the functions that read and write records are thin wrappers arou
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -911,18 +911,51 @@ def sheet_heading(eval_record: dict) -> list[tuple[str, str]]:
     return heading
 
 
-def _wrap(text: str, width_chars: int, max_lines: int) -> list[str]:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if line and len(line) + 1 + len(word) > width_chars:
+# A row label wider than this (in pixels, at the sheet's 12 px font) has its long ids shortened: a 26-character
+# ULID with its strength fits, a 40-character release id does not.
+MAX_ROW_LABEL_PX = 260
+
+
+def fit_row_label(label: str, width_of: Callable[[str], float], max_px: int = MAX_ROW_LABEL_PX) -> str:
+    """``label`` as a contact-sheet row shows it: whole when it is at most ``max_px`` wide, else with each long
+    word (a release id) cut to "…" and its last 8 characters.
+
+    >>> fit_row_label("a" * 40 + " @ 1", len, max_px=30)
+    '…aaaaaaaa @ 1'
+    >>> fit_row_label("r2 @ 0.5", len, max_px=30)
+    'r2 @ 0.5'
+    """
+    if width_of(label) <= max_px:
+        return label
+    return " ".join("…" + word[-8:] if len(word) > 9 else word for word in label.split(" "))
+
+
+def wrap_to_width(text: str, width_of: Callable[[str], float], max_px: float) -> list[str]:
+    """``text`` in lines at most ``max_px`` wide (a word wider than that is broken), so a column label stays
+    over its own image and nothing is cut off.
+
+    >>> wrap_to_width("ui icon of a shield | seed 1", len, 10)
+    ['ui icon of', 'a shield |', 'seed 1']
+    >>> wrap_to_width("abcdefghijkl", len, 5)
+    ['abcde', 'fghij', 'kl']
+    """
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if width_of(candidate) <= max_px:
+            line = candidate
+            continue
+        if line:
             lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    lines.append(line)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] = lines[-1][: max(0, width_chars - 1)] + "…"
+        line = ""
+        while width_of(word) > max_px and len(word) > 1:
+            cut = max((k for k in range(1, len(word)) if width_of(word[:k]) <= max_px), default=1)
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    if line or not lines:
+        lines.append(line)
     return lines
 
 
@@ -952,28 +985,34 @@ def contact_sheet(
     native = max((im.width for im in loaded.values()), default=128)
     size = cell_size or max(native, 160)
     font = ImageFont.load_default(size=12) if hasattr(ImageFont, "load_default") else None
-    label_w, pad, line_h = 150, 4, 14
-    header_h = pad + 4 * line_h
+    pad, line_h = 4, 14
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def width_of(text: str) -> float:
+        return measure.textlength(text, font=font)
+
+    # The label column is as wide as its longest label (measured in the font), so no label runs under an image.
+    row_labels = [fit_row_label(label, width_of) for _, label in layout.rows]
+    label_w = int(max(width_of(label) for label in row_labels)) + 3 * pad
+    column_lines = [wrap_to_width(label, width_of, size) for _, label in layout.columns]
+    header_h = pad + max(len(lines) for lines in column_lines) * line_h
     heading = sheet_heading(record)
     title_h = len(heading) * line_h + pad
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     # A one-column grid is narrower than its heading: widen the sheet so the validation drop is never cut off.
     width = max(label_w + len(layout.columns) * (size + pad) + pad,
-                *(int(measure.textlength(text, font=font)) + 2 * pad for text, _ in heading))
+                *(int(width_of(text)) + 2 * pad for text, _ in heading))
     height = title_h + header_h + len(layout.rows) * (size + pad) + pad
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
     for k, (text, colour) in enumerate(heading):
         draw.text((pad, pad + k * line_h), text, fill=colour, font=font)
-    chars = max(8, size // 7)
-    for j, (_, label) in enumerate(layout.columns):
+    for j, lines in enumerate(column_lines):
         x = label_w + pad + j * (size + pad)
-        for k, line in enumerate(_wrap(label, chars, 4)):
+        for k, line in enumerate(lines):
             draw.text((x, title_h + k * line_h), line, fill="black", font=font)
-    for i, (row_key, label) in enumerate(layout.rows):
+    for i, ((row_key, _), label) in enumerate(zip(layout.rows, row_labels, strict=True)):
         y = title_h + header_h + i * (size + pad)
-        for k, line in enumerate(_wrap(label, 20, 4)):
-            draw.text((pad, y + k * line_h), line, fill="black", font=font)
+        draw.text((pad, y), label, fill="black", font=font)
         for j, (col_key, _) in enumerate(layout.columns):
             x = label_w + pad + j * (size + pad)
             image = loaded.get((row_key, col_key))

@@ -438,3 +438,84 @@ def test_contact_sheet_of_an_eval_without_or_with_broken_validation(ws, capsys, 
     assert sheet_heading(ws.store.read("eval", "b1", PROJECT))[1][0] == "validation loss ? -> ? (?) on ? images"
     assert contact_sheet(ws, "b1", cell_size=64).width > 0
     assert validate_records(ws) == []
+
+
+# ---- labels that fit ------------------------------------------------------------------------------------------
+def add_release_with_id(ws, release_id: str) -> None:
+    rel = f"icons/{release_id}/icons.safetensors"
+    weights = ws.config.loras_root / rel
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(release_id.encode() * 10)
+    add_release(ws, "icons", make_release(release_id, weights={"kind": "config_relative", "base": "lorasRoot", "path": rel},
+                                          sha256=hashlib.sha256(weights.read_bytes()).hexdigest(), training={}),
+                project=PROJECT)
+
+
+def image_left_edge(sheet: Image.Image, colour: tuple[int, int, int]) -> tuple[int, int]:
+    """The left and top edge of the first cell drawn in ``colour`` (fake_render paints each cell one colour)."""
+    import numpy as np
+
+    pixels = np.asarray(sheet.convert("RGB"))
+    ys, xs = np.nonzero((pixels == colour).all(axis=2))
+    return int(xs.min()), int(ys.min())
+
+
+def ink_right_edge(sheet: Image.Image, box: tuple[int, int, int, int]) -> int:
+    """The rightmost x (in sheet coordinates) with dark ink inside ``box``, or -1."""
+    import numpy as np
+
+    grey = np.asarray(sheet.crop(box).convert("L"))
+    xs = np.nonzero((grey < 160).any(axis=0))[0]
+    return box[0] + int(xs.max()) if len(xs) else -1
+
+
+@pytest.mark.parametrize("release_id", ["01M8T5S2T2CF3WAEK317TK1MG2", "ICONS-V2-01M8T5S2T2CF3WAEK317TK1MG2-SD15"])
+def test_contact_sheet_row_labels_fit_their_column(ws, release_id):
+    from PIL import ImageDraw, ImageFont
+
+    from lorakit.evals import MAX_ROW_LABEL_PX
+
+    add_release_with_id(ws, release_id)
+    plan = create_eval_grid(ws, PROJECT, "icons", release_id, prompts=["x"], seeds=[1], strengths=[1.0],
+                            eval_id="w1")
+    fake_render(ws, PROJECT, "w1", [c["key"] for c in plan.cells])
+    sheet = contact_sheet(ws, "w1", cell_size=64)
+    font = ImageFont.load_default(size=12)
+    width_of = ImageDraw.Draw(sheet).textlength
+    full = f"{release_id} @ 1"
+    left, top = image_left_edge(sheet, (40, 200, 90))  # the LoRA's cell: seed 1, strength 1
+    if len(release_id) == 40:
+        # Too wide for a sane label column: the id keeps its last 8 characters, the column fits that.
+        assert width_of(full, font=font) > MAX_ROW_LABEL_PX
+        shown = f"…{release_id[-8:]} @ 1"
+        assert left < 4 + width_of(full, font=font)
+    else:
+        # A 26-character ULID is wider than the old fixed 150 px column: the column widens to it.
+        shown = full
+        assert width_of(full, font=font) > 150
+    assert left >= 4 + width_of(shown, font=font) + 4
+    # The label's ink ends before the image starts: nothing of it runs under the image.
+    assert 4 + width_of(shown, font=font) - 8 <= ink_right_edge(sheet, (0, top, left, top + 14)) < left - 2
+    base_left, _ = image_left_edge(sheet, (40, 0, 90))
+    assert base_left == left  # both rows' images start in the same column
+
+
+def test_contact_sheet_column_labels_wrap_inside_their_cell(ws):
+    from PIL import ImageDraw, ImageFont
+
+    from lorakit.evals import wrap_to_width
+
+    prompt = "ui icon of a shield with a supercalifragilistic emblem, flat shading, centered"
+    plan = create_eval_grid(ws, PROJECT, "icons", "r1", prompts=[prompt, "y"], seeds=[1], strengths=[1.0],
+                            eval_id="w2")
+    fake_render(ws, PROJECT, "w2", [c["key"] for c in plan.cells])
+    font = ImageFont.load_default(size=12)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = wrap_to_width(f"{prompt} | seed 1", lambda t: draw.textlength(t, font=font), 64)
+    assert " ".join(lines).replace(" ", "") == f"{prompt} | seed 1".replace(" ", "")  # nothing dropped
+    assert all(draw.textlength(line, font=font) <= 64 for line in lines)
+    sheet = contact_sheet(ws, "w2", cell_size=64)
+    left, top = image_left_edge(sheet, (40, 200, 90))
+    # Every header line sits above the images: the header grows with the longest label instead of clipping it.
+    heading_h = 4 + 3 * 14  # title, drop and checkpoint lines
+    assert top >= heading_h + len(lines) * 14
