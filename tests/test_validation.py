@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train import FAST, _workspace, new_lora, same_tensors, tensors_of, write_dataset
+from test_train import FAST, new_lora, same_tensors, tensors_of, write_dataset
+from test_train import ws as ws  # noqa: F401  (the module-scoped workspace fixture, one thread)
 
 import lorakit
 from lorakit.train import TrainingError, train_lora
@@ -29,20 +30,6 @@ from lorakit.train.validation import (
     split_items,
     validation_record,
 )
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    import torch
-
-    # One intra-op thread, as in test_train: tiny models gain nothing from more, and the runs compared
-    # byte for byte use the same kernels.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield _workspace(tmp_path_factory.mktemp("validation"), mp)
-    torch.set_num_threads(threads)
 
 
 def item(index: int, asset: str) -> TrainItem:
