@@ -14,6 +14,7 @@ from lorakit.datasets import build_manifest
 from lorakit.train.settings import WIZARD_FIELDS
 from lorakit.validate import validate_records
 from lorakit.widgets import Wizard
+from lorakit.widgets.review import NEW_NOTES
 from lorakit.widgets.wizard import STEPS, ReviewPanel, preset_options, suggest_lora_id
 from lorakit.workspace import open_workspace
 
@@ -36,6 +37,17 @@ def ws(tmp_path, monkeypatch):
     return demo_copy(tmp_path, monkeypatch, tmp_path / "models")
 
 
+def press_enter(box: widgets.Text) -> None:
+    """What the browser sends when Enter is pressed in a text box (its keypress handler's submit message),
+    delivered the way the kernel delivers a widget's custom message."""
+    box._handle_custom_msg({"event": "submit"}, [])
+
+
+def type_tag(w: Wizard, text: str) -> None:
+    w.required_tags.entry.value = text  # continuous_update: each keystroke reaches Python before Enter
+    press_enter(w.required_tags.entry)
+
+
 def small_wizard(ws) -> Wizard:
     return Wizard(ws, project=PROJECT, eval_seeds=[1], eval_prompts=["ui icon of a shield"], eval_steps=2,
                   poll_seconds=0.1)
@@ -44,6 +56,10 @@ def small_wizard(ws) -> Wizard:
 def test_six_steps_make_a_trained_evaluated_active_release(ws):
     w = small_wizard(ws)
     assert w.step == 0 and w.checkpoint.value == "tiny-sd15"  # the project's default checkpoint
+    # The dropdown is wide enough for its longest label beside its description.
+    longest = max(len(label) for label, _ in w.checkpoint.options)
+    assert int(w.checkpoint.layout.width.removesuffix("ch")) >= longest + len("Checkpoint") + 2
+    assert w.checkpoint.style.description_width == "initial"
 
     # 1. checkpoint: its weights are not built yet, so Next refuses until the build button has run.
     assert not w.next() and "not on this machine" in w.refusal and w.step == 0
@@ -64,10 +80,19 @@ def test_six_steps_make_a_trained_evaluated_active_release(ws):
     assert w.state.matching == len(expected) > 0
     assert f">{len(expected)}</b> matching images" in w.match_count.value
     assert w.match_preview.value.count("<img") == min(6, len(expected))
-    w.required_tags.value = ["color:neon"]
+    # The thumbnails wrap on a narrow page (1024 px) instead of cutting off the sixth.
+    assert "display:flex;flex-wrap:wrap" in w.match_preview.value
+    assert "grid-template-columns" not in w.match_preview.value
+    # A tag typed and Enter pressed is added at once, and the count follows; its button removes it.
+    type_tag(w, "color:neon")
     neon = [i for i in expected if "color:neon" in (i.get("tags") or [])]
+    assert w.required_tags.value == ["color:neon"] and w.required_tags.entry.value == ""
     assert w.state.matching == len(neon) < len(expected)
-    w.required_tags.value = []
+    assert f">{len(neon)}</b> matching images" in w.match_count.value
+    (chip,) = w.required_tags.chips.children
+    assert chip.description == "color:neon"
+    chip.click()
+    assert w.required_tags.value == [] and w.state.matching == len(expected)
     w.next_button.click()
     assert w.step == 2
 
@@ -102,7 +127,11 @@ def test_six_steps_make_a_trained_evaluated_active_release(ws):
     assert not w.go_to(0) and "wait" in w.refusal
     assert w.wait() is None, w.message.value
     assert w.train_progress.value == w.train_progress.max == 3
-    assert "trained" in w.train_status.value and w.loss_image.value
+    assert "3 steps" in w.train_status.value and w.loss_image.value
+    # The page says what happened, not what would happen.
+    assert "a new LoRA record is created" not in w.train_summary.value
+    assert "The result is a new" not in w.train_summary.value
+    assert f"release {w.state.release_id} of LoRA wiz_icons trained: candidate" in w.train_summary.value
     assert w.train_button.disabled and w.checkpoint.disabled  # locked: the release was trained on these choices
     lora = lorakit.get_lora(ws, "wiz_icons", project=PROJECT)
     (release,) = lora["releases"]
@@ -121,6 +150,20 @@ def test_six_steps_make_a_trained_evaluated_active_release(ws):
     record = ws.store.read("eval", w.state.eval_id, PROJECT)
     assert record["status"] == "complete" and record["releaseId"] == w.state.release_id
     assert isinstance(w.review, ReviewPanel) and w.review.approve_button.description == "Approve and make active"
+    # The grid is fitted to the page; "Full size" shows its own pixels in a scrollable box, and back.
+    sheet = lorakit.contact_sheet(ws, w.state.eval_id, PROJECT)
+    assert w.grid_size_button.description == "Full size" and w.grid_size_button.layout.display != "none"
+    assert w.grid_image.layout.max_width == "100%" and w.grid_image.layout.height == "auto"
+    w.grid_size_button.click()
+    assert w.grid_size_button.description == "Fit to page"
+    assert (w.grid_image.layout.width, w.grid_image.layout.height) == (f"{sheet.width}px", f"{sheet.height}px")
+    assert w.grid_image.layout.max_width == "none" and w.grid_box.layout.overflow == "auto"
+    w.grid_size_button.click()
+    assert w.grid_size_button.description == "Full size" and w.grid_image.layout.max_width == "100%"
+    # The validation drop stays beside the grid: the review panel under it starts with it.
+    page = w.pages[5].children
+    assert page.index(w.grid_box) + 1 == page.index(w.review_box) and w.review.children[0] is w.review.validation
+    assert w.review.validation.value.startswith("<b>Validation:</b> ")
     w.review.notes.value = "crisp enough"
     w.review.approve_button.click()
     lora = lorakit.get_lora(ws, "wiz_icons", project=PROJECT)
@@ -129,6 +172,17 @@ def test_six_steps_make_a_trained_evaluated_active_release(ws):
     assert lora["releases"][0]["evaluation"]["reviews"][-1]["notes"] == "crisp enough"
     assert w.state.review == "approved" and all(w.done)
     assert "recommended" in w.review.result.value
+    assert w.review.approve_button.disabled and w.review.reject_button.disabled
+    assert w.review.change_button.layout.display != "none"
+    # The closing box: what was made, and what to do next.
+    release_id = w.state.release_id
+    assert "lorakit-ok" in w.closing.value and "approved and active, LoRA recommended" in w.closing.value
+    for command in ("lorakit lora list --project demo", f"lorakit report --lora wiz_icons --release {release_id} "
+                    "--project demo", 'LoraPicker(project="demo")', "lorakit.resolve_loras"):
+        assert command in w.closing.value
+    assert w.go_to(4)
+    assert f"release {release_id} of LoRA wiz_icons trained: approved and active" in w.train_summary.value
+    assert "Click Next" not in w.train_summary.value
     assert not validate_records(ws)
 
 
@@ -142,14 +196,23 @@ def test_refusals_no_matching_images_and_skipped_steps(ws):
     assert not w.go_to(4) and w.step == 0
     assert not w.start_training() and "finish step 1" in w.refusal
     assert w.next() and w.step == 1
-    # No asset type, then filters no approved image matches: Next refuses and says why.
+    # No asset type, then filters no approved image matches: Next refuses and says why, in plain words.
     assert not w.next() and "at least one asset type" in w.refusal
+    assert "<b>Stop:</b> pick at least one asset type" in w.message.value and "✋" not in w.message.value
     w.type_boxes["ui_icon"].value = True
+    # The refusal was about the asset types: ticking one takes it away at once.
+    assert w.refusal is None and w.message.value == ""
     w.required_tags.value = ["character:astroduck"]
     assert w.state.matching == 0 and ">0</b> matching images" in w.match_count.value
     assert "filtered by tag" in w.match_count.value
     assert not w.next() and "no approved image matches" in w.refusal and w.step == 1
     w.required_tags.value = []
+    assert w.message.value == ""
+    # A tag no asset has is refused as it is typed (it could only match nothing); typing again clears that.
+    type_tag(w, "no-such-tag")
+    assert "no asset of this project has the tag 'no-such-tag'" in w.refusal and w.required_tags.value == []
+    w.required_tags.entry.value = "color:neo"
+    assert w.refusal is None
     assert w.next() and w.step == 2
     # Going back and changing a choice makes the later pages be confirmed again.
     assert w.back() and w.step == 1
@@ -229,7 +292,9 @@ def test_review_panel_buttons_call_the_gate(ws):
                                          sha256="0" * 64, training={})
     lorakit.add_release(ws, "panel", release, project=PROJECT)
     panel = ReviewPanel(ws, "panel", "r1", project=PROJECT)
-    assert [b.description for b in panel.children[3].children] == ["Approve", "Reject", "Activate", "Recommend"]
+    assert [b.description for b in panel.children[3].children] == ["Approve", "Reject", "Change decision", "Activate",
+                                                                   "Recommend"]
+    assert panel.change_button.layout.display == "none"  # nothing decided yet
     assert panel.children[0] is panel.validation and panel.validation.value == "<b>Validation:</b> no validation"
     panel.approve_button.click()  # no complete eval: the gate refuses, the panel says so
     assert "cannot review" in panel.result.value and "lorakit-error" in panel.result.value
@@ -240,6 +305,69 @@ def test_review_panel_buttons_call_the_gate(ws):
     assert "candidate" in panel.result.value
     assert lorakit.get_lora(ws, "panel", project=PROJECT)["releases"][0]["status"] == "candidate"
     assert "not reviewed yet" in panel.history.value and "review <b>unreviewed</b>" in panel.status.value
+
+
+def reviewable_release(ws, lora_id: str = "panel", release_id: str = "r1") -> None:
+    """A LoRA with one candidate release and a complete eval of it, as the worker leaves it."""
+    lorakit.make_tiny_checkpoint(ws, "tiny-sd15", "sd15")
+    lorakit.create_lora(ws, lora_id, name="Panel", scope="project", project=PROJECT, checkpoint="tiny-sd15",
+                        asset_types=["ui_icon"])
+    release = lorakit.loras.make_release(release_id, weights={"kind": "absolute", "path": "/nonexistent.safetensors"},
+                                         sha256="0" * 64, training={})
+    lorakit.add_release(ws, lora_id, release, project=PROJECT)
+    ws.store.write("eval", {"id": "e1", "loraId": lora_id, "releaseId": release_id, "createdAt": "2026-01-01T00:00:00.000Z",
+                            "status": "complete", "prompts": ["icon"],
+                            "outputs": [{"prompt": "icon", "images": ["files/evals/e1/0.png"]}]}, PROJECT)
+
+
+def reviews(ws) -> list[dict]:
+    return lorakit.get_lora(ws, "panel", project=PROJECT)["releases"][0]["evaluation"].get("reviews") or []
+
+
+def test_one_decision_at_a_time_and_a_changed_one_needs_new_notes(ws):
+    reviewable_release(ws)
+    panel = ReviewPanel(ws, "panel", "r1", project=PROJECT, eval_ids=["e1"], beginner=True)
+    assert not panel.approve_button.disabled and panel.change_button.layout.display == "none"
+    panel.notes.value = "crisp"
+    panel.approve_button.click()
+    lora = lorakit.get_lora(ws, "panel", project=PROJECT)
+    assert lora["activeReleaseId"] == "r1" and lora["recommended"] is True and len(reviews(ws)) == 1
+    # Decided: both buttons are off and a second approval (even from code) adds no duplicate review.
+    assert panel.approve_button.disabled and panel.reject_button.disabled
+    assert panel.change_button.layout.display != "none" and panel.change_button.description == "Change decision"
+    panel.approve()
+    assert len(reviews(ws)) == 1 and "Change decision" in panel.result.value
+    # Change decision: the notes are cleared and the buttons are on again; the new decision needs new notes.
+    panel.change_button.click()
+    assert panel.notes.value == "" and not panel.approve_button.disabled and not panel.reject_button.disabled
+    assert panel.change_button.layout.display == "none"
+    panel.reject_button.click()
+    assert NEW_NOTES == "write new notes for the new decision" and NEW_NOTES in panel.result.value
+    panel.notes.value = " crisp "
+    panel.reject_button.click()
+    assert NEW_NOTES in panel.result.value and len(reviews(ws)) == 1
+    panel.notes.value = "the edges are soft after all"
+    panel.reject_button.click()
+    (first, second) = reviews(ws)
+    assert (first["outcome"], second["outcome"]) == ("approved", "rejected")
+    assert second["notes"] == "the edges are soft after all"
+    # The rejection took away the active release and the recommendation: a warning that says so.
+    lora = lorakit.get_lora(ws, "panel", project=PROJECT)
+    assert "activeReleaseId" not in lora and lora["recommended"] is False
+    assert "lorakit-warn" in panel.result.value and "lorakit-ok" not in panel.result.value
+    assert "<b>Note:</b> this cleared the active release r1 and the recommendation of LoRA panel" in panel.result.value
+    assert panel.approve_button.disabled and panel.change_button.layout.display != "none"
+    # The history's columns have room between them.
+    assert panel.history.value.count("padding:2px 12px 2px 0") == 4 * 3  # header and two reviews, four cells each
+
+
+def test_a_panel_on_an_already_decided_release_starts_with_change_decision(ws):
+    reviewable_release(ws)
+    lorakit.gate.review_release(ws, "panel", "r1", approve=True, project=PROJECT, notes="ok", eval_ids=["e1"])
+    panel = ReviewPanel(ws, "panel", "r1", project=PROJECT, eval_ids=["e1"])
+    assert panel.approve_button.disabled and panel.reject_button.disabled
+    assert panel.change_button.layout.display != "none"
+    assert not panel.activate_button.disabled  # activating an approved release is not a new decision
 
 
 def test_review_panel_shows_the_releases_validation_drop_first(ws):

@@ -286,3 +286,62 @@ def test_the_last_page_is_done_when_the_release_is_approved_and_active(ws):
     assert steps.review_outcome(get_lora(ws, "icons", project=PROJECT), "r1") == ("approved", True)
     with pytest.raises(lorakit.RecordNotFoundError, match="no release 'r2'"):
         steps.review_outcome(get_lora(ws, "icons", project=PROJECT), "r2")
+
+
+def test_the_train_page_says_what_happened_once_the_release_exists(ws):
+    lora_with_release(ws)
+    write_eval(ws, "e1", "icons", "r1")
+    lora = get_lora(ws, "icons", project=PROJECT)
+    assert steps.trained_text(lora, "r1") == "release r1 of LoRA icons trained: candidate"
+    approve_and_activate(ws, "icons", "r1", project=PROJECT)
+    lora = get_lora(ws, "icons", project=PROJECT)
+    assert steps.trained_text(lora, "r1") == "release r1 of LoRA icons trained: approved and active, LoRA recommended"
+    lorakit.review_release(ws, "icons", "r1", approve=False, project=PROJECT, notes="soft edges")
+    assert steps.release_standing(get_lora(ws, "icons", project=PROJECT), "r1") == "rejected"
+
+
+def test_the_closing_box_says_what_was_made_and_what_to_do_next(ws):
+    lora_with_release(ws)
+    write_eval(ws, "e1", "icons", "r1")
+    approve_and_activate(ws, "icons", "r1", project=PROJECT)
+    kind, text = steps.closing_text(get_lora(ws, "icons", project=PROJECT), "r1", PROJECT)
+    assert kind == "ok" and "LoRA <b>icons</b> (icons), release <b>r1</b>: approved and active, LoRA recommended." in text
+    assert "<code>lorakit lora list --project demo</code>" in text
+    assert "<code>lorakit report --lora icons --release r1 --project demo</code>" in text
+    assert "LoraPicker" in text and "lorakit.select" in text
+    lorakit.review_release(ws, "icons", "r1", approve=False, project=PROJECT, notes="soft edges")
+    kind, text = steps.closing_text(get_lora(ws, "icons", project=PROJECT), "r1", PROJECT)
+    assert kind == "warn" and ": rejected. It is not active" in text and "Change decision" in text
+
+
+def test_a_typed_tag_is_added_once_as_the_project_spells_it():
+    known = ["color:neon", "style:flat"]
+    assert steps.add_required_tag((), "color:neon", known) == ("color:neon",)
+    assert steps.add_required_tag(("color:neon",), " COLOR:NEON ", known) == ("color:neon",)  # no duplicate
+    assert steps.add_required_tag(("color:neon",), "", known) == ("color:neon",)
+    assert steps.add_required_tag((), "anything", []) == ("anything",)  # a project without tags: nothing to check
+    with pytest.raises(WizardRefusal, match="no asset of this project has the tag 'neon'"):
+        steps.add_required_tag((), "neon", known)
+
+
+def test_the_checkpoint_dropdown_is_as_wide_as_its_longest_label():
+    label = "A checkpoint with a rather long name, v2 (sd15-long-name-v2)"
+    assert steps.dropdown_width([label]) == f"{len(label) + 16}ch"
+    assert steps.dropdown_width(["x"]) == "36ch" and steps.dropdown_width([]) == "36ch"
+
+
+def test_the_review_panels_rules():
+    from lorakit.widgets.review import check_new_notes, cleared_by, decision_controls
+
+    assert decision_controls("unreviewed", changing=False) == (True, False)
+    assert decision_controls("approved", changing=False) == (False, True)
+    assert decision_controls("rejected", changing=True) == (True, False)
+    assert decision_controls("deprecated", changing=True) == (False, False)
+    for notes in (None, "", "  ", "crisp", " crisp "):
+        with pytest.raises(WizardRefusal, match="^write new notes for the new decision$"):
+            check_new_notes(notes, "crisp")
+    check_new_notes("soft after all", "crisp")
+    check_new_notes("first notes", None)
+    assert cleared_by({"id": "x", "activeReleaseId": "r1"}, {"id": "x", "activeReleaseId": "r2"}) == []
+    assert cleared_by({"id": "x", "recommended": True, "activeReleaseId": "r1"},
+                      {"id": "x", "recommended": False, "activeReleaseId": "r1"}) == ["the recommendation of LoRA x"]

@@ -12,13 +12,13 @@ shows what the gate said and the release's state, read back from the records.
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
 
-from ..errors import LorakitError
+from ..errors import LorakitError, WizardRefusal
 from ..gate import (
     activate_release,
     approve_and_activate,
@@ -36,6 +36,55 @@ from ..loras import get_release, release_validation, validation_summary
 from ..workspace import Workspace, as_workspace
 from .messages import message_box
 
+NEW_NOTES = "write new notes for the new decision"
+# The history table's cells: without padding its columns run into each other.
+CELL = 'style="padding:2px 12px 2px 0;text-align:left;vertical-align:top"'
+
+
+# ---- what the panel decides (pure) -----------------------------------------------------------------------------
+def decision_controls(state: str, changing: bool) -> tuple[bool, bool]:
+    """``(approve and reject enabled, "Change decision" shown)`` for a release in review ``state``.
+
+    Once a decision is recorded the two buttons are off, so a second click cannot add a duplicate review;
+    "Change decision" turns them back on for one new decision. A deprecated release takes no review at all.
+
+    >>> decision_controls("unreviewed", False), decision_controls("approved", False), decision_controls("rejected", True)
+    ((True, False), (False, True), (True, False))
+    """
+    if state == "deprecated":
+        return False, False
+    if state in ("approved", "rejected"):
+        return changing, not changing
+    return True, False
+
+
+def check_new_notes(notes: str | None, previous: str | None) -> None:
+    """A changed decision needs notes of its own: empty notes, or the notes of the decision it replaces, are
+    refused (the history would not say why the decision changed).
+
+    >>> check_new_notes("the edges are soft after all", "crisp")
+    >>> check_new_notes(" crisp ", "crisp")
+    Traceback (most recent call last):
+    lorakit.errors.WizardRefusal: write new notes for the new decision
+    """
+    text = (notes or "").strip()
+    if not text or text == (previous or "").strip():
+        raise WizardRefusal(NEW_NOTES)
+
+
+def cleared_by(before: Mapping, after: Mapping) -> list[str]:
+    """What a transition took away from the LoRA: its active release, its recommendation.
+
+    >>> cleared_by({"id": "x", "activeReleaseId": "r1", "recommended": True}, {"id": "x"})
+    ['the active release r1', 'the recommendation of LoRA x']
+    """
+    cleared = []
+    if before.get("activeReleaseId") and not after.get("activeReleaseId"):
+        cleared.append(f"the active release {before['activeReleaseId']}")
+    if before.get("recommended") and not after.get("recommended"):
+        cleared.append(f"the recommendation of LoRA {after.get('id') or before.get('id')}")
+    return cleared
+
 
 class ReviewPanel(widgets.VBox):
     """Review one release after looking at its eval grid: approve or reject (with notes), activate, recommend.
@@ -46,6 +95,10 @@ class ReviewPanel(widgets.VBox):
     A refusal of the gate is shown, not raised. ``beginner=True`` (the wizard) shows two buttons: *Approve and
     make active* (:func:`~lorakit.gate.approve_and_activate`: approve, activate, then recommend when the gate
     allows) and *Reject*. ``on_change(result_messages)`` is called after each change.
+
+    One decision at a time: once the release is approved or rejected, Approve and Reject are disabled and
+    *Change decision* appears; it clears the notes and turns them back on, and the new decision needs new
+    notes. A decision that cleared the active release or the recommendation is shown as a warning saying so.
     """
 
     def __init__(self, ws: Workspace | str | Path | None, lora_id: str, release_id: str, *,
@@ -64,6 +117,11 @@ class ReviewPanel(widgets.VBox):
                                              button_style="success", icon="check",
                                              layout=widgets.Layout(width="auto"))
         self.reject_button = widgets.Button(description="Reject", button_style="danger", icon="times")
+        self.change_button = widgets.Button(description="Change decision", icon="undo",
+                                            tooltip="make a new decision about this release, with new notes",
+                                            layout=widgets.Layout(width="auto"))
+        self.changing = False
+        self._replaced_notes: str | None = None  # the notes of the decision being changed
         self.activate_button = widgets.Button(description="Activate", icon="play")
         self.recommend_button = widgets.Button(description="Recommend", icon="star")
         self.validation = widgets.HTML()
@@ -72,9 +130,10 @@ class ReviewPanel(widgets.VBox):
         self.result = widgets.HTML()
         self.approve_button.on_click(lambda _b: self.approve())
         self.reject_button.on_click(lambda _b: self.reject())
+        self.change_button.on_click(lambda _b: self.change_decision())
         self.activate_button.on_click(lambda _b: self.activate())
         self.recommend_button.on_click(lambda _b: self.recommend())
-        buttons = [self.approve_button, self.reject_button]
+        buttons = [self.approve_button, self.reject_button, self.change_button]
         if not beginner:
             buttons += [self.activate_button, self.recommend_button]
         # The validation drop comes first, right under the grid it is read beside.
@@ -89,33 +148,82 @@ class ReviewPanel(widgets.VBox):
         return {"project": self.project, "notes": self._notes(),
                 "reviewer": self.reviewer.value.strip() or None, "eval_ids": self.eval_ids or None}
 
-    def _do(self, call: Callable[[], Any]) -> list[str]:
-        """Run one gate call and show its messages: a refusal in red, with what was done before it; a LoRA the
-        gate would not recommend yet in amber."""
+    def _lora(self) -> dict | None:
         try:
+            location = locate_lora(self.ws.store, self.lora_id, self.project)
+            return self.ws.store.read("lora", self.lora_id, location.project)
+        except LorakitError:
+            return None
+
+    def _do(self, call: Callable[[], Any], decision: bool = False) -> list[str]:
+        """Run one gate call and show its messages: a refusal in red, with what was done before it; a LoRA the
+        gate would not recommend yet, or one that lost its active release or recommendation, in amber."""
+        before = self._lora() or {}
+        lead = ""
+        try:
+            if decision:
+                self._check_decision()
             outcome = call()
         except LorakitError as exc:
             messages, kind = [*getattr(exc, "__notes__", ()), str(exc)], "error"
         else:
             messages = outcome.messages
             kind = "warn" if getattr(outcome, "not_recommended", None) else "ok"
-        self.result.value = message_box("<br>".join(html.escape(m) for m in messages), kind)
+            cleared = cleared_by(before, outcome.lora)
+            if cleared:
+                kind = "warn"
+                lead = f"<b>Note:</b> this cleared {html.escape(' and '.join(cleared))}.<br>"
+            if decision:
+                self.changing = False
+        self.result.value = message_box(lead + "<br>".join(html.escape(m) for m in messages), kind)
         self.refresh()
         if self.on_change:
             self.on_change(messages)
         return messages
 
+    def _check_decision(self) -> None:
+        """Refuse a second decision made without "Change decision", and a changed one without new notes."""
+        enabled, _ = decision_controls(self._state(), self.changing)
+        if not enabled:
+            raise WizardRefusal("a decision about this release is recorded: click 'Change decision' to make "
+                                "a new one")
+        if self.changing:
+            check_new_notes(self._notes(), self._replaced_notes)
+
+    def _state(self) -> str:
+        lora = self._lora()
+        try:
+            return review_state(get_release(lora, self.release_id)) if lora else "unreviewed"
+        except LorakitError:
+            return "unreviewed"
+
     def approve(self) -> list[str]:
         """Approve (and, for a beginner, activate and recommend when allowed)."""
         if self.beginner:
             return self._do(lambda: approve_and_activate(self.ws, self.lora_id, self.release_id,
-                                                         **self._review_args()))
+                                                         **self._review_args()), decision=True)
         return self._do(lambda: review_release(self.ws, self.lora_id, self.release_id, approve=True,
-                                               **self._review_args()))
+                                               **self._review_args()), decision=True)
 
     def reject(self) -> list[str]:
         return self._do(lambda: review_release(self.ws, self.lora_id, self.release_id, approve=False,
-                                               **self._review_args()))
+                                               **self._review_args()), decision=True)
+
+    def change_decision(self) -> None:
+        """Turn Approve and Reject back on for a new decision: the notes box is cleared for its own notes."""
+        lora = self._lora()
+        latest = None
+        if lora:
+            try:
+                reviews = reviews_of(get_release(lora, self.release_id))
+                latest = reviews[-1] if reviews else None
+            except LorakitError:
+                pass
+        self._replaced_notes = (latest or {}).get("notes") or self.notes.value
+        self.changing = True
+        self.notes.value = ""
+        self.result.value = message_box("Write new notes, then approve or reject again.", "info")
+        self.refresh()
 
     def activate(self) -> list[str]:
         return self._do(lambda: activate_release(self.ws, self.lora_id, self.release_id, project=self.project,
@@ -134,17 +242,26 @@ class ReviewPanel(widgets.VBox):
         except LorakitError as exc:
             self.status.value = message_box(html.escape(f"cannot read release {self.release_id}: {exc}"), "error")
             self.validation.value = ""
+            self._show_controls("unreviewed")
             return
+        self._show_controls(review_state(release))
         self.validation.value = "<b>Validation:</b> " + html.escape(validation_summary(release_validation(release)))
         facts = {"release": self.release_id, "status": release.get("status"), "review": review_state(release),
                  "active": "yes" if lora.get("activeReleaseId") == self.release_id else "no",
                  "LoRA recommended": "yes" if lora.get("recommended") else "no", "evals": eval_state(evals)}
         self.status.value = "<b>Now:</b> " + ", ".join(f"{k} <b>{html.escape(str(v))}</b>" for k, v in facts.items())
-        rows = "".join(f"<tr><td>{html.escape(str(r.get('at', '')))}</td><td>{html.escape(str(r.get('outcome')))}</td>"
-                       f"<td>{html.escape(str(r.get('reviewer', '')))}</td><td>{html.escape(str(r.get('notes') or ''))}</td></tr>"
-                       for r in reviews_of(release))
-        self.history.value = ("<b>Review history</b><table><tr><th>at</th><th>outcome</th><th>reviewer</th>"
-                              f"<th>notes</th></tr>{rows}</table>" if rows else "<i>not reviewed yet</i>")
+        rows = "".join(
+            "<tr>" + "".join(f"<td {CELL}>{html.escape(str(v))}</td>"
+                             for v in (r.get("at", ""), r.get("outcome"), r.get("reviewer", ""), r.get("notes") or ""))
+            + "</tr>" for r in reviews_of(release))
+        head = "".join(f"<th {CELL}>{h}</th>" for h in ("at", "outcome", "reviewer", "notes"))
+        self.history.value = (f'<b>Review history</b><table class="lorakit-history" style="border-collapse:collapse">'
+                              f"<tr>{head}</tr>{rows}</table>" if rows else "<i>not reviewed yet</i>")
+
+    def _show_controls(self, state: str) -> None:
+        enabled, show_change = decision_controls(state, self.changing)
+        self.approve_button.disabled = self.reject_button.disabled = not enabled
+        self.change_button.layout.display = None if show_change else "none"
 
 
 __all__ = ["ReviewPanel"]

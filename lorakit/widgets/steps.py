@@ -259,7 +259,7 @@ def check_training_start(ws: Workspace, state: WizardState, done: Sequence[bool]
 
 
 def training_summary(state: WizardState) -> str:
-    """What Train will do with the current choices, as HTML."""
+    """What Train will do with the current choices, as HTML (before anything was trained)."""
     cfg = state.config or {}
     steps = cfg.get("steps") or f"{cfg.get('epochs')} epoch(s)"
     return (
@@ -268,6 +268,91 @@ def training_summary(state: WizardState) -> str:
         f"<b>{html.escape(str(state.preset))}</b> ({steps} steps, rank {cfg.get('rank')}, {cfg.get('resolution')} px) "
         f"on <b>{html.escape(str(state.checkpoint))}</b>. The result is a new <i>candidate</i> release.</p>"
     )
+
+
+def release_standing(lora: Mapping, release_id: str) -> str:
+    """Where a release stands now, in the words the wizard uses: ``candidate``, ``approved``, ``approved and
+    active``, ``rejected`` or ``deprecated``, with ``, LoRA recommended`` when the LoRA is.
+
+    >>> release_standing({"releases": [{"id": "r1", "status": "candidate"}]}, "r1")
+    'candidate'
+    >>> release_standing({"activeReleaseId": "r1", "recommended": True,
+    ...                   "releases": [{"id": "r1", "status": "approved"}]}, "r1")
+    'approved and active, LoRA recommended'
+    """
+    state = review_state(get_release(dict(lora), release_id))
+    words = {"unreviewed": "candidate"}.get(state, state)
+    if lora.get("activeReleaseId") == release_id:
+        words += " and active"
+        if lora.get("recommended"):
+            words += ", LoRA recommended"
+    return words
+
+
+def trained_text(lora: Mapping, release_id: str) -> str:
+    """What the Train page says once its release exists: what happened, never what would happen.
+
+    >>> trained_text({"id": "icons", "releases": [{"id": "r1", "status": "candidate"}]}, "r1")
+    'release r1 of LoRA icons trained: candidate'
+    """
+    return f"release {release_id} of LoRA {lora.get('id')} trained: {release_standing(lora, release_id)}"
+
+
+def dropdown_width(labels: Sequence[str], description_chars: int = 12, minimum_chars: int = 36) -> str:
+    """A CSS width that shows the longest of ``labels`` whole beside a description of ``description_chars``
+    characters (and the dropdown's arrow).
+
+    >>> dropdown_width(["Tiny SD1.5 (random weights) (tiny-sd15)"])
+    '55ch'
+    """
+    longest = max((len(label) for label in labels), default=0)
+    return f"{max(minimum_chars, longest + description_chars + 4)}ch"
+
+
+def add_required_tag(tags: Sequence[str], typed: str, known: Sequence[str]) -> tuple[str, ...]:
+    """The required tags after the user typed ``typed`` and pressed Enter: added once, spelled as the project
+    spells it (case aside); a tag no asset of the project has is refused, since it could only match nothing.
+
+    >>> add_required_tag(["a"], " Color:Neon ", ["a", "color:neon"])
+    ('a', 'color:neon')
+    """
+    text = typed.strip()
+    if not text:
+        return tuple(tags)
+    if known:
+        spelled = next((k for k in known if k == text), None) or next(
+            (k for k in known if k.lower() == text.lower()), None)
+        if spelled is None:
+            raise WizardRefusal(f"no asset of this project has the tag {text!r}: pick one from the list as you type")
+        text = spelled
+    return tuple(tags) if text in tags else (*tags, text)
+
+
+def next_steps_html(project: str, lora_id: str, release_id: str) -> str:
+    """The closing page's "what now": list the LoRAs, write the release's report, pick the LoRA in a notebook."""
+    p, lo, r = (html.escape(v) for v in (project, lora_id, release_id))
+    return (
+        "<b>What to do next</b><ul>"
+        f"<li>See your LoRAs: <code>lorakit lora list --project {p}</code></li>"
+        f"<li>Write the release's HTML report: <code>lorakit report --lora {lo} --release {r} --project {p}</code></li>"
+        "<li>Use it in a notebook: the LoRA picker, <code>from lorakit.widgets import LoraPicker; "
+        f"LoraPicker(project=\"{p}\")</code>, or <code>lorakit.resolve_loras</code> (<code>lorakit.select</code>) "
+        "from code</li></ul>"
+    )
+
+
+def closing_text(lora: Mapping, release_id: str, project: str) -> tuple[str, str]:
+    """``(kind, html)`` of the wizard's closing box once a decision is recorded: what was made and where it
+    stands, then what to do next (``ok`` when the release is approved and active, else ``warn``)."""
+    standing = release_standing(lora, release_id)
+    name = lora.get("name") or lora.get("id")
+    made = (f"<b>Done.</b> LoRA <b>{html.escape(str(name))}</b> ({html.escape(str(lora.get('id')))}), release "
+            f"<b>{html.escape(release_id)}</b>: {html.escape(standing)}.")
+    active = lora.get("activeReleaseId") == release_id
+    if not active:
+        made += (" It is not active: nothing picks it until it is approved. Train again with new settings or data, "
+                 "or click 'Change decision'.")
+    return ("ok" if active else "warn"), made + next_steps_html(project, str(lora.get("id")), release_id)
 
 
 def step_text(report: StepReport) -> str:
@@ -289,8 +374,9 @@ def review_outcome(lora: dict, release_id: str) -> tuple[str, bool]:
 
 __all__ = [
     "CAPTIONS", "STEPS", "TINY_PRESET", "TRAIN_STEP", "WizardState", "advanced_overrides", "advanced_values",
-    "check_captions", "check_checkpoint_ready", "check_dataset_choice", "check_page", "check_reachable",
-    "check_training_start", "dataset_filters", "existing_lora", "first_unfinished", "lora_choice", "overrides_text",
-    "preset_config", "preset_options", "review_outcome", "run_config", "step_text",
-    "suggest_lora_id", "suggest_lora_name", "training_config", "training_summary",
+    "add_required_tag", "check_captions", "check_checkpoint_ready", "check_dataset_choice", "check_page",
+    "check_reachable", "check_training_start", "closing_text", "dataset_filters", "dropdown_width", "existing_lora",
+    "first_unfinished", "lora_choice", "next_steps_html", "overrides_text", "preset_config", "preset_options",
+    "release_standing", "review_outcome", "run_config", "step_text", "suggest_lora_id", "suggest_lora_name",
+    "trained_text", "training_config", "training_summary",
 ]

@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
+import traitlets
 
 from ..datasets import BuildResult, build_manifest
 from ..errors import DatasetError, LorakitError, WizardRefusal
 from ..evals import contact_sheet, create_eval_grid
-from ..loras import ensure_lora, get_lora
+from ..loras import ensure_lora, get_lora, get_release
 from ..models import checkpoint_family, get_checkpoint, list_checkpoints, make_tiny_checkpoint
-from ..notebook_helpers import checkpoint_weights, figure_png, gallery_html, image_bytes, is_tiny_checkpoint
+from ..notebook_helpers import checkpoint_weights, data_uri, figure_png, gallery_html, image_bytes, is_tiny_checkpoint
 from ..select import asset_type_options, load_asset_types
 from ..train import StepReport, list_presets, plan_training, plot_loss, run_plan
 from ..train.settings import WIZARD_FIELDS
@@ -44,12 +45,15 @@ from .steps import (
     CAPTIONS,
     STEPS,
     WizardState,
+    add_required_tag,
     advanced_overrides,
     advanced_values,
     check_page,
     check_reachable,
     check_training_start,
+    closing_text,
     dataset_filters,
+    dropdown_width,
     lora_choice,
     overrides_text,
     preset_config,
@@ -59,6 +63,7 @@ from .steps import (
     step_text,
     suggest_lora_id,
     suggest_lora_name,
+    trained_text,
     training_config,
     training_summary,
 )
@@ -70,6 +75,73 @@ def _AUTO() -> widgets.Layout:  # noqa: N802 - reads like the constant it stands
 
 def _hidden(widget: widgets.Widget, hidden: bool) -> None:
     widget.layout.display = "none" if hidden else None
+
+
+def thumbnail_row(cards: Sequence[tuple[str | Path | None, str]], size: int = 64) -> str:
+    """Image cards (image file, caption) in a row that wraps onto the next line on a narrow page, so no
+    thumbnail is cut off at the page's edge (a fixed grid of six runs past a 1024 px window)."""
+    cells = []
+    for image, caption in cards:
+        if image is None or not Path(image).is_file():
+            picture = (f'<div style="width:{size}px;height:{size}px;background:#ccc;display:flex;align-items:center;'
+                       f'justify-content:center;font-size:11px">missing</div>')
+        else:
+            picture = (f'<img src="{data_uri(image)}" width="{size}" height="{size}" '
+                       f'style="image-rendering:pixelated;border:1px solid #ddd" alt="{html.escape(caption)}"/>')
+        cells.append(f'<div class="lorakit-thumb" style="width:{max(size, 120)}px;font-size:11px;line-height:1.3;'
+                     f'word-wrap:break-word">{picture}<div>{html.escape(caption)}</div></div>')
+    return ('<div class="lorakit-thumbs" style="display:flex;flex-wrap:wrap;gap:10px;max-width:100%">'
+            + "".join(cells) + "</div>")
+
+
+class RequiredTags(widgets.VBox):
+    """The Required tags box: type a tag and press Enter to add it (at once, not when the box loses focus);
+    each chosen tag is a button that removes it. ``value`` is the list of tags, observed like any widget's."""
+
+    value = traitlets.List(traitlets.Unicode())
+    disabled = traitlets.Bool(False)
+
+    def __init__(self, known: Sequence[str]):
+        super().__init__()
+        self.known = list(known)
+        # continuous_update: the typed text is in Python before the Enter key's submit message arrives.
+        self.entry = widgets.Combobox(placeholder="required tag", options=self.known, ensure_option=False,
+                                      continuous_update=True, layout=widgets.Layout(width="20em"))
+        # The browser sends {"event": "submit"} on the Enter keypress (Text.on_submit listens for the same message
+        # but is deprecated); a 'change' of the value would wait for the box to lose focus.
+        self.entry.on_msg(lambda _w, content, _buffers: self.add(self.entry.value)
+                          if isinstance(content, dict) and content.get("event") == "submit" else None)
+        self.chips = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
+        self._refused: Callable[[str], None] | None = None
+        self.children = [self.entry, self.chips]
+        self.observe(lambda _c: self._show_chips(), "value")
+        self.observe(lambda _c: self._show_chips(), "disabled")
+
+    def on_refusal(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(sentence)`` when a typed tag is refused."""
+        self._refused = callback
+
+    def add(self, typed: str) -> bool:
+        """Add the typed tag (what Enter does); a tag the project does not have is refused with a sentence."""
+        try:
+            tags = add_required_tag(self.value, typed, self.known)
+        except WizardRefusal as exc:
+            if self._refused:
+                self._refused(str(exc))
+            return False
+        self.entry.value = ""
+        self.value = list(tags)
+        return True
+
+    def _show_chips(self) -> None:
+        self.entry.disabled = self.disabled
+        chips = []
+        for tag in self.value:
+            chip = widgets.Button(description=tag, icon="times", tooltip=f"remove {tag}", disabled=self.disabled,
+                                  layout=widgets.Layout(width="auto"))
+            chip.on_click(lambda _b, tag=tag: setattr(self, "value", [t for t in self.value if t != tag]))
+            chips.append(chip)
+        self.chips.children = chips
 
 
 class Wizard(widgets.VBox):
@@ -193,7 +265,14 @@ class Wizard(widgets.VBox):
 
     def _refuse(self, text: str) -> None:
         self.refusal = text
-        self.message.value = _box("✋ " + html.escape(text), "warn")
+        # A plain word, not an emoji: without an emoji font a hand shows as an empty box.
+        self.message.value = _box("<b>Stop:</b> " + html.escape(text), "warn")
+
+    def _input_changed(self) -> None:
+        """A choice changed: a refusal about the old choice is no longer true, so it goes."""
+        if self.refusal is not None:
+            self.refusal = None
+            self.message.value = ""
 
     def _invalidate(self, step: int) -> None:
         """A choice on page ``step`` changed: it and every later page must be confirmed again."""
@@ -233,8 +312,11 @@ class Wizard(widgets.VBox):
         except LorakitError:
             pass
         ids = [i for _, i in options]
+        # Wide enough for the longest label: a cut-off name hides which model the LoRA is for.
         self.checkpoint = widgets.Dropdown(options=options, value=default if default in ids else (ids or [None])[0],
-                                           description="Checkpoint", layout=widgets.Layout(width="36em"))
+                                           description="Checkpoint", style={"description_width": "initial"},
+                                           layout=widgets.Layout(width=dropdown_width([label for label, _ in options]),
+                                                                 max_width="100%"))
         self.checkpoint_info = widgets.HTML()
         self.build_button = widgets.Button(description="Build tiny demo weights", icon="wrench",
                                            layout=widgets.Layout(width="auto"))
@@ -248,6 +330,7 @@ class Wizard(widgets.VBox):
         s = self.state
         s.checkpoint = self.checkpoint.value
         self._invalidate(0)
+        self._input_changed()
         if not s.checkpoint:
             self.checkpoint_info.value = _box("No checkpoint is registered (see `lorakit checkpoint add`).", "error")
             _hidden(self.build_button, True)
@@ -283,8 +366,9 @@ class Wizard(widgets.VBox):
             known = list(tag_frequencies(self.ws, self.project)["tag"])
         except LorakitError:
             known = []
-        self.required_tags = widgets.TagsInput(value=[], allowed_tags=known, allow_duplicates=False,
-                                               placeholder="required tag")
+        self.required_tags = RequiredTags(known)
+        self.required_tags.on_refusal(self._refuse)
+        self.required_tags.entry.observe(lambda _c: self._input_changed(), "value")
         self.tag_any = widgets.Checkbox(value=False, indent=False, layout=_AUTO(),
                                         description="Any one of these tags is enough")
         self.same_checkpoint = widgets.Checkbox(value=False, indent=False, layout=_AUTO(),
@@ -295,7 +379,8 @@ class Wizard(widgets.VBox):
             w.observe(lambda _c: self._on_filters(), "value")
         return widgets.VBox([
             widgets.HTML("<b>Asset types</b> the LoRA is for"), self.types_box, self.approved_only,
-            widgets.HTML("<b>Required tags</b> (type to pick from the project's tags)"), self.required_tags,
+            widgets.HTML("<b>Required tags</b> (type a tag from the project's tags and press Enter)"),
+            self.required_tags,
             self.tag_any, self.same_checkpoint, self.match_count, self.match_preview,
         ])
 
@@ -319,6 +404,7 @@ class Wizard(widgets.VBox):
         s.tag_any = self.tag_any.value
         s.same_checkpoint_only = self.same_checkpoint.value
         self._invalidate(1)
+        self._input_changed()
         if self.step in (1, 2):
             self._refresh_matches()
 
@@ -349,8 +435,8 @@ class Wizard(widgets.VBox):
         self.match_count.value = _box(f"<b class='lorakit-count'>{len(items)}</b> matching images "
                                       f"(of {result.assets_seen} assets; left out: {html.escape(left)})", "ok")
         shown = items[: self.preview_images]
-        self.match_preview.value = gallery_html([(self.ws.store.file_path(i["path"]), i["assetId"]) for i in shown],
-                                                size=64, columns=self.preview_images)
+        self.match_preview.value = thumbnail_row([(self.ws.store.file_path(i["path"]), i["assetId"]) for i in shown],
+                                                 size=64)
         self.caption_preview.value = gallery_html(
             [(self.ws.store.file_path(i["path"]), i.get("caption") or "(no caption)") for i in shown],
             size=64, columns=3)
@@ -374,6 +460,7 @@ class Wizard(widgets.VBox):
         self.state.caption = self.caption.value
         self.state.with_tokens = self.with_tokens.value
         self._invalidate(2)
+        self._input_changed()
         if self.step in (1, 2):
             self._refresh_matches()
 
@@ -417,6 +504,7 @@ class Wizard(widgets.VBox):
         s.preset = self.preset.value
         s.overrides = {}
         self._invalidate(3)
+        self._input_changed()
         if not s.preset:
             self.preset_info.value = _box("No preset fits this checkpoint.", "error")
             s.config = None
@@ -438,6 +526,7 @@ class Wizard(widgets.VBox):
         values = {name: field_widget.value for name, field_widget in self.advanced_fields.items()}
         s.overrides = advanced_overrides(values, preset_config(self.ws, s.checkpoint, s.preset))
         self._invalidate(3)
+        self._input_changed()
         self._refresh_config()
 
     def _refresh_config(self) -> None:
@@ -468,6 +557,8 @@ class Wizard(widgets.VBox):
         self.loss_image = widgets.Image(format="png", layout=widgets.Layout(width="32em"))
         _hidden(self.loss_image, True)
         self.lora_id.observe(lambda _c: self._describe_training(), "value")
+        for w in (self.lora_id, self.lora_name, self.notes):
+            w.observe(lambda _c: self._input_changed(), "value")
         return widgets.VBox([self.lora_id, self.lora_name, self.notes, self.train_summary, self.train_button,
                              self.train_progress, self.train_status, self.loss_image])
 
@@ -478,6 +569,12 @@ class Wizard(widgets.VBox):
         if not self.lora_name.value and s.asset_types:
             self.lora_name.value = suggest_lora_name(self.project, s.asset_types)
         if s.release_id:
+            # What happened, read back from the record: the plan's "a new LoRA is created" is no longer true.
+            lora = get_lora(self.ws, str(s.lora_id), project=self.project)
+            text = html.escape(trained_text(lora, s.release_id))
+            if s.review is None:
+                text += ". Click Next to evaluate it."
+            self.train_summary.value = _box(text, "warn" if s.review == "rejected" else "ok")
             return
         kind, sentence = lora_choice(self.ws, self.lora_id.value, self.project, s.checkpoint)
         self.train_summary.value = training_summary(s) + _box(html.escape(sentence), kind)
@@ -516,11 +613,13 @@ class Wizard(widgets.VBox):
         s.release_id = result.release_id
         self.done[4] = True
         self.train_progress.value = self.train_progress.max
-        self.train_status.value = _box(
-            f"release <b>{html.escape(result.release_id)}</b> of LoRA <b>{html.escape(str(s.lora_id))}</b> trained: "
+        self.train_status.value = (
             f"{result.steps} steps in {result.duration_s:.0f} s, final loss {result.final_loss:.4f} "
-            f"(dataset {html.escape(str(s.dataset_id))}). Click Next to evaluate it.", "ok")
-        self.loss_image.value = figure_png(plot_loss(result.output_dir))
+            f"(dataset {html.escape(str(s.dataset_id))})")
+        self._describe_training()
+        lora = get_lora(self.ws, str(s.lora_id), project=self.project)
+        self.loss_image.value = figure_png(plot_loss(result.output_dir, lora=lora,
+                                                     release=get_release(lora, result.release_id)))
         _hidden(self.loss_image, False)
 
     # ---- page 6: evaluate --------------------------------------------------------------------------------------
@@ -532,13 +631,41 @@ class Wizard(widgets.VBox):
                                                  layout=widgets.Layout(width="36em"))
         self.grid_status = widgets.HTML()
         self.grid_image = widgets.Image(format="png")
+        self.grid_full_size = False
+        self.grid_size_button = widgets.Button(description="Full size", icon="search-plus",
+                                               tooltip="show the grid at its own pixel size, scrollable",
+                                               layout=widgets.Layout(width="auto"))
+        self.grid_size_button.on_click(lambda _b: self.show_grid_full_size(not self.grid_full_size))
+        self.grid_box = widgets.Box([self.grid_image])
+        self.show_grid_full_size(False)
         _hidden(self.grid_image, True)
+        _hidden(self.grid_size_button, True)
         self.review_box = widgets.VBox()
+        self.closing = widgets.HTML()
         return widgets.VBox([
             widgets.HTML("<p>The eval grid: the base checkpoint (strength 0) against your LoRA, on the same prompts "
                          "and seeds. Approve it to make the release active.</p>"),
-            self.grid_progress, self.grid_status, self.grid_image, self.review_box, self.grid_button,
+            self.grid_progress, self.grid_status, self.grid_size_button, self.grid_box, self.review_box,
+            self.closing, self.grid_button,
         ])
+
+    def show_grid_full_size(self, full: bool) -> None:
+        """Show the contact sheet at its natural pixel size in a scrollable box (``full``), or fitted to the page
+        (the default: a wide grid would otherwise push the review buttons out of sight)."""
+        self.grid_full_size = full
+        self.grid_size_button.description = "Fit to page" if full else "Full size"
+        self.grid_size_button.icon = "search-minus" if full else "search-plus"
+        natural = self._grid.get("size")
+        if full and natural:
+            width, height = natural
+            self.grid_image.layout = widgets.Layout(width=f"{width}px", height=f"{height}px", max_width="none",
+                                                    min_width=f"{width}px", flex="0 0 auto")
+            self.grid_box.layout = widgets.Layout(overflow="auto", max_width="100%", max_height="80vh",
+                                                  border="1px solid #ddd")
+        else:
+            self.grid_image.layout = widgets.Layout(width="auto", height="auto", max_width="100%",
+                                                    display=self.grid_image.layout.display)
+            self.grid_box.layout = widgets.Layout(overflow="visible", max_width="100%")
 
     def start_eval_grid(self) -> bool:
         """Queue the eval grid of the trained release and render it with the worker, in the background."""
@@ -586,17 +713,29 @@ class Wizard(widgets.VBox):
         self.grid_status.value = _box(f"eval <b>{html.escape(str(s.eval_id))}</b>: "
                                       f"{self._grid.get('total')} images rendered", "ok")
         self.grid_image.value = image_bytes(sheet)
+        self._grid["size"] = sheet.size
+        self.show_grid_full_size(self.grid_full_size)
         _hidden(self.grid_image, False)
+        _hidden(self.grid_size_button, False)
         lora_id, release_id, eval_id = _trained_ids(s)
+        # The panel's first line is the release's validation drop, right under the grid it is read beside.
         self.review = ReviewPanel(self.ws, lora_id, release_id, project=self.project, eval_ids=[eval_id],
                                   beginner=True, on_change=self._reviewed)
         self.review_box.children = [self.review]
+        self.closing.value = ""
 
     def _reviewed(self, messages: list[str]) -> None:
         s = self.state
         s.messages = messages
         lora_id, release_id, _ = _trained_ids(s)
-        s.review, self.done[5] = review_outcome(get_lora(self.ws, lora_id, project=self.project), release_id)
+        lora = get_lora(self.ws, lora_id, project=self.project)
+        s.review, self.done[5] = review_outcome(lora, release_id)
+        if s.review in ("approved", "rejected"):
+            kind, text = closing_text(lora, release_id, self.project)
+            self.closing.value = _box(text, kind)
+        else:
+            self.closing.value = ""
+        self._describe_training()
 
     # ---- background work ---------------------------------------------------------------------------------------
     def _run(self, what: str, job: Callable[[], Any], *, poll: Callable[[], None] | None = None,
