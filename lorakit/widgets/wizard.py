@@ -114,6 +114,9 @@ class RequiredTags(widgets.VBox):
         self.chips = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
         self._refused: Callable[[str], None] | None = None
         self.children = [self.entry, self.chips]
+        # Classes a browser test (or a stylesheet) finds the parts by.
+        self.add_class("lorakit-required-tags")
+        self.entry.add_class("lorakit-tag-entry")
         self.observe(lambda _c: self._show_chips(), "value")
         self.observe(lambda _c: self._show_chips(), "disabled")
 
@@ -139,6 +142,7 @@ class RequiredTags(widgets.VBox):
         for tag in self.value:
             chip = widgets.Button(description=tag, icon="times", tooltip=f"remove {tag}", disabled=self.disabled,
                                   layout=widgets.Layout(width="auto"))
+            chip.add_class("lorakit-tag")
             chip.on_click(lambda _b, tag=tag: setattr(self, "value", [t for t in self.value if t != tag]))
             chips.append(chip)
         self.chips.children = chips
