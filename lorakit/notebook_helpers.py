@@ -121,8 +121,10 @@ def figure_png(fig: Figure, dpi: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def gallery_html(cards: Sequence[tuple[str | Path | bytes | None, str]], size: int = 96, columns: int = 6) -> str:
-    """HTML of image cards (image, caption) in a grid; a ``None`` image is drawn as a grey "missing" box."""
+def gallery_html(cards: Sequence[tuple[str | Path | bytes | None, str]], size: int = 96, columns: int = 6, *,
+                 wrap: bool = False) -> str:
+    """HTML of image cards (image, caption) in a grid of ``columns``, or with ``wrap`` in a row that wraps onto
+    the next line on a narrow page (so no card is cut off at its edge); a ``None`` image is a grey "missing" box."""
     cells = []
     for image, caption in cards:
         if image is None or (not isinstance(image, bytes) and not Path(image).is_file()):
@@ -131,10 +133,11 @@ def gallery_html(cards: Sequence[tuple[str | Path | bytes | None, str]], size: i
         else:
             picture = (f'<img src="{data_uri(image)}" width="{size}" height="{size}" '
                        f'style="image-rendering:pixelated;border:1px solid #ddd" alt="{html.escape(caption)}"/>')
-        cells.append(f'<div style="width:{max(size, 120)}px;font-size:11px;line-height:1.3;word-wrap:break-word">'
-                     f'{picture}<div>{html.escape(caption)}</div></div>')
-    return (f'<div style="display:grid;grid-template-columns:repeat({columns},{max(size, 120)}px);gap:10px">'
-            + "".join(cells) + "</div>")
+        cells.append(f'<div class="lorakit-thumb" style="width:{max(size, 120)}px;font-size:11px;line-height:1.3;'
+                     f'word-wrap:break-word">{picture}<div>{html.escape(caption)}</div></div>')
+    layout = ("display:flex;flex-wrap:wrap;gap:10px;max-width:100%" if wrap
+              else f"display:grid;grid-template-columns:repeat({columns},{max(size, 120)}px);gap:10px")
+    return f'<div class="lorakit-thumbs" style="{layout}">' + "".join(cells) + "</div>"
 
 
 def thumbnails(ws: Workspace, items: Iterable[Mapping], limit: int = 12, size: int = 96, columns: int = 6):

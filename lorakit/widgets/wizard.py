@@ -33,7 +33,7 @@ from ..errors import DatasetError, LorakitError, WizardRefusal
 from ..evals import contact_sheet, create_eval_grid
 from ..loras import ensure_lora, get_lora, get_release
 from ..models import checkpoint_family, get_checkpoint, list_checkpoints, make_tiny_checkpoint
-from ..notebook_helpers import checkpoint_weights, data_uri, figure_png, gallery_html, image_bytes, is_tiny_checkpoint
+from ..notebook_helpers import checkpoint_weights, figure_png, gallery_html, image_bytes, is_tiny_checkpoint
 from ..select import asset_type_options, load_asset_types
 from ..train import StepReport, list_presets, plan_training, plot_loss, run_plan
 from ..train.settings import WIZARD_FIELDS
@@ -75,23 +75,6 @@ def _AUTO() -> widgets.Layout:  # noqa: N802 - reads like the constant it stands
 
 def _hidden(widget: widgets.Widget, hidden: bool) -> None:
     widget.layout.display = "none" if hidden else None
-
-
-def thumbnail_row(cards: Sequence[tuple[str | Path | None, str]], size: int = 64) -> str:
-    """Image cards (image file, caption) in a row that wraps onto the next line on a narrow page, so no
-    thumbnail is cut off at the page's edge (a fixed grid of six runs past a 1024 px window)."""
-    cells = []
-    for image, caption in cards:
-        if image is None or not Path(image).is_file():
-            picture = (f'<div style="width:{size}px;height:{size}px;background:#ccc;display:flex;align-items:center;'
-                       f'justify-content:center;font-size:11px">missing</div>')
-        else:
-            picture = (f'<img src="{data_uri(image)}" width="{size}" height="{size}" '
-                       f'style="image-rendering:pixelated;border:1px solid #ddd" alt="{html.escape(caption)}"/>')
-        cells.append(f'<div class="lorakit-thumb" style="width:{max(size, 120)}px;font-size:11px;line-height:1.3;'
-                     f'word-wrap:break-word">{picture}<div>{html.escape(caption)}</div></div>')
-    return ('<div class="lorakit-thumbs" style="display:flex;flex-wrap:wrap;gap:10px;max-width:100%">'
-            + "".join(cells) + "</div>")
 
 
 class RequiredTags(widgets.VBox):
@@ -439,8 +422,8 @@ class Wizard(widgets.VBox):
         self.match_count.value = _box(f"<b class='lorakit-count'>{len(items)}</b> matching images "
                                       f"(of {result.assets_seen} assets; left out: {html.escape(left)})", "ok")
         shown = items[: self.preview_images]
-        self.match_preview.value = thumbnail_row([(self.ws.store.file_path(i["path"]), i["assetId"]) for i in shown],
-                                                 size=64)
+        self.match_preview.value = gallery_html([(self.ws.store.file_path(i["path"]), i["assetId"]) for i in shown],
+                                                size=64, wrap=True)
         self.caption_preview.value = gallery_html(
             [(self.ws.store.file_path(i["path"]), i.get("caption") or "(no caption)") for i in shown],
             size=64, columns=3)
