@@ -128,6 +128,12 @@ def test_six_steps_make_a_trained_evaluated_active_release(ws):
     assert w.wait() is None, w.message.value
     assert w.train_progress.value == w.train_progress.max == 3
     assert "3 steps" in w.train_status.value and w.loss_image.value
+    # The loss chart's title names the LoRA and a readable release, not the raw id; the constant learning rate of
+    # tiny-demo gets a label instead of an axis of meaningless ticks.
+    title = w.loss_figure._suptitle.get_text()
+    assert title.startswith("LoRA demo ui_icon (wiz_icons) - release 1 of 1 (…") and "candidate" in title
+    assert w.state.release_id not in title
+    assert len(w.loss_figure.axes) == 1 and "(constant)" in w.loss_figure.axes[0].get_legend_handles_labels()[1][-1]
     # The page says what happened, not what would happen.
     assert "a new LoRA record is created" not in w.train_summary.value
     assert "The result is a new" not in w.train_summary.value

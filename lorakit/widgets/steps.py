@@ -332,7 +332,7 @@ def next_steps_html(project: str, lora_id: str, release_id: str) -> str:
     """The closing page's "what now": list the LoRAs, write the release's report, pick the LoRA in a notebook."""
     p, lo, r = (html.escape(v) for v in (project, lora_id, release_id))
     return (
-        "<b>What to do next</b><ul>"
+        '<p style="margin:0.6em 0 0"><b>What to do next</b></p><ul>'
         f"<li>See your LoRAs: <code>lorakit lora list --project {p}</code></li>"
         f"<li>Write the release's HTML report: <code>lorakit report --lora {lo} --release {r} --project {p}</code></li>"
         "<li>Use it in a notebook: the LoRA picker, <code>from lorakit.widgets import LoraPicker; "

@@ -605,8 +605,9 @@ class Wizard(widgets.VBox):
             f"(dataset {html.escape(str(s.dataset_id))})")
         self._describe_training()
         lora = get_lora(self.ws, str(s.lora_id), project=self.project)
-        self.loss_image.value = figure_png(plot_loss(result.output_dir, lora=lora,
-                                                     release=get_release(lora, result.release_id)))
+        # Kept for the notebook (``wizard.loss_figure.savefig(...)``), beside the PNG the page shows.
+        self.loss_figure = plot_loss(result.output_dir, lora=lora, release=get_release(lora, result.release_id))
+        self.loss_image.value = figure_png(self.loss_figure)
         _hidden(self.loss_image, False)
 
     # ---- page 6: evaluate --------------------------------------------------------------------------------------
