@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import statistics
@@ -33,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_workspace import bench_workspace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -60,20 +61,11 @@ def make_lora_file(family: str, folder: Path) -> Path:
 
 
 def setup(root: Path, family: str):
-    config = root / "local.json"
-    config.write_text(json.dumps({"paths": {"modelsRoot": str(root / "models"),
-                                            "checkpointsRoot": str(root / "models" / "checkpoints"),
-                                            "lorasRoot": str(root / "models" / "loras")}}), encoding="utf-8")
-    os.environ["LORAKIT_CONFIG"] = str(config)
-    os.environ["LORAKIT_DATA_ROOT"] = str(root / "data")
     from lorakit.loras import add_release, create_lora, make_release
     from lorakit.models.registry import make_tiny_checkpoint
-    from lorakit.store import now_iso
-    from lorakit.workspace import init_data_root
 
-    ws = init_data_root()
-    now = now_iso()
-    ws.store.write("project", {"id": PROJECT, "name": "Benchmark", "createdAt": now, "updatedAt": now})
+    ws = bench_workspace(root, PROJECT, name="Benchmark", paths={
+        "checkpointsRoot": str(root / "models" / "checkpoints"), "lorasRoot": str(root / "models" / "loras")})
     make_tiny_checkpoint(ws, "tiny", family, asset_types=["ui_icon"])
     create_lora(ws, "icons", name="Icons", scope="project", project=PROJECT, checkpoint="tiny", asset_types=["ui_icon"])
     rel = "icons/r1/icons.safetensors"

@@ -34,6 +34,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench_workspace import bench_workspace
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -74,17 +76,10 @@ class Result:
 
 # ---- the workspace ------------------------------------------------------------------------------------------
 def make_workspace(root: Path):
-    config = root / "local.json"
-    config.write_text(json.dumps({"paths": {"modelsRoot": str(root / "models")}}))
-    os.environ["LORAKIT_DATA_ROOT"] = str(root / "data")
-    os.environ["LORAKIT_CONFIG"] = str(config)
     import lorakit
     from lorakit.models import make_tiny_checkpoint
-    from lorakit.store import now_iso
 
-    ws = lorakit.init_data_root()
-    now = now_iso()
-    ws.store.write("project", {"id": PROJECT, "name": "Bench", "createdAt": now, "updatedAt": now})
+    ws = bench_workspace(root, PROJECT)
     for family in ("sd15", "sdxl"):
         make_tiny_checkpoint(ws, f"tiny_{family}", family, asset_types=["icon"])
         lorakit.create_lora(ws, f"bench_{family}", name=f"Bench {family}", scope="project", project=PROJECT,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import statistics
 import sys
@@ -27,25 +26,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_workspace import bench_workspace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def setup(root: Path, family: str, n_images: int, source_size: int = 512):
-    config = root / "local.json"
-    config.write_text(json.dumps({"paths": {"modelsRoot": str(root / "models")}}))
-    os.environ["LORAKIT_DATA_ROOT"] = str(root / "data")
-    os.environ["LORAKIT_CONFIG"] = str(config)
     from PIL import Image
 
     import lorakit
     from lorakit.models import make_tiny_checkpoint
     from lorakit.store import now_iso
 
-    ws = lorakit.init_data_root()
+    ws = bench_workspace(root, "bench")
     now = now_iso()
-    ws.store.write("project", {"id": "bench", "name": "Bench", "createdAt": now, "updatedAt": now})
     make_tiny_checkpoint(ws, f"tiny_{family}", family, asset_types=["icon"])
     rng = np.random.default_rng(0)
     folder = ws.data_root / "files"
