@@ -35,3 +35,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_import.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_eval_grid.py --threads 1
+	$(BIN)/python benchmarks/estimate_gpu_memory.py
