@@ -340,7 +340,7 @@ def test_a_beginner_goes_through_all_six_steps_in_jupyterlab(lab, tmp_path):
             wizard.get_by_text("What to do next").scroll_into_view_if_needed()
             page.screenshot(path=str(ARTIFACTS / "done.png"))
 
-            # A second decision needs "Change decision" and new notes; the test leaves it undecided.
+            # A second decision needs "Change decision", new notes and a confirmation; the test leaves it unmade.
             reject = button(wizard, "Reject")
             expect(approve).to_be_disabled()
             expect(reject).to_be_disabled()
@@ -349,6 +349,12 @@ def test_a_beginner_goes_through_all_six_steps_in_jupyterlab(lab, tmp_path):
             expect(approve).to_be_enabled()
             approve.click()
             wait_for_text(page, "write new notes for the new decision")
+            notes.fill("on second thought the icons are too noisy")
+            reject.click()
+            wait_for_text(page, "Click 'Reject' again to record it")
+            question = wizard.locator(".lorakit-warn", has_text="again to record it").inner_text()
+            assert "replacing the decision 'approved' by" in question and "It clears the active release" in question
+            screenshot(page, wizard.locator(".lorakit-warn", has_text="again to record it"), "change-decision.png")
         except Exception:
             # What the page showed when a step failed, for whoever reads the CI artifacts.
             page.screenshot(path=str(ARTIFACTS / "failure.png"))

@@ -353,10 +353,24 @@ def test_one_decision_at_a_time_and_a_changed_one_needs_new_notes(ws):
     panel.reject_button.click()
     assert NEW_NOTES in panel.result.value and len(reviews(ws)) == 1
     panel.notes.value = "the edges are soft after all"
+    # The first click with new notes only says what the new decision will do; nothing is recorded yet.
+    panel.reject_button.click()
+    assert len(reviews(ws)) == 1 and "lorakit-warn" in panel.result.value
+    assert ("Reject release r1, replacing the decision &#x27;approved&#x27;" in panel.result.value
+            and "It clears the active release r1 and the recommendation of LoRA panel" in panel.result.value
+            and "Click &#x27;Reject&#x27; again to record it" in panel.result.value)
+    # Asked about the rejection, so approving instead is asked about in its turn, and so are edited notes.
+    panel.approve_button.click()
+    assert len(reviews(ws)) == 1 and "Approve release r1" in panel.result.value
+    panel.notes.value = "the edges are soft after all, on every icon"
+    panel.reject_button.click()
+    assert len(reviews(ws)) == 1 and "Click &#x27;Reject&#x27; again" in panel.result.value
+    panel.notes.value = "the edges are soft after all"
+    panel.reject_button.click()
     panel.reject_button.click()
     (first, second) = reviews(ws)
     assert (first["outcome"], second["outcome"]) == ("approved", "rejected")
-    assert second["notes"] == "the edges are soft after all"
+    assert second["notes"] == "the edges are soft after all" and second["reviewer"] == first["reviewer"]
     # The rejection took away the active release and the recommendation: a warning that says so.
     lora = lorakit.get_lora(ws, "panel", project=PROJECT)
     assert "activeReleaseId" not in lora and lora["recommended"] is False

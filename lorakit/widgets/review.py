@@ -86,6 +86,34 @@ def cleared_by(before: Mapping, after: Mapping) -> list[str]:
     return cleared
 
 
+def change_confirmation(lora: Mapping, release_id: str, approve: bool, replaced: Mapping | None,
+                        beginner: bool) -> str:
+    """What a changed decision will do, asked before it is recorded: the decision it replaces and what it
+    takes away from (or, for a beginner's approval, gives to) the LoRA.
+
+    >>> lora = {"id": "x", "activeReleaseId": "r1", "recommended": True}
+    >>> change_confirmation(lora, "r1", False, {"outcome": "approved", "reviewer": "ana"}, beginner=True)
+    "Reject release r1, replacing the decision 'approved' by ana? It clears the active release r1 and the recommendation of LoRA x. Click 'Reject' again to record it."
+    """
+    verb, button = ("Approve", "Approve and make active" if beginner else "Approve") if approve else ("Reject",
+                                                                                                     "Reject")
+    text = f"{verb} release {release_id}"
+    if replaced:
+        by = f" by {replaced['reviewer']}" if replaced.get("reviewer") else ""
+        text += f", replacing the decision '{replaced.get('outcome')}'{by}"
+    text += "?"
+    if not approve and lora.get("activeReleaseId") == release_id:
+        cleared = cleared_by(lora, {"id": lora.get("id")})
+        text += f" It clears {' and '.join(cleared)}."
+    elif approve and beginner and lora.get("activeReleaseId") != release_id:
+        text += f" It makes it the active release of LoRA {lora.get('id')}."
+    return text + f" Click '{button}' again to record it."
+
+
+class _AskFirst(Exception):
+    """A changed decision is asked about once before it is recorded (the message says what it will do)."""
+
+
 class ReviewPanel(widgets.VBox):
     """Review one release after looking at its eval grid: approve or reject (with notes), activate, recommend.
 
@@ -97,8 +125,9 @@ class ReviewPanel(widgets.VBox):
     allows) and *Reject*. ``on_change(result_messages)`` is called after each change.
 
     One decision at a time: once the release is approved or rejected, Approve and Reject are disabled and
-    *Change decision* appears; it clears the notes and turns them back on, and the new decision needs new
-    notes. A decision that cleared the active release or the recommendation is shown as a warning saying so.
+    *Change decision* appears; it clears the notes and turns them back on. The new decision needs new notes,
+    and its first click only says what it will do (:func:`change_confirmation`); the second records it. A
+    decision that cleared the active release or the recommendation is shown as a warning saying so.
     """
 
     def __init__(self, ws: Workspace | str | Path | None, lora_id: str, release_id: str, *,
@@ -121,7 +150,10 @@ class ReviewPanel(widgets.VBox):
                                             tooltip="make a new decision about this release, with new notes",
                                             layout=widgets.Layout(width="auto"))
         self.changing = False
-        self._replaced_notes: str | None = None  # the notes of the decision being changed
+        self._replaced: dict | None = None      # the review whose decision is being changed
+        self._asked: str | None = None          # the changed decision ("approve"/"reject") already asked about
+        # Asked about one decision with one set of notes: new notes are a new decision to ask about.
+        self.notes.observe(lambda _change: setattr(self, "_asked", None), names="value")
         self.activate_button = widgets.Button(description="Activate", icon="play")
         self.recommend_button = widgets.Button(description="Recommend", icon="star")
         self.validation = widgets.HTML()
@@ -155,15 +187,17 @@ class ReviewPanel(widgets.VBox):
         except LorakitError:
             return None
 
-    def _do(self, call: Callable[[], Any], decision: bool = False) -> list[str]:
+    def _do(self, call: Callable[[], Any], decision: str | None = None) -> list[str]:
         """Run one gate call and show its messages: a refusal in red, with what was done before it; a LoRA the
         gate would not recommend yet, or one that lost its active release or recommendation, in amber."""
         before = self._lora() or {}
         lead = ""
         try:
             if decision:
-                self._check_decision()
+                self._check_decision(decision)
             outcome = call()
+        except _AskFirst as question:
+            messages, kind = [str(question)], "warn"
         except LorakitError as exc:
             messages, kind = [*getattr(exc, "__notes__", ()), str(exc)], "error"
         else:
@@ -174,21 +208,27 @@ class ReviewPanel(widgets.VBox):
                 kind = "warn"
                 lead = f"<b>Note:</b> this cleared {html.escape(' and '.join(cleared))}.<br>"
             if decision:
-                self.changing = False
+                self.changing, self._asked = False, None
         self.result.value = message_box(lead + "<br>".join(html.escape(m) for m in messages), kind)
         self.refresh()
         if self.on_change:
             self.on_change(messages)
         return messages
 
-    def _check_decision(self) -> None:
-        """Refuse a second decision made without "Change decision", and a changed one without new notes."""
+    def _check_decision(self, decision: str) -> None:
+        """Refuse a second decision made without "Change decision", and a changed one without new notes; ask
+        about a changed one once before it is recorded."""
         enabled, _ = decision_controls(self._state(), self.changing)
         if not enabled:
             raise WizardRefusal("a decision about this release is recorded: click 'Change decision' to make "
                                 "a new one")
         if self.changing:
-            check_new_notes(self._notes(), self._replaced_notes)
+            check_new_notes(self._notes(), (self._replaced or {}).get("notes"))
+            if self._asked != decision:
+                question = change_confirmation(self._lora() or {}, self.release_id, decision == "approve",
+                                               self._replaced, self.beginner)
+                self._asked = decision
+                raise _AskFirst(question)
 
     def _state(self) -> str:
         lora = self._lora()
@@ -201,13 +241,13 @@ class ReviewPanel(widgets.VBox):
         """Approve (and, for a beginner, activate and recommend when allowed)."""
         if self.beginner:
             return self._do(lambda: approve_and_activate(self.ws, self.lora_id, self.release_id,
-                                                         **self._review_args()), decision=True)
+                                                         **self._review_args()), decision="approve")
         return self._do(lambda: review_release(self.ws, self.lora_id, self.release_id, approve=True,
-                                               **self._review_args()), decision=True)
+                                               **self._review_args()), decision="approve")
 
     def reject(self) -> list[str]:
         return self._do(lambda: review_release(self.ws, self.lora_id, self.release_id, approve=False,
-                                               **self._review_args()), decision=True)
+                                               **self._review_args()), decision="reject")
 
     def change_decision(self) -> None:
         """Turn Approve and Reject back on for a new decision: the notes box is cleared for its own notes."""
@@ -219,10 +259,12 @@ class ReviewPanel(widgets.VBox):
                 latest = reviews[-1] if reviews else None
             except LorakitError:
                 pass
-        self._replaced_notes = (latest or {}).get("notes") or self.notes.value
+        self._replaced = dict(latest or {"notes": self.notes.value})
         self.changing = True
         self.notes.value = ""
-        self.result.value = message_box("Write new notes, then approve or reject again.", "info")
+        self._asked = None
+        self.result.value = message_box("Write new notes, then approve or reject again (the panel asks once "
+                                        "before it records the new decision).", "info")
         self.refresh()
 
     def activate(self) -> list[str]:
