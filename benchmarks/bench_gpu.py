@@ -116,20 +116,16 @@ def write_dataset(ws, dataset_id: str, size: int, count: int) -> None:
 def full_size_pipeline(ws, family: str, device: str, dtype):
     """A full-size pipeline of ``family`` from the shipped configs, random weights, built on ``device``."""
     import diffusers
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    from lorakit.models.loading import CONFIGS_DIR, complete_config_folder, config_cache_root
+    from lorakit.models.loading import CONFIGS_DIR, complete_config_folder, config_cache_root, models_from_config
 
     folder = complete_config_folder(CONFIGS_DIR / family, family, config_cache_root(ws))  # adds the tokenizers
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
-    with torch.device(device):
-        unet = diffusers.UNet2DConditionModel.from_config(diffusers.UNet2DConditionModel.load_config(folder / "unet"))
-        vae = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(folder / "vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-        text_encoder_2 = (CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
-                          if family == "sdxl" else None)
+    models = models_from_config(folder, family, device, vae=True)
+    unet, vae, text_encoder, text_encoder_2 = (models["unet"], models["vae"], models["text_encoder"],
+                                               models.get("text_encoder_2"))
     for model in (unet, text_encoder, text_encoder_2):
         if model is not None:
             model.to(dtype)

@@ -169,8 +169,8 @@ def estimate(preset: str, *, batch: int | None = None, checkpointing: bool | Non
     is what real tensors allocate)."""
     import diffusers
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from lorakit.models.loading import models_from_config
     from lorakit.train.config import load_preset, resolve_config
     from lorakit.train.networks import add_network, unet_targets
     from lorakit.train.recipe import loss_step
@@ -188,12 +188,9 @@ def estimate(preset: str, *, batch: int | None = None, checkpointing: bool | Non
     folder = model_config_folder(family, smoke, scratch or Path(tempfile.mkdtemp()))
     bf16 = torch.bfloat16
 
-    with torch.device(device):
-        unet = diffusers.UNet2DConditionModel.from_config(diffusers.UNet2DConditionModel.load_config(folder / "unet"))
-        vae = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(folder / "vae"))
-        encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))]
-        if family == "sdxl":
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))
+    models = models_from_config(folder, family, device, vae=True)
+    unet, vae = models.pop("unet"), models.pop("vae")
+    encoders = list(models.values())
     # As the recipe's _setup_model and _add_adapters: the frozen base in the training dtype, adapters in fp32.
     unet.requires_grad_(False)
     unet.to(bf16)

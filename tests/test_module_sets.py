@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from lorakit.models.loading import CONFIGS_DIR
+from lorakit.models.loading import CONFIGS_DIR, models_from_config
 from lorakit.train.config import resolve_config
 from lorakit.train.kohya_format import text_encoder_module_name, unet_module_name
-from lorakit.train.networks import matches, meta_models, module_counts, text_encoder_targets, unet_targets
+from lorakit.train.networks import matches, module_counts, text_encoder_targets, unet_targets
 from lorakit.train.settings import UNET_MODULE_SETS
 
 # (transformer blocks, Transformer2DModels, ResnetBlock2Ds, of which with a 1x1 shortcut, resamplers)
@@ -31,7 +31,7 @@ def kohya_counts(family: str) -> dict[str, int]:
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
 def full_size(request):
     family = request.param
-    return family, meta_models(CONFIGS_DIR / family, family)
+    return family, models_from_config(CONFIGS_DIR / family, family)
 
 
 def test_the_full_size_models_are_built_without_weights(full_size):

@@ -467,6 +467,29 @@ def checkpoint_paths(ws: Workspace, record: dict, config_dir: str | Path | None 
     return {"weights": weights, "vae": vae, "config": config}
 
 
+def models_from_config(config_folder: str | Path, family: str, device: str = "meta", *,
+                       vae: bool = False) -> dict[str, Any]:
+    """The UNet, the text encoder(s) and, with ``vae``, the VAE of a diffusers config folder, with random weights,
+    built on ``device``. On ``meta`` (the default) that is every module and shape with no weights allocated (a
+    full-size SDXL UNet in under a second), which is what counting modules or memory needs."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(config_folder)
+    with torch.device(device):
+        models: dict[str, Any] = {
+            "unet": diffusers.UNet2DConditionModel.from_config(diffusers.UNet2DConditionModel.load_config(
+                folder / "unet")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))}
+        if family == "sdxl":
+            # SDXL's second encoder also projects the pooled embedding its UNet takes.
+            models["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+        if vae:
+            models["vae"] = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(folder / "vae"))
+    return models
+
+
 def checkpoint_config_folder(ws: Workspace, record: dict) -> Path:
     """The diffusers config folder that describes a checkpoint's architecture: the folder itself, or for a
     single file the one :func:`single_file_config_source` picks."""

@@ -95,25 +95,12 @@ def text_encoder_targets(encoder: Any, cfg: dict) -> list[Target]:
     return select_targets(encoder.named_modules(), cfg["text_encoder_target_modules"], cfg)
 
 
-def meta_models(config_folder: str | Path, family: str) -> dict[str, Any]:
-    """The UNet and text encoder(s) of a diffusers config folder, built on the ``meta`` device: every module
-    and shape, no weights allocated (a full-size SDXL UNet in under a second)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    folder = Path(config_folder)
-    encoders = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
-    with torch.device("meta"):
-        models = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))}
-        for name in encoders:
-            models[name] = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / name))
-    return models
-
-
 def module_counts(config_folder: str | Path, family: str, cfg: dict) -> dict[str, int]:
-    """How many modules of each model a run with ``cfg`` adapts (the text encoders only when they are trained)."""
-    models = meta_models(config_folder, family)
+    """How many modules of each model a run with ``cfg`` adapts (the text encoders only when they are trained),
+    counted on the architecture built on the ``meta`` device."""
+    from ..models.loading import models_from_config
+
+    models = models_from_config(config_folder, family)
     counts = {"unet": len(unet_targets(models.pop("unet"), cfg))}
     if cfg["train_text_encoder"]:
         counts.update({name: len(text_encoder_targets(encoder, cfg)) for name, encoder in models.items()})
