@@ -86,18 +86,19 @@ def cleared_by(before: Mapping, after: Mapping) -> list[str]:
     return cleared
 
 
-def change_confirmation(lora: Mapping, release_id: str, approve: bool, replaced: Mapping | None,
-                        beginner: bool) -> str:
+def change_confirmation(lora: Mapping, release_id: str, approve: bool, replaced: Mapping | None, *, button: str,
+                        activates: bool) -> str:
     """What a changed decision will do, asked before it is recorded: the decision it replaces and what it
-    takes away from (or, for a beginner's approval, gives to) the LoRA.
+    takes away from the LoRA (or, when the approval ``activates`` the release, gives to it); ``button`` is the
+    label of the button that records it.
 
     >>> lora = {"id": "x", "activeReleaseId": "r1", "recommended": True}
-    >>> change_confirmation(lora, "r1", False, {"outcome": "approved", "reviewer": "ana"}, beginner=True)
-    "Reject release r1, replacing the decision 'approved' by ana? It clears the active release r1 and the recommendation of LoRA x. Click 'Reject' again to record it."
+    >>> print(change_confirmation(lora, "r1", False, {"outcome": "approved", "reviewer": "ana"}, button="Reject",
+    ...                           activates=True))  # doctest: +NORMALIZE_WHITESPACE
+    Reject release r1, replacing the decision 'approved' by ana? It clears the active release r1 and the
+    recommendation of LoRA x. Click 'Reject' again to record it.
     """
-    verb, button = ("Approve", "Approve and make active" if beginner else "Approve") if approve else ("Reject",
-                                                                                                     "Reject")
-    text = f"{verb} release {release_id}"
+    text = f"{'Approve' if approve else 'Reject'} release {release_id}"
     if replaced:
         by = f" by {replaced['reviewer']}" if replaced.get("reviewer") else ""
         text += f", replacing the decision '{replaced.get('outcome')}'{by}"
@@ -105,7 +106,7 @@ def change_confirmation(lora: Mapping, release_id: str, approve: bool, replaced:
     if not approve and lora.get("activeReleaseId") == release_id:
         cleared = cleared_by(lora, {"id": lora.get("id")})
         text += f" It clears {' and '.join(cleared)}."
-    elif approve and beginner and lora.get("activeReleaseId") != release_id:
+    elif approve and activates and lora.get("activeReleaseId") != release_id:
         text += f" It makes it the active release of LoRA {lora.get('id')}."
     return text + f" Click '{button}' again to record it."
 
@@ -194,7 +195,7 @@ class ReviewPanel(widgets.VBox):
         lead = ""
         try:
             if decision:
-                self._check_decision(decision)
+                self._check_decision(decision, before)
             outcome = call()
         except _AskFirst as question:
             messages, kind = [str(question)], "warn"
@@ -215,23 +216,26 @@ class ReviewPanel(widgets.VBox):
             self.on_change(messages)
         return messages
 
-    def _check_decision(self, decision: str) -> None:
+    def _check_decision(self, decision: str, lora: dict) -> None:
         """Refuse a second decision made without "Change decision", and a changed one without new notes; ask
-        about a changed one once before it is recorded."""
-        enabled, _ = decision_controls(self._state(), self.changing)
+        about a changed one once before it is recorded (``lora``: the record as it is now)."""
+        enabled, _ = decision_controls(self._state(lora), self.changing)
         if not enabled:
             raise WizardRefusal("a decision about this release is recorded: click 'Change decision' to make "
                                 "a new one")
         if self.changing:
             check_new_notes(self._notes(), (self._replaced or {}).get("notes"))
             if self._asked != decision:
-                question = change_confirmation(self._lora() or {}, self.release_id, decision == "approve",
-                                               self._replaced, self.beginner)
+                approve = decision == "approve"
+                button = self.approve_button if approve else self.reject_button
+                # A beginner's approval is approve_and_activate: it also makes the release active.
+                question = change_confirmation(lora, self.release_id, approve, self._replaced,
+                                               button=button.description, activates=self.beginner)
                 self._asked = decision
                 raise _AskFirst(question)
 
-    def _state(self) -> str:
-        lora = self._lora()
+    def _state(self, lora: dict | None) -> str:
+        """The release's review state in ``lora`` (a record, or None when it cannot be read)."""
         try:
             return review_state(get_release(lora, self.release_id)) if lora else "unreviewed"
         except LorakitError:
