@@ -157,8 +157,9 @@ def model_config_folder(family: str, smoke: bool, scratch: Path) -> Path:
     return folder
 
 
-def parameter_bytes(model, dtype_bytes: int | None = None) -> int:
-    return sum(p.numel() * (dtype_bytes or p.element_size()) for p in model.parameters())
+def parameter_bytes(model, dtype_bytes: int) -> int:
+    """The bytes of ``model``'s parameters held in a dtype of ``dtype_bytes`` bytes (as the run casts it)."""
+    return sum(p.numel() for p in model.parameters()) * dtype_bytes
 
 
 def estimate(preset: str, *, batch: int | None = None, checkpointing: bool | None = None, rank: int | None = None,
