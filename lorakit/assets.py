@@ -25,12 +25,10 @@ file no record uses, never a record pointing at nothing.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import os
 import re
-import tempfile
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,11 +49,12 @@ from .datasets import (
     pick_version,
     spec_tags,
 )
-from .errors import AssetError, BadImage, LorakitError, RecordNotFoundError
+from .errors import AssetError, BadImage, LorakitError, RecordError, RecordNotFoundError
 from .hashing import file_sha256
 from .ids import check_id, new_ulid
 from .imagehash import DEFAULT_THRESHOLD, dhash, has_alpha, hash_hex, near_pairs
 from .locks import RecordLock, state_folder
+from .roots import MAX_IMAGE_BYTES, read_regular
 from .store import Store, now_iso
 from .workspace import Workspace, as_workspace
 
@@ -452,9 +451,12 @@ def _new_item(importer: _Importer, image: SourceImage, request: _ImportRequest, 
     """The arguments of ``importer.commit`` for a new image, or None when it is skipped, a duplicate, or (in a
     dry run) only reported."""
     try:
-        data = image.path.read_bytes()
+        data = read_regular(image.path, "image", max_bytes=MAX_IMAGE_BYTES)
     except OSError as exc:
         report.skipped.append({"path": image.shown, "reason": f"cannot be read: {exc.strerror or exc}"})
+        return None
+    except RecordError as exc:  # a FIFO, a device or a socket under an image's name
+        report.skipped.append({"path": image.shown, "reason": str(exc)})
         return None
     try:
         facts = inspect_image(data)
@@ -498,7 +500,7 @@ def import_lock(store: Store, project: str, dry_run: bool):
         return contextlib.nullcontext()
     state_folder(store.root, "locks")
     return RecordLock(store.root / ".lorakit" / "locks" / f"import-{project}.lock", f"importing into project {project!r}",
-                      IMPORT_LOCK_TIMEOUT_S)
+                      IMPORT_LOCK_TIMEOUT_S, store.fs)
 
 
 class _Importer:
@@ -537,12 +539,14 @@ class _Importer:
         """Import one image: its file, then its asset record. Returns the report entry. On any exception
         the file is removed again, unless the record got written (then the item is whole)."""
         store, project = self.store, self.project
-        tmp = final = None
+        final = None
         try:
             if self.in_place:
                 path = _record_path(store, image.path)
             else:
-                tmp, final = _place_copy(self.files_root / image.group, image.path.name, data)
+                # Through the data root's directory handle: a project folder that is (or becomes) a link to
+                # somewhere else is refused, never copied into.
+                final = store.fs.create_free(self.files_root / image.group, image.path.name, data)
                 path = store.relative(final)
             record = build_asset_record(
                 asset_id=asset_id, project=project, spec_id=spec_id, path=path, facts=facts, tags=variant_tags,
@@ -551,53 +555,9 @@ class _Importer:
             self.used_specs.add(spec_id)
         except BaseException:
             if final is not None and not store.exists("asset", asset_id, project):
-                final.unlink(missing_ok=True)
+                store.fs.remove(final)
             raise
-        finally:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
         return {"path": image.shown, "asset_id": asset_id, "spec_id": spec_id, "file": path}
-
-
-def _place_copy(folder: Path, name: str, data: bytes) -> tuple[Path, Path]:
-    """Write ``data`` under a hidden temporary name in ``folder`` and hard-link it to a free name there
-    (``duck.png``, else ``duck-1.png``, ...). Linking fails rather than overwrite, so two imports never
-    clobber each other's files. Returns ``(temporary, final)``; the caller removes the temporary link."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        stem, suffix = Path(name).stem, Path(name).suffix
-        for n in range(100_000):
-            final = folder / (name if n == 0 else f"{stem}-{n}{suffix}")
-            try:
-                os.link(tmp, final)
-                return tmp, final
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
-                    raise
-                # No hard links on this file system: exclusive create still never overwrites.
-                try:
-                    handle = open(final, "xb")  # closed below; removed if the write fails
-                except FileExistsError:
-                    continue
-                try:
-                    with handle:
-                        handle.write(data)
-                except BaseException:
-                    final.unlink(missing_ok=True)
-                    raise
-                return tmp, final
-        raise AssetError(f"no free file name for {name} in {folder}")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _record_path(store: Store, path: Path) -> str:
@@ -779,7 +739,8 @@ def find_duplicates(
         sha, perceptual = processing.get("sha256"), processing.get("dhash64")
         if not (sha and perceptual):
             try:
-                facts = inspect_image(store.file_path(variant.get("originalPath", "")).read_bytes())
+                facts = inspect_image(read_regular(store.file_path(variant.get("originalPath", "")), "image",
+                                                   max_bytes=MAX_IMAGE_BYTES))
             except (OSError, BadImage, LorakitError) as exc:
                 problems.append(f"asset {asset.get('id')}: {variant.get('originalPath')}: {exc}")
                 continue

@@ -24,7 +24,8 @@ import orjson
 from .errors import RecordError, RecordNotFoundError
 from .hashing import cache_entry, cached_value, is_racy
 from .ids import check_id
-from .store import Store, loads_json, parse_json, write_cache
+from .roots import read_regular
+from .store import MAX_RECORD_BYTES, Store, loads_json, parse_json, read_cache, write_cache
 from .workspace import Workspace, as_workspace
 
 VERSION_STATUSES = ("draft", "review", "approved", "rejected", "deprecated")
@@ -128,8 +129,7 @@ def _read_raw(path: str) -> object:
 
 def _read_bytes(path: str) -> bytes | OSError:
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        return read_regular(path, "record file", max_bytes=MAX_RECORD_BYTES, single_link=True, no_follow=True)
     except OSError as exc:
         return exc
 
@@ -214,8 +214,7 @@ class RecordCache:
         self.entries: dict[str, list] = {}
         self.dirty = False
         try:
-            with open(self.path, "rb") as handle:
-                raw = orjson.loads(handle.read())
+            raw = orjson.loads(read_cache(self.path) or b"null")
             if type(raw) is dict and raw.get("version") == RECORD_CACHE_VERSION and type(raw.get("entries")) is dict:
                 self.entries = raw["entries"]
         except (OSError, ValueError):
@@ -322,7 +321,8 @@ def iter_asset_chunks(ws: Workspace | str | Path | None, project: str, reader: F
     here); the rest are read and checked, and put in ``records`` for the caller to save.
     """
     ws = as_workspace(ws)
-    folder = os.fspath(require_project(ws.store, project) / "assets")
+    require_project(ws.store, project)
+    folder = os.fspath(ws.store.folder("asset", project))  # refused when it leads out of the data root
     try:
         names = sorted(n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith("."))
     except FileNotFoundError:
@@ -374,7 +374,7 @@ class SpecIndex:
 
     def __init__(self, store: Store, project: str, *, records: RecordCache | None = None):
         self._store = store
-        self._folder = os.fspath(store.project_dir(project) / "specs")
+        self._folder = os.fspath(store.folder("spec", project))
         self._cache: dict[str, dict | None] = {}
         self._records = records if records is not None else RecordCache(store, project, "specs")
 

@@ -43,7 +43,8 @@ from .catalog import (
 from .errors import DatasetError, RecordError, UnreadableImageError
 from .hashing import cache_entry, cached_value, is_racy
 from .ids import check_id, given_or_new_id
-from .store import Store, contained_path, now_iso, write_cache
+from .roots import MAX_IMAGE_BYTES, read_regular
+from .store import Store, contained_path, now_iso, read_cache, write_cache
 from .workspace import Workspace, as_workspace
 
 if TYPE_CHECKING:
@@ -422,8 +423,7 @@ def hash_and_verify(path: str) -> str:
     be garbage while every checksum passes, and the trainer must not be the first to find out. Only images not
     in the hash cache get here, so a warm build decodes nothing.
     """
-    with open(path, "rb") as handle:
-        data = handle.read()
+    data = read_regular(path, "image", max_bytes=MAX_IMAGE_BYTES)
     digest = hashlib.sha256(data).hexdigest()
     if data[:8] == PNG_SIGNATURE:
         problem = png_problem(data)
@@ -446,6 +446,8 @@ def _hash_job(path: str) -> str | UnreadableImageError:
         return hash_and_verify(path)
     except UnreadableImageError as exc:
         return exc
+    except RecordError as exc:  # a FIFO, a device or a socket under an image's name
+        return UnreadableImageError(str(exc))
     except OSError as exc:
         return UnreadableImageError(f"cannot be read ({exc.strerror or exc})")
 
@@ -462,8 +464,7 @@ class HashCache:
         self.entries: dict[str, list] = {}
         self.dirty = False
         try:
-            with open(self.path, "rb") as handle:
-                raw = json.loads(handle.read())
+            raw = json.loads(read_cache(self.path) or b"null")
             if isinstance(raw, dict) and raw.get("version") == HASH_CACHE_VERSION and isinstance(raw.get("entries"), dict):
                 self.entries = raw["entries"]
         except (OSError, ValueError):
@@ -869,9 +870,12 @@ def export_dataset(
         for item, file_name in zip(items, names, strict=True):
             source = ws.store.file_path(item["path"])
             try:
-                data = source.read_bytes()
+                data = read_regular(source, "image", max_bytes=MAX_IMAGE_BYTES)
             except OSError as exc:
                 problems.append(f"{item['path']}: {exc.strerror or exc}")
+                continue
+            except RecordError as exc:
+                problems.append(f"{item['path']}: {exc}")
                 continue
             if item.get("sha256") and hashlib.sha256(data).hexdigest() != item["sha256"]:
                 problems.append(f"{item['path']}: changed since the manifest was built (sha256 differs)")

@@ -772,7 +772,7 @@ def cleanup_eval(
     for path in report.specs:
         store.delete("spec", path.stem, project)
     for path in report.temp_files + report.images:
-        path.unlink(missing_ok=True)
+        store.fs.remove(path)
     if images and eval_record is not None:
         def drop_images(record: dict) -> None:
             for output in record.get("outputs") or []:
@@ -780,8 +780,7 @@ def cleanup_eval(
             record["status"] = eval_status(record)
 
         store.update("eval", eval_id, drop_images, eval_project)
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+        store.fs.remove_folder(folder, only_empty=True)
     return report
 
 

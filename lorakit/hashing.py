@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError
-from .store import write_atomic
+from .roots import open_regular
+from .store import read_cache, write_cache
 
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB blocks so large weights files never sit in memory."""
-    with open(path, "rb") as handle:
+    with open_regular(path, "weights file") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
@@ -34,7 +35,7 @@ def safetensors_header(path: str | os.PathLike) -> dict | None:
     Only the header is read (no tensors, no torch): 8 bytes of little-endian length, then that much JSON.
     """
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path, "weights file") as handle:
             head = handle.read(8)
             if len(head) < 8:
                 return None
@@ -85,7 +86,7 @@ def weights_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
     The folder hash is the sha256 of one ``<relative posix path>\\0<file sha256>\\n`` line per weight file
     (``*.safetensors``, ``*.bin``, ...; hidden files skipped), sorted by path, so it depends neither on the machine
     nor on files that hold no weights (configs, tokenizers, a README). Real checkpoints are gigabytes: with a
-    ``cache_dir`` the result is kept there and reused while every file keeps its :func:`stat_key`.
+    ``cache_dir`` (a folder under ``<dataRoot>/.lorakit``) the result is kept there and reused while every file keeps its :func:`stat_key`.
     """
     path = Path(path)
     if path.is_file():
@@ -102,7 +103,7 @@ def weights_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
     if cache_dir is not None:
         cache_file = Path(cache_dir) / (hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:20] + ".json")
         try:
-            cached = json.loads(cache_file.read_text(encoding="utf-8"))
+            cached = json.loads(read_cache(cache_file) or b"null")
             if cached.get("stamp") == stamp and isinstance(cached.get("sha256"), str):
                 return cached["sha256"]
         except (OSError, ValueError, AttributeError):
@@ -117,6 +118,5 @@ def weights_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
     now_ns = time.time_ns()
     if cache_file is not None and not any(is_racy(st, now_ns) for st in stats):  # see is_racy
         with contextlib.suppress(OSError):  # a cache: a full or read-only disk only costs the next run a rehash
-            write_atomic(cache_file, json.dumps({"path": str(path), "stamp": stamp, "sha256": value}).encode("utf-8"),
-                         durable=False)
+            write_cache(cache_file, json.dumps({"path": str(path), "stamp": stamp, "sha256": value}).encode("utf-8"))
     return value

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .errors import RecordError
+from .roots import Root
 
 try:
     import fcntl
@@ -48,10 +49,10 @@ def state_folder(root: Path, *parts: str) -> Path:
         raise RecordError(f"{folder} leads out of the data root to {real} through a symbolic link; make "
                           f"{root / '.lorakit'} a real folder (it holds only locks and caches)")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if folder.is_dir():
-            return folder
-    except (FileExistsError, NotADirectoryError):
+        # Made through the root's directory handle: a link planted after the check above is refused, not followed.
+        Root(root).make_folder(folder)
+        return folder
+    except (FileExistsError, NotADirectoryError, RecordError):
         pass
     except OSError as exc:
         raise RecordError(f"cannot create {folder}: {exc.strerror}") from None
@@ -63,10 +64,14 @@ def state_folder(root: Path, *parts: str) -> Path:
 
 
 class RecordLock:
-    """An exclusive lock on one record, from every process and thread. Use as a context manager."""
+    """An exclusive lock on one record, from every process and thread. Use as a context manager.
 
-    def __init__(self, lock_path: Path, what: object, timeout: float):
-        self.path, self.what, self.timeout = Path(lock_path), what, timeout
+    The lock file is opened through ``root`` (the data root): a lock file that is a link, a special file or a
+    name for a file elsewhere (more than one hard link) is refused, so a planted one never takes the holder's
+    note outside the root."""
+
+    def __init__(self, lock_path: Path, what: object, timeout: float, root: Root):
+        self.path, self.what, self.timeout, self.root = Path(lock_path), what, timeout, root
         self._fd: int | None = None
         self._inode: int | None = None
 
@@ -105,7 +110,7 @@ class RecordLock:
     def _acquire(self) -> None:
         deadline = time.monotonic() + self.timeout
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self.root.open_lock(self.path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

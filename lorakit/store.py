@@ -13,8 +13,6 @@ import json
 import math
 import os
 import re
-import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from hashlib import sha1
@@ -26,6 +24,7 @@ import orjson
 from .errors import RecordError, RecordNotFoundError
 from .ids import check_id
 from .locks import RecordLock, held_lock, state_folder
+from .roots import MAX_CACHE_BYTES, Root, read_regular
 from .schemas import validation_errors
 
 # kind -> (folder under the scope root, schema name). Scoped kinds live in data/shared/ when no project is
@@ -40,6 +39,9 @@ SCHEMA_OF = {
     **{f"catalog:{name}": f"catalog-{name}" for name in CATALOG_NAMES},
 }
 LOCK_TIMEOUT_S = 60
+# The largest record file lorakit reads: far above the largest manifest (a 100,000-item dataset is ~60 MB), far
+# below what a planted file could use to exhaust memory.
+MAX_RECORD_BYTES = 1 << 30
 
 
 def now_iso(moment: datetime | None = None) -> str:
@@ -148,11 +150,11 @@ def loads_json(data: bytes, where: object) -> object:
 
 
 def parse_json(path: str | os.PathLike) -> object:
-    """Parse one JSON file; a syntax error names the file, line and column. A missing file raises
-    :class:`FileNotFoundError` so callers can tell "absent" from "broken"."""
+    """Parse one record file; a syntax error names the file, line and column. A missing file raises
+    :class:`FileNotFoundError` so callers can tell "absent" from "broken". The file must be a regular file of
+    its own: a symbolic link, a hard link to a file elsewhere, a FIFO or a device is an error naming it."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = read_regular(path, "record file", max_bytes=MAX_RECORD_BYTES, single_link=True, no_follow=True)
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -172,6 +174,7 @@ class Store:
 
     def __init__(self, data_root: str | Path):
         self.root = Path(data_root).resolve()
+        self.fs = Root(self.root, "the data root")  # every write and delete under the root goes through it
         self._real_dirs: dict[str, str] = {}  # resolved record folders (see contained_path)
 
     # ---- paths -------------------------------------------------------------------------------------
@@ -239,7 +242,7 @@ class Store:
     def lock_for(self, path: Path) -> RecordLock:
         lock = self.lock_path(path)
         state_folder(self.root, "locks")
-        return RecordLock(lock, path, LOCK_TIMEOUT_S)
+        return RecordLock(lock, path, LOCK_TIMEOUT_S, self.fs)
 
     # ---- reading -----------------------------------------------------------------------------------
     def exists(self, kind: str, record_id: str, project: str | None = None) -> bool:
@@ -345,11 +348,7 @@ class Store:
     def delete(self, kind: str, record_id: str, project: str | None = None) -> bool:
         path = self.path(kind, record_id, project)
         with self.lock_for(path):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                return False
-        return True
+            return self.fs.remove(path)
 
     @contextlib.contextmanager
     def claim(self, kind: str, record_id: str, project: str | None = None) -> Iterator[Path]:
@@ -365,18 +364,7 @@ class Store:
 
     def _atomic_write(self, path: Path, record: object) -> None:
         lock = held_lock(self.lock_path(path))
-        write_atomic(path, dump_json(record, path).encode("utf-8"), before_replace=lock.verify if lock else None)
-
-
-def _read_umask() -> int:
-    # os.umask can only be read by setting it, so it is set straight back; done once, at import, before any
-    # thread of ours could create a file in between.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
+        self.fs.write_atomic(path, dump_json(record, path).encode("utf-8"), before_replace=lock.verify if lock else None)
 
 
 _ABSOLUTE = re.compile(r"^([/\\]|[A-Za-z]:)")
@@ -416,55 +404,27 @@ def contained_path(root: str, rel: object, real_dirs: dict[str, str] | None = No
     return None, real
 
 
+def read_cache(path: str | os.PathLike) -> bytes | None:
+    """A cache file under ``<dataRoot>/.lorakit/`` written by :func:`write_cache`, read the way it was written
+    (through directory handles, no link followed); None when there is none or it cannot be read. A link, a
+    special file or a hard-linked file there is an error naming it."""
+    path = Path(path)
+    try:
+        with Root(path.parent.parent.parent).open_read(path, "cache file", max_bytes=MAX_CACHE_BYTES) as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
 def write_cache(path: str | os.PathLike, data: bytes) -> None:
     """Save a cache file under ``<dataRoot>/.lorakit/cache/`` (no fsync: it can be rebuilt). A full or read-only
-    disk skips the save, so the next run rebuilds what it lacks; a ``.lorakit`` that is not a folder is an error."""
+    disk skips the save, so the next run rebuilds what it lacks; a ``.lorakit`` that is not a folder, or a link
+    on the way, is an error."""
     path = Path(path)
-    state_folder(path.parent.parent.parent, path.parent.name)
+    root = path.parent.parent.parent
+    state_folder(root, path.parent.name)
     with contextlib.suppress(OSError):
-        write_atomic(path, data, durable=False)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, durable: bool = True,
-                before_replace: Callable[[], None] | None = None) -> Iterator[str]:
-    """Write ``path`` all at once: yields a temporary file in the same folder to write (by any means: bytes,
-    ``safetensors``, ``torch.save``, Pillow), then renames it over ``path``; on an error it is removed.
-
-    Readers see the old file or the new one, never half of one, even if the writer is killed. ``durable``
-    also syncs the data to disk before the rename (records, weights); caches that can be rebuilt skip that cost.
-    The file keeps its permission bits (a new one gets what the umask allows, as ``open`` would give it), where a
-    bare temporary file would be private (0600) to whoever rewrote it last. ``before_replace`` is the last
-    moment to refuse (e.g. the record's lock was taken away).
-    """
-    folder = os.path.dirname(os.fspath(path)) or "."
-    os.makedirs(folder, exist_ok=True)
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        mode = 0o666 & ~_UMASK
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        os.close(fd)
-        yield tmp
-        if durable:
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = True,
-                 before_replace: Callable[[], None] | None = None) -> None:
-    """Replace ``path`` with ``data`` all at once (see :func:`atomic_path`)."""
-    with atomic_path(path, durable=durable, before_replace=before_replace) as tmp, open(tmp, "wb") as handle:
-        handle.write(data)
+        Root(root).write_atomic(path, data, durable=False)
 
 
 def _missing_message(kind: str, record_id: str, project: str | None) -> str:

@@ -48,7 +48,8 @@ from .evals import (
 from .hashing import file_sha256
 from .locks import pid_alive
 from .loras import adapter_name
-from .store import atomic_path, now_iso
+from .roots import Root
+from .store import now_iso
 from .workspace import Workspace, as_workspace
 
 DEFAULT_LEASE_S = 120.0
@@ -514,22 +515,23 @@ def a1111_parameters(settings: dict) -> str:
     return "\n".join(lines)
 
 
-def write_png(image, path: Path, settings: dict) -> None:
-    """Write ``image`` with its settings in PNG text chunks, atomically (temp file, fsync, rename).
+def write_png(image, path: Path, settings: dict, root: Root) -> None:
+    """Write ``image`` with its settings in PNG text chunks, atomically (temp file, fsync, rename), inside
+    ``root`` (the data root): an eval folder that is, or becomes, a link is refused, never written through.
 
     Temp files of this cell left by a killed worker are removed first: whoever holds the job's lease is
     the only writer of its cell.
     """
     from PIL.PngImagePlugin import PngInfo
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a worker killed mid-write
-        stale.unlink(missing_ok=True)
+    folder = root.make_folder(path.parent)
+    for stale in folder.glob(f".{path.name}.*.tmp"):  # left by a worker killed mid-write
+        root.remove(stale)
     info = PngInfo()
     info.add_text("lorakit", json.dumps(settings, sort_keys=True, ensure_ascii=False))
     info.add_text("parameters", a1111_parameters(settings))
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+    with root.atomic(path) as handle:
+        image.save(handle, format="PNG", pnginfo=info)
 
 
 def read_png_settings(path: str | Path) -> dict:
@@ -580,7 +582,7 @@ def process_batch(ws: Workspace, cache: PipelineCache, claims: list[Claim], owne
             for claim, target in zip(claims, targets, strict=True):
                 data = claim.job["input"]
                 settings = {**data["settings"], "scheduler": scheduler}
-                write_png(images[data["cellKey"]], target, settings)
+                write_png(images[data["cellKey"]], target, settings, ws.store.fs)
                 outputs.append({**settings, "images": [data["imagePath"]], "cellKey": data["cellKey"],
                                 "jobId": claim.job["id"], "worker": owner, "renderedAt": now_iso(),
                                 "renderSeconds": seconds})

@@ -26,6 +26,7 @@ from lorakit.assets import (
     parse_caption,
 )
 from lorakit.cli import main
+from lorakit.errors import RecordError
 from lorakit.validate import validate_records
 from lorakit.workspace import open_workspace
 
@@ -269,7 +270,7 @@ def test_an_item_that_fails_half_way_is_rolled_back(ws, art):
     blocker = ws.data_root / "projects" / "game" / "assets"
     blocker.parent.mkdir(parents=True)
     blocker.write_text("in the way", encoding="utf-8")
-    with pytest.raises(OSError):
+    with pytest.raises(RecordError, match="assets is a regular file where a folder belongs"):
         import_assets(ws, "game", art)
     assert files_under(ws.data_root / "files") == set()  # neither the copy nor its temporary file
     assert ws.store.list_ids("spec", "game") == []

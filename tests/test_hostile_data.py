@@ -359,10 +359,9 @@ def template(tmp_path_factory) -> Iterator[Template]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def studio(template: Template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Studio:
-    """A fresh copy of the template (the demo data again, then everything the template added) and an empty
-    ``outside`` folder; the environment points lorakit at the copy, here and in subprocesses."""
+def new_studio(template: Template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Studio:
+    """A fresh copy of the template under ``tmp_path`` (the demo data again, then everything the template added)
+    and an empty ``outside`` folder; the environment points lorakit at the copy, here and in subprocesses."""
     root = tmp_path / "studio"
     data, config = copy_demo_data(root, root / "models")
     shutil.copytree(template.root / "data", data, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lorakit"))
@@ -374,6 +373,11 @@ def studio(template: Template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     for key, value in made.env().items():
         monkeypatch.setenv(key, value)
     return made
+
+
+@pytest.fixture
+def studio(template: Template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Studio:
+    return new_studio(template, tmp_path, monkeypatch)
 
 
 # ---- planting escapes ------------------------------------------------------------------------------------------
@@ -890,3 +894,107 @@ def test_a_data_root_folder_linked_outside_is_not_written_through(studio: Studio
     result = studio.cli(argv(studio))
     check_outside(watch, f"{rel} -> {target}", result)
     check_no_traceback(result)
+
+
+# ---- the tests: every path a command writes, planted with links -----------------------------------------------
+# The write side: each writing command is run once on an untouched studio, and every file it wrote (records, lock
+# files, caches, images, a run's files) and every folder it wrote into is found by comparing the studio's trees
+# before and after. Each of those places is then planted, in a fresh studio, with a link to a file or folder
+# outside (a symbolic link to a copy, a dangling symbolic link, a hard link), and the command runs again. It may
+# succeed or refuse with an ``error:`` line, but it must not read, write, create or delete anything outside.
+WRITERS = {
+    "dataset build": COMMANDS["dataset build"].argv,
+    "assets import": lambda s: ["assets", "import", "--project", PROJECT, "--dir", str(s.drop())],
+    "assets tag": lambda s: ["assets", "tag", "--project", PROJECT, "--asset", ASSET, "--add", "hostile"],
+    "lora eval-grid": COMMANDS["lora eval-grid"].argv,
+    "lora cleanup-eval --images": COMMANDS["lora cleanup-eval --images"].argv,
+    "worker --once": COMMANDS["worker --once"].argv,
+    "lora train": COMMANDS["lora train"].argv,
+}
+SLOW_WRITERS = {"worker --once", "lora train"}
+FILE_LINKS = ("file-link", "dangling-link", "hard-link")
+
+
+def _snapshot(root: Path) -> dict[Path, tuple]:
+    """Every entry under ``root``: its type, inode, size and modification time (no file is read)."""
+    found = {}
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(top) / name
+            st = os.lstat(path)
+            found[path.relative_to(root)] = (stat.S_IFMT(st.st_mode), st.st_ino, st.st_size, st.st_mtime_ns)
+    return found
+
+
+def written_places(before: dict[Path, tuple], after: dict[Path, tuple]) -> tuple[list[Path], list[Path]]:
+    """The regular files a command created or rewrote, and the folders it wrote into (each file's folders up to
+    the studio's top folders), relative to the studio root."""
+    files = sorted(p for p, facts in after.items() if stat.S_ISREG(facts[0]) and before.get(p) != facts)
+    folders = sorted({parent for p in files for parent in p.parents if len(parent.parts) >= 2})
+    return files, folders
+
+
+def plant_write_link(studio: Studio, rel: Path, variant: str, n: int) -> str:
+    """Put a link of ``variant`` at ``rel`` (a file or folder a command writes), to a canary under outside."""
+    place, canary = studio.root / rel, studio.outside / f"canary-{n}"
+    if variant == "dir-link":
+        if place.is_dir():
+            shutil.copytree(place, canary, symlinks=True)
+        else:
+            canary.mkdir()
+        place_link(place, canary)
+        return f"{rel} -> {canary}/"
+    if variant == "dangling-link":
+        place_link(place, studio.outside / f"missing-{n}")
+        return f"{rel} -> a dangling link into outside"
+    if place.is_file():
+        shutil.copy2(place, canary)
+    else:
+        canary.write_text("outside file\n")
+    if variant == "file-link":
+        place_link(place, canary)
+    else:
+        if place.exists() or place.is_symlink():
+            place.unlink()
+        place.parent.mkdir(parents=True, exist_ok=True)
+        os.link(canary, place)
+    return f"{rel} -> {canary} ({variant})"
+
+
+def check_hostile_write(result: Result, what: str) -> None:
+    check_no_traceback(result)
+    if result.rc != 0:
+        assert result.rc == 1 and result.message.startswith("error: "), f"{what}: not an error line:\n{result}"
+
+
+@pytest.mark.parametrize("command", [pytest.param(c, marks=[pytest.mark.slow] if c in SLOW_WRITERS else [])
+                                     for c in WRITERS])
+def test_no_write_follows_a_link_out_of_its_root(template: Template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 command: str) -> None:
+    argv = WRITERS[command]
+    clean = new_studio(template, tmp_path / "clean", monkeypatch)
+    before = _snapshot(clean.root)
+    result = clean.cli(argv(clean), inproc=True)
+    check_no_traceback(result)
+    assert result.rc == 0, str(result)
+    files, folders = written_places(before, _snapshot(clean.root))
+    assert files, f"{command} wrote nothing the test can find"
+    places = [(rel, v) for rel in files for v in FILE_LINKS] + [(rel, "dir-link") for rel in folders]
+    if command in SLOW_WRITERS:  # each run loads the model: the places a shared folder can carry, not every cache
+        places = [(rel, v) for rel, v in places if v in ("file-link", "hard-link", "dir-link")]
+    failures = []
+    for n, (rel, variant) in enumerate(places):
+        case = new_studio(template, tmp_path / f"case-{n}", monkeypatch)
+        planted = plant_write_link(case, rel, variant, n)
+        watch = case.watch()
+        result = case.cli(argv(case), inproc=True)
+        problems = watch.problems()
+        if problems:
+            failures.append(f"{planted}: " + "; ".join(problems) + f"\n{result}")
+        try:
+            check_hostile_write(result, planted)
+        except AssertionError as exc:
+            failures.append(str(exc))
+        shutil.rmtree(tmp_path / f"case-{n}", ignore_errors=True)
+    assert not failures, f"{len(failures)} of {len(places)} planted links went wrong:\n" + "\n".join(failures[:5])
+

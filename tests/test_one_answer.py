@@ -7,7 +7,7 @@
 5. adapter names: one ``lorakit.loras.adapter_name``, the same in the picker and the worker;
 6. the release finder: one ``lorakit.loras.get_release``;
 7. times and processes: one ``now_iso``, one ``pid_alive``;
-8. atomic writes: one ``atomic_path``.
+8. atomic writes: one ``Root.atomic``.
 
 Real records in a temporary data root, real files, the tiny random-weight checkpoint where a model is needed.
 """
@@ -46,7 +46,8 @@ from lorakit.evals import create_eval_grid
 from lorakit.hashing import file_sha256, weights_sha256
 from lorakit.loras import adapter_name, add_release, create_lora, get_lora, get_release, make_release
 from lorakit.models.registry import checkpoint_weights_hash, get_checkpoint, register_checkpoint
-from lorakit.store import atomic_path, now_iso
+from lorakit.roots import Root
+from lorakit.store import now_iso
 from lorakit.train import resolve_run_inputs, train_lora
 from lorakit.workspace import Workspace, init_data_root
 
@@ -643,51 +644,48 @@ def current_umask() -> int:
     return mask
 
 
-def test_atomic_path_replaces_whole_and_keeps_the_mode(tmp_path: Path) -> None:
+def test_atomic_writes_replace_whole_and_keep_the_mode(tmp_path: Path) -> None:
+    root = Root(tmp_path)
     target = tmp_path / "out" / "record.json"
     target.parent.mkdir()
     target.write_bytes(b"old contents")
     target.chmod(0o640)
-    with atomic_path(target) as tmp:
-        assert Path(tmp).parent == target.parent and Path(tmp) != target
-        Path(tmp).write_bytes(b"new contents")
+    with root.atomic(target) as handle:
+        handle.write(b"new contents")
         assert target.read_bytes() == b"old contents"  # not visible before the block ends
+        assert len(leftovers(target.parent, {"record.json"})) == 1  # the temporary file, in the same folder
     assert target.read_bytes() == b"new contents"
     assert target.stat().st_mode & 0o777 == 0o640
     assert leftovers(target.parent, {"record.json"}) == []
 
     target.chmod(0o604)
-    with atomic_path(target, durable=False) as tmp:
-        Path(tmp).write_bytes(b"third")
+    root.write_atomic(target, b"third", durable=False)
     assert target.read_bytes() == b"third" and target.stat().st_mode & 0o777 == 0o604
 
     # A new file gets what the umask allows, as open() gives it.
     fresh = target.parent / "fresh.json"
-    with atomic_path(fresh) as tmp:
-        Path(tmp).write_bytes(b"{}")
+    root.write_atomic(fresh, b"{}")
     plain = target.parent / "plain.json"
     plain.write_bytes(b"{}")
     assert fresh.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~current_umask()
     assert leftovers(target.parent, {"record.json", "fresh.json", "plain.json"}) == []
 
 
-def test_atomic_path_leaves_the_old_file_on_an_error(tmp_path: Path) -> None:
+def test_an_atomic_write_leaves_the_old_file_on_an_error(tmp_path: Path) -> None:
+    root = Root(tmp_path)
     target = tmp_path / "weights.safetensors"
     target.write_bytes(b"old weights")
     target.chmod(0o640)
-    seen = []
     with pytest.raises(RuntimeError, match="writer failed"):
-        with atomic_path(target) as tmp:
-            seen.append(tmp)
-            Path(tmp).write_bytes(b"half of the new")
+        with root.atomic(target) as handle:
+            handle.write(b"half of the new")
             raise RuntimeError("writer failed")
     assert target.read_bytes() == b"old weights" and target.stat().st_mode & 0o777 == 0o640
-    assert not Path(seen[0]).exists()
     assert leftovers(tmp_path, {"weights.safetensors"}) == []
     # and for a file that did not exist: still none
     with pytest.raises(KeyboardInterrupt):
-        with atomic_path(tmp_path / "new.bin") as tmp:
-            Path(tmp).write_bytes(b"x")
+        with root.atomic(tmp_path / "new.bin") as handle:
+            handle.write(b"x")
             raise KeyboardInterrupt
     assert leftovers(tmp_path, {"weights.safetensors"}) == []
 
@@ -707,7 +705,6 @@ def file_size_limit(limit: int):
 
 def test_save_lora_file_never_leaves_a_partial_file(tmp_path: Path) -> None:
     import torch
-    from safetensors import SafetensorError
 
     from lorakit.train.kohya_format import read_lora_file, save_lora_file
 
@@ -720,13 +717,13 @@ def test_save_lora_file_never_leaves_a_partial_file(tmp_path: Path) -> None:
     assert read_lora_file(path)[1] == {"ss_network_dim": "4"}
 
     large = {"lora_unet_x.lora_down.weight": torch.randn(512, 512)}  # 1 MiB: fails a quarter of the way in
-    with file_size_limit(256 * 1024), pytest.raises(SafetensorError, match="File too large"):
+    with file_size_limit(256 * 1024), pytest.raises(OSError, match="File too large"):
         save_lora_file(path, large, {"ss_network_dim": "512"})
     assert path.read_bytes() == old
     assert leftovers(folder, {"hero.safetensors"}) == []
 
     fresh = folder / "other.safetensors"
-    with file_size_limit(256 * 1024), pytest.raises(SafetensorError, match="File too large"):
+    with file_size_limit(256 * 1024), pytest.raises(OSError, match="File too large"):
         save_lora_file(fresh, large, {})
     assert not fresh.exists()
     assert leftovers(folder, {"hero.safetensors"}) == []

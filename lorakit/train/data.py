@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from ..hashing import file_sha256
-from ..store import Store, atomic_path
+from ..roots import Root, check_regular
+from ..store import Store
 from .config import TrainingError, parse_color
 
 if TYPE_CHECKING:  # torch is imported where it is used, so planning a run (and the CLI) stays light
@@ -260,8 +261,14 @@ def latent_cache_key(image_sha256: str, checkpoint_id: str, checkpoint_hash: str
 class LatentCache:
     """Latents on disk, one safetensors file per key, shared by all runs (and processes) on a machine."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, root: Root | None = None):
+        # Written through ``root`` (the data root for the default folder), so a cache folder that is a link is
+        # refused; a folder the user named is its own root.
         self.folder = Path(folder)
+        if root is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            root = Root(self.folder, "the latent cache folder")
+        self.root = root
 
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
@@ -273,13 +280,13 @@ class LatentCache:
         if not path.exists():
             return None
         try:
+            check_regular(path, "cached latent")
             return load_file(str(path))["latent"]
         except Exception:  # a damaged entry is recomputed
             return None
 
     def put(self, key: str, latent: torch.Tensor) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         # Atomic, and not synced (a cache): concurrent writers of one key write the same bytes.
-        with atomic_path(self.path(key), durable=False) as tmp:
-            save_file({"latent": latent.detach().to("cpu").contiguous()}, tmp)
+        self.root.write_atomic(self.path(key), save({"latent": latent.detach().to("cpu").contiguous()}), durable=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import DatasetError, RecordError, TrainingError
 from ..ids import check_id, given_or_new_id
 from ..loras import find_lora, has_release
+from ..roots import Root
 from ..workspace import Workspace
 from .settings import ADAPTERS
 
@@ -195,3 +196,9 @@ def new_release_id(lora: dict, release_id: str | None, *, resuming: bool = False
     if not resuming and has_release(lora, rid):
         raise RecordError(f"LoRA {lora['id']!r} already has a release {rid!r}; pick another --release")
     return rid
+
+
+def run_root(out_dir: Path) -> Root:
+    """The root every write of a run folder (``<lorasRoot>/<lora>/<release>/``) goes through: ``lorasRoot``
+    itself. A LoRA's folder, the run folder, ``state/`` or a log there that is a link is refused, not followed."""
+    return Root(out_dir.parent.parent, "lorasRoot")

@@ -52,10 +52,11 @@ from ..datasets import export_dataset
 from ..errors import ConfigError, KohyaSetupError, TrainingError
 from ..ids import check_id, new_ulid
 from ..loras import add_release
-from ..store import dump_json, now_iso, write_atomic
+from ..roots import Root
+from ..store import dump_json, now_iso
 from ..workspace import Workspace, as_workspace
 from .config import parse_config_json
-from .inputs import RunInputs, is_manifest_path, resolve_run_inputs
+from .inputs import RunInputs, is_manifest_path, resolve_run_inputs, run_root
 from .manual import RecordedRun, inspect_weights, release_entry, training_block
 from .settings import BY_NAME, NETWORK_TYPES, canonical_name
 
@@ -382,7 +383,7 @@ def _install_into(slot: Path, repo: str, ref: str, packages: list[str], python: 
 
 
 def _write_marker(home: Path, install: KohyaInstall) -> None:
-    write_atomic(home / MARKER_NAME, dump_json(install.marker()).encode("utf-8"))
+    Root(home, "the kohya tools folder").write_atomic(home / MARKER_NAME, dump_json(install.marker()).encode("utf-8"))
 
 
 def _remove_stale_slots(home: Path, keep: Path | None) -> None:
@@ -852,15 +853,16 @@ def _write_run_folder(ws: Workspace, inputs: RunInputs, plan: KohyaPlan) -> None
     if run_dir.exists() and any(run_dir.iterdir()):
         raise TrainingError(f"run folder {run_dir} already exists (an earlier run of release {rid}?); "
                             "remove it or pick another --release")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    root = run_root(run_dir)
+    root.make_folder(run_dir)
     export_dataset(ws, manifest["id"], manifest.get("projectId") if manifest.get("scope") == "project" else None,
                    out_dir=plan.dataset_dir, fmt="kohya", repeats=plan.dataset_toml["datasets"][0]["subsets"][0]["num_repeats"],
                    name=manifest["id"])
     header = (f"kohya dataset config written by lorakit for dataset {manifest['id']} "
               f"(manifest {manifest.get('manifestHash', '')[:12]}), release {rid}")
-    plan.dataset_toml_path.write_text(dump_toml(plan.dataset_toml, header), encoding="utf-8")
-    plan.args_toml_path.write_text(dump_toml(plan.args, f"kohya options written by lorakit for {inputs.lora_id}/{rid}"),
-                                   encoding="utf-8")
+    root.write_atomic(plan.dataset_toml_path, dump_toml(plan.dataset_toml, header).encode("utf-8"))
+    root.write_atomic(plan.args_toml_path,
+                      dump_toml(plan.args, f"kohya options written by lorakit for {inputs.lora_id}/{rid}").encode("utf-8"))
 
 
 def _run_script(plan: KohyaPlan, install: KohyaInstall, command: list[str], started: float, *, what: str,
@@ -869,7 +871,7 @@ def _run_script(plan: KohyaPlan, install: KohyaInstall, command: list[str], star
     echo.write(f"training {what} with kohya sd-scripts {install.ref} ({install.commit[:12]}); "
                f"log: {plan.log_path}\n$ {shlex.join(command)}\n")
     echo.flush()
-    with open(plan.log_path, "wb") as log:
+    with run_root(plan.run_dir).open_log(plan.log_path) as log:
         code = stream_command(command, cwd=install.repo_dir, env=tool_env(install.venv), log=log, echo=echo)
     if code != 0:
         raise TrainingError(f"kohya {plan.script} exited with status {code}; nothing was recorded; log: {plan.log_path}")

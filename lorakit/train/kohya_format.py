@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
-from ..hashing import file_sha256
-from ..store import atomic_path
+from ..roots import Root
 
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
@@ -464,8 +463,10 @@ def non_finite_values(tensors: dict[str, torch.Tensor]) -> tuple[int, int, str |
     return bad, total, first
 
 
-def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """Write the file atomically (a temporary file renamed into place) and return its sha256.
+def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                   root: Root | None = None) -> str:
+    """Write the file atomically (a temporary file renamed into place) inside ``root`` (default: the folder it is
+    in) and return its sha256. A link on the way from ``root`` is refused, never written through.
 
     Tensors with inf or NaN values (a learning rate far too high, or fp16 overflowing on the cast to the saved
     dtype while the loss still looked finite) are refused: such a file renders black or noise in every UI.
@@ -477,9 +478,9 @@ def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
         raise TrainingError(f"the trained LoRA has {bad:,} of {total:,} values inf or NaN (first in {first}); "
                             f"{Path(path).name} was not written and nothing is recorded. Lower the learning rate (the "
                             "file is saved in fp16, whose largest value is 65504)")
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-    return file_sha256(path)
+    data = save(tensors, metadata=metadata)
+    (root or Root(Path(path).parent, "the output folder")).write_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -8,12 +8,14 @@ progress bar are such callbacks; none of them reads another's output.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from ..errors import TrainingError
+from ..roots import Root, open_regular
 
 LOG_NAME = "train_log.csv"
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "elapsed_s")
@@ -59,12 +61,24 @@ class LossLog:
     killed run leaves a readable log. Reopening for a resumed run drops the rows after the resumed step.
     As a step callback it writes the report's row."""
 
-    def __init__(self, path: str | Path, resume_from_step: int = 0):
+    def __init__(self, path: str | Path, resume_from_step: int = 0, root: Root | None = None):
         self.path = Path(path)
-        rows = read_loss_log(self.path) if resume_from_step and self.path.exists() else []
+        # Opened through ``root`` (the run folder's lorasRoot) before anything is read: a log that is a link or a
+        # name for a file elsewhere is refused, never read, truncated or appended to.
+        if root is None:  # a log the caller placed: its folder is the root
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            root = Root(self.path.parent, "the log's folder")
+        else:
+            root.make_folder(self.path.parent)
+        self._handle = root.open_file(self.path)
+        try:
+            rows = loss_log_rows(self._handle, self.path) if resume_from_step else []
+            self._handle.seek(0)
+            self._handle.truncate()
+        except BaseException:
+            self._handle.close()
+            raise
         kept = [r for r in rows if r["step"] <= resume_from_step]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "w", encoding="utf-8", newline="")
         self._handle.write(",".join(LOG_COLUMNS) + "\n")
         for r in kept:
             self.write(r["step"], r["epoch"], r["loss"], r["lr"], r["elapsed_s"])
@@ -82,12 +96,17 @@ class LossLog:
 
 def read_loss_log(path: str | Path) -> list[dict]:
     """The rows of a loss log as dicts with numbers."""
-    with open(path, encoding="utf-8", newline="") as handle:
-        return [
-            {"step": int(r["step"]), "epoch": int(r["epoch"]), "loss": float(r["loss"]), "lr": float(r["lr"]),
-             "elapsed_s": float(r["elapsed_s"])}
-            for r in csv.DictReader(handle)
-        ]
+    with open_regular(path, "loss log") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as handle:
+        return loss_log_rows(handle, path)
+
+
+def loss_log_rows(handle: IO[str], path: str | Path) -> list[dict]:
+    """The rows of an open loss log (``path`` names it in errors)."""
+    return [
+        {"step": int(r["step"]), "epoch": int(r["epoch"]), "loss": float(r["loss"]), "lr": float(r["lr"]),
+         "elapsed_s": float(r["elapsed_s"])}
+        for r in csv.DictReader(handle)
+    ]
 
 
 def smooth(values: list[float], weight: float) -> list[float]:

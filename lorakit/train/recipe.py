@@ -41,15 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import TrainingError
+from ..errors import LorakitError, TrainingError
 from ..ids import check_id
 from ..locks import pid_alive
 from ..loras import add_release, find_lora, get_release, has_release, make_release
-from ..store import atomic_path, now_iso, write_atomic
+from ..roots import Root
+from ..store import now_iso
 from ..workspace import Workspace, as_workspace
 from .config import DEFAULTS, numeric_config_diff, resolve_config
 from .data import TrainItem, check_items, epoch_batches, make_buckets, padded_batches, pick_bucket, step_seed
-from .inputs import RunInputs, release_dataset_fields, resolve_run_inputs
+from .inputs import RunInputs, release_dataset_fields, resolve_run_inputs, run_root
 from .progress import LOG_NAME, StepCallback, StepReport
 from .settings import ABSENT_MEANS
 from .validation import (
@@ -68,6 +69,7 @@ from .validation import (
 RUN_FILE = "run.json"
 STATE_FILE = "state.pt"
 RESUMABLE = ("running", "interrupted")
+MAX_RUN_FILE_BYTES = 16 << 20  # run.json holds a config and a few fields: kilobytes
 
 
 @dataclass
@@ -391,7 +393,7 @@ def _start_run(ws: Workspace, training: TrainingPlan, cpu: bool) -> RunContext:
     run = RunContext(accelerator, weight_dtype, torch.float32 if cfg["vae_fp32"] else weight_dtype, checkpoint_hash,
                      time.time())
     if run.is_main:
-        training.out_dir.mkdir(parents=True, exist_ok=True)
+        run_root(training.out_dir).make_folder(training.out_dir)
         _write_run(training.out_dir, {
             "releaseId": inputs.release_id, "loraId": inputs.lora_id, "loraProject": inputs.lora_project,
             "status": "running", "step": resumed["step"] if resumed else 0, "config": cfg, "dataset": inputs.dataset,
@@ -512,16 +514,19 @@ class TrainingData:
         self.text_cache: dict[str, tuple] = {}
         self.fixed_text_cache: dict[str, tuple] = {}
         if cfg["cache_latents"]:
-            self._fill_latent_cache(cfg["latent_cache_dir"] or ws.data_root / ".lorakit" / "cache" / "latents")
+            if cfg["latent_cache_dir"]:
+                self._fill_latent_cache(cfg["latent_cache_dir"], None)
+            else:
+                self._fill_latent_cache(ws.data_root / ".lorakit" / "cache" / "latents", ws.store.fs)
         captions_fixed = not cfg["shuffle_tags"] and not cfg["train_text_encoder"]
         if cfg["cache_text_embeddings"] and captions_fixed:
             self._fill_text_cache()
 
-    def _fill_latent_cache(self, folder: str | Path) -> None:
+    def _fill_latent_cache(self, folder: str | Path, root: Root | None) -> None:
         from .data import LatentCache, latent_cache_key, load_pixels
 
         training, run = self.training, self.run
-        cache = LatentCache(folder)
+        cache = LatentCache(folder, root)
         checkpoint = training.inputs.checkpoint
         keys = [latent_cache_key(it.sha256, checkpoint["id"], run.checkpoint_hash, b, self.cfg["background"],
                                  str(run.vae_dtype)) for it, b in zip(self.items, self.buckets, strict=True)]
@@ -925,7 +930,8 @@ def _train_loop(training: TrainingPlan, run: RunContext, model: Model, data: Tra
     lora_id, release_id, start = training.lora_id, training.release_id, optim.start_step
     if run.is_main and start:
         print(f"resuming {lora_id}/{release_id} at step {start} of {training.total_steps}", file=sys.stderr)
-    log = LossLog(training.out_dir / LOG_NAME, resume_from_step=start) if run.is_main else None
+    log = LossLog(training.out_dir / LOG_NAME, resume_from_step=start, root=run_root(training.out_dir)) \
+        if run.is_main else None
     bar = ProgressBar(training.total_steps, start, f"{lora_id} {release_id[-6:]}", enabled=progress and run.is_main)
     callbacks: list[StepCallback] = [c for c in (log, bar, on_step) if c is not None]
     stop = _StopRequest(training.world_size > 1)
@@ -1037,9 +1043,10 @@ def _end_of_epoch(training: TrainingPlan, run: RunContext, model: Model, optim: 
         tensors = _lora_tensors(training, run, optim)
         metadata = _metadata(training, run, model, optim, step, epoch + 1, time.time(), final=False)
         kohya_format.save_lora_file(training.out_dir / f"{training.lora_id}-{epoch + 1:06d}.safetensors", tensors,
-                                    kohya_format.finish_metadata(tensors, metadata))
+                                    kohya_format.finish_metadata(tensors, metadata), run_root(training.out_dir))
     if cfg["sample_prompts"] and (epoch + 1) % cfg["sample_every_n_epochs"] == 0:
-        _render_samples(model.pipe, cfg, training.out_dir / "samples", epoch + 1, run.accelerator)
+        _render_samples(model.pipe, cfg, training.out_dir / "samples", epoch + 1, run.accelerator,
+                        run_root(training.out_dir))
         model.unet.train()
 
 
@@ -1087,7 +1094,7 @@ def _save_and_record(ws: Workspace, training: TrainingPlan, run: RunContext, mod
                              validation=scores)
         try:
             sha256 = kohya_format.save_lora_file(training.weights_path, tensors,
-                                                 kohya_format.finish_metadata(tensors, metadata))
+                                                 kohya_format.finish_metadata(tensors, metadata), run_root(out_dir))
         except TrainingError:
             _update_run(out_dir, status="failed")
             raise
@@ -1268,27 +1275,29 @@ class _StopRequest:
         return bool(flag.item())
 
 
-def _render_samples(pipe, cfg: dict, folder: Path, epoch: int, accelerator) -> None:
+def _render_samples(pipe, cfg: dict, folder: Path, epoch: int, accelerator, root: Root) -> None:
     """Sample images with fixed prompts and seeds, written as ``samples/e000001-00.png``."""
     import torch
 
-    folder.mkdir(parents=True, exist_ok=True)
+    root.make_folder(folder)
     pipe.unet.eval()
     with torch.no_grad(), accelerator.autocast():
         for i, prompt in enumerate(cfg["sample_prompts"]):
             generator = torch.Generator(device=accelerator.device).manual_seed(cfg["sample_seed"] + i)
             image = pipe(prompt, num_inference_steps=cfg["sample_steps"], guidance_scale=cfg["sample_guidance_scale"],
                          height=cfg["resolution"], width=cfg["resolution"], generator=generator).images[0]
-            image.save(folder / f"e{epoch:06d}-{i:02d}.png")
+            with root.atomic(folder / f"e{epoch:06d}-{i:02d}.png", durable=False) as handle:
+                image.save(handle, format="PNG")
 
 
 # ---- run folder: run.json and the resumable state ----------------------------------------------------------
 def _write_run(out_dir: Path, run: dict) -> None:
-    write_atomic(out_dir / RUN_FILE, (json.dumps(run, indent=2) + "\n").encode("utf-8"))
+    run_root(out_dir).write_atomic(out_dir / RUN_FILE, (json.dumps(run, indent=2) + "\n").encode("utf-8"))
 
 
 def _read_run(out_dir: Path) -> dict:
-    return json.loads((out_dir / RUN_FILE).read_text(encoding="utf-8"))
+    with run_root(out_dir).open_read(out_dir / RUN_FILE, "run file", max_bytes=MAX_RUN_FILE_BYTES) as handle:
+        return json.loads(handle.read())
 
 
 def _update_run(out_dir: Path, **changes) -> None:
@@ -1297,20 +1306,26 @@ def _update_run(out_dir: Path, **changes) -> None:
 
 def _find_run(runs_root: Path, resume: bool | str) -> dict:
     """The run to resume: the named release, else the most recently started unfinished run of the LoRA."""
+    # The LoRA's folder and its run folders are listed and read through lorasRoot's directory handles: a folder
+    # or a run.json there that is a link is refused, never read through.
     if isinstance(resume, str) and resume not in ("", "latest"):
         check_id(resume, "release id")
-        path = runs_root / resume / RUN_FILE
-        if not path.exists():
-            raise TrainingError(f"no run {resume!r} to resume under {runs_root}")
-        run = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            run = _read_run(runs_root / resume)
+        except (FileNotFoundError, NotADirectoryError):
+            raise TrainingError(f"no run {resume!r} to resume under {runs_root}") from None
         if run["status"] not in RESUMABLE:
             raise TrainingError(f"run {resume!r} is {run['status']}; only interrupted runs can be resumed")
         if _still_running(run):
             raise TrainingError(f"run {resume!r} is still running (process {run['pid']} on this machine)")
         return run
     runs = []
-    for path in runs_root.glob(f"*/{RUN_FILE}"):
-        run = json.loads(path.read_text(encoding="utf-8"))
+    for name in Root(runs_root.parent, "lorasRoot").names(runs_root):  # runs_root is <lorasRoot>/<lora>
+        out_dir = runs_root / name
+        try:
+            run = _read_run(out_dir)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
         if run.get("status") in RESUMABLE and not _still_running(run):
             runs.append(run)
     if not runs:
@@ -1330,7 +1345,6 @@ def _save_state(path: Path, step: int, models, optimizer, lr_scheduler, accelera
     validation scores so far (with the best score's weights)."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
         "models": [{n: p.detach().cpu().clone() for n, p in accelerator.unwrap_model(m).named_parameters() if p.requires_grad}
@@ -1340,8 +1354,8 @@ def _save_state(path: Path, step: int, models, optimizer, lr_scheduler, accelera
         "scaler": accelerator.scaler.state_dict() if getattr(accelerator, "scaler", None) else None,
         "validation": validation,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with run_root(path.parent.parent).atomic(path) as handle:
+        torch.save(state, handle)
 
 
 def _load_state(path: Path, models, optimizer, lr_scheduler, accelerator) -> tuple[int, dict | None]:
@@ -1351,7 +1365,10 @@ def _load_state(path: Path, models, optimizer, lr_scheduler, accelerator) -> tup
     # The run folder can come from someone else (a shared drive, a copied data folder): a state file is read
     # as tensors, numbers and containers only, so a planted pickle cannot run code.
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with run_root(path.parent.parent).open_read(path, "saved training state") as handle:
+            state = torch.load(handle, map_location="cpu", weights_only=True)
+    except LorakitError:
+        raise
     except Exception as exc:  # torch wraps the refused global in a pickle.UnpicklingError, other damage varies
         raise TrainingError(
             f"saved training state {path} cannot be read as plain tensors and numbers ({type(exc).__name__}); it "
@@ -1375,11 +1392,7 @@ def _load_state(path: Path, models, optimizer, lr_scheduler, accelerator) -> tup
 
 
 def _remove_state(out_dir: Path) -> None:
-    state_dir = out_dir / "state"
-    for child in state_dir.glob("*"):
-        child.unlink()
-    with contextlib.suppress(OSError):
-        state_dir.rmdir()
+    run_root(out_dir).remove_folder(out_dir / "state")
 
 
 def _library_versions() -> dict[str, str]:
