@@ -79,6 +79,21 @@ def is_racy(st: os.stat_result, now_ns: int) -> bool:
     return now_ns - st.st_mtime_ns < RACY_WINDOW_NS
 
 
+def weight_files(path: str | os.PathLike) -> list[tuple[str, Path]]:
+    """The weight files of a checkpoint as ``(relative POSIX path, path)``: the file itself, or every
+    ``*.safetensors``, ``*.bin``, ... below a folder (hidden ones skipped), sorted. Anything under such a name that
+    is not a folder counts, so a FIFO or a device there is refused when it is read instead of passed over."""
+    path = Path(path)
+    if not path.is_dir():
+        return [(path.name, path)]
+    files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*")
+                   if p.suffix in WEIGHT_SUFFIXES and not p.is_dir()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise ConfigError(f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in this folder")
+    return files
+
+
 def weights_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
     """The fingerprint of a checkpoint's weights: a file's sha256, or for a folder a stable hash over its weight
     files, the one hash every record and every eval keeps for a checkpoint.
@@ -89,14 +104,7 @@ def weights_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
     ``cache_dir`` (a folder under ``<dataRoot>/.lorakit``) the result is kept there and reused while every file keeps its :func:`stat_key`.
     """
     path = Path(path)
-    if path.is_file():
-        files = [(path.name, path)]
-    else:
-        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*")
-                       if p.is_file() and p.suffix in WEIGHT_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        if not files:
-            raise ConfigError(f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in this folder")
+    files = weight_files(path)
     stats = [p.stat() for _, p in files]
     stamp = [[rel, *stat_key(st)] for (rel, _), st in zip(files, stats, strict=True)]
     cache_file = None

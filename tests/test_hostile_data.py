@@ -998,3 +998,36 @@ def test_no_write_follows_a_link_out_of_its_root(template: Template, tmp_path: P
         shutil.rmtree(tmp_path / f"case-{n}", ignore_errors=True)
     assert not failures, f"{len(failures)} of {len(places)} planted links went wrong:\n" + "\n".join(failures[:5])
 
+
+
+# ---- special files where weights belong ------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["fifo", "dev-zero", "link-to-dev-zero", "checkpoint-fifo"])
+def test_weights_that_are_a_fifo_or_a_device_fail_the_job_instead_of_hanging(studio: Studio, variant: str) -> None:
+    """A release (or checkpoint) whose weights are a FIFO, ``/dev/zero`` (an ``absolute`` reference may name
+    another place for reading), or a link to it: the worker fails the job with an error naming the file."""
+    weights = studio.roots["lorasRoot"] / LORA / RELEASE / f"{LORA}.safetensors"
+    if variant == "fifo":
+        weights.unlink()
+        os.mkfifo(weights)
+    elif variant == "link-to-dev-zero":
+        weights.unlink()
+        weights.symlink_to("/dev/zero")
+    elif variant == "checkpoint-fifo":
+        unet = next((studio.roots["checkpointsRoot"] / CHECKPOINT / "unet").glob("*.safetensors"))
+        unet.unlink()
+        os.mkfifo(unet)
+    else:  # the queued job names the weights it renders with
+        job = json.loads(studio.job_file("lora").read_text(encoding="utf-8"))
+        job["input"]["lora"]["weights"] = {"kind": "absolute", "path": "/dev/zero"}
+        studio.job_file("lora").write_text(json.dumps(job, indent=2), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "worker", "--project", PROJECT, "--once"], cwd=studio.tmp,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **studio.env()})
+    result = Result(["worker", "--once"], proc.returncode, proc.stdout, proc.stderr, "subprocess")
+    check_no_traceback(result)
+    words = ("FIFO", "character device", "leads out")
+    job = json.loads(studio.job_file("lora").read_text(encoding="utf-8"))
+    if result.rc == 0:
+        assert job["status"] == "failed" and any(w in job.get("error", "") for w in words), (job, str(result))
+    else:
+        assert result.message.startswith("error: ") and any(w in result.err for w in words), str(result)

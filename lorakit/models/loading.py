@@ -29,6 +29,7 @@ from filelock import FileLock
 
 from ..config import resolve_weights
 from ..errors import ConfigError, LorakitError
+from ..roots import check_regular
 from ..workspace import Workspace, as_workspace
 from .registry import (
     SIDECAR_CONFIG_SUFFIX,
@@ -264,6 +265,7 @@ def load_lora_file(pipe, path: str | Path, adapter_name: str) -> None:
     A plain file cannot go on top of a LoHa/LoKr one (see :func:`needs_unload_before`).
     """
     path = Path(path)
+    check_regular(path, "LoRA weights file")  # on the open handle: a FIFO or a device is refused, never read
     network = lora_file_network(path)
     if network in LORA_LAYER_TYPES and has_lycoris_layers(pipe):
         raise LorakitError(f"cannot load the {network} file {path} after a LoHa or LoKr file into the same pipeline "

@@ -17,8 +17,16 @@ from filelock import FileLock
 
 from ..config import ROOT_NAMES, resolve_weights
 from ..errors import ConfigError, RecordError, RecordNotFoundError
-from ..hashing import PICKLE_SUFFIXES, SAFE_SUFFIXES, WEIGHT_SUFFIXES, safetensors_header, weights_sha256
+from ..hashing import (
+    PICKLE_SUFFIXES,
+    SAFE_SUFFIXES,
+    WEIGHT_SUFFIXES,
+    safetensors_header,
+    weight_files,
+    weights_sha256,
+)
 from ..ids import check_id
+from ..roots import check_regular
 from ..store import now_iso
 from ..workspace import Workspace, as_workspace
 from .tiny import FAMILIES, TINY_RESOLUTION, save_tiny_pipeline
@@ -92,6 +100,8 @@ def check_weights_files(path: Path, family: str, what: str) -> None:
     """Refuse weights that are not what they claim: a ``.safetensors`` file without a valid header (empty, or
     another format renamed), or files of another model family than the record says."""
     path = Path(path)
+    for _, file in weight_files(path):  # on the open handle: a FIFO or a device is refused, never read
+        check_regular(file, f"{what} weights file")
     if path.is_file() and path.suffix.lower() in SAFE_SUFFIXES and safetensors_header(path) is None:
         raise ConfigError(f"{what}: {path} is not a safetensors file (empty, truncated, or another format renamed "
                           "to .safetensors); download it again, or give the real file")
