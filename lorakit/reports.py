@@ -402,7 +402,7 @@ def release_report(ws: Workspace | str | Path | None, lora_id: str, release_id: 
                    project: str | None = None) -> ReleaseReport:
     """Read what a release report shows: checkpoint, dataset manifest, training files, validation drop, evals,
     review state."""
-    from .config import resolve_weights
+    from .config import resolve_root_path, resolve_weights
     from .datasets import load_manifest
     from .errors import ConfigError
     from .gate import eval_scopes, eval_state, evals_of_release, locate_lora, recommendation_problems
@@ -436,13 +436,14 @@ def release_report(ws: Workspace | str | Path | None, lora_id: str, release_id: 
 
     loss_log = None
     if training.get("lossLog"):
-        candidate = ws.config.loras_root / training["lossLog"]
+        candidate = resolve_root_path("lorasRoot", training["lossLog"], ws.config,
+                                      f"LoRA {lora_id} release {release['id']}: training.lossLog")
         loss_log = candidate if candidate.is_file() else None
     samples: list[Path] = []
     if release.get("weights"):
         with contextlib.suppress(ConfigError):
             weights = resolve_weights(release["weights"], ws.config, must_exist=False)
-            samples = sorted((weights.parent / "samples").glob("*.png"))
+            samples = _samples_beside(weights)
 
     scopes = eval_scopes(location, project)
     evals = sorted(evals_of_release(ws.store, lora_id, release, scopes), key=lambda e: e.get("createdAt", ""),
@@ -458,6 +459,14 @@ def release_report(ws: Workspace | str | Path | None, lora_id: str, release_id: 
     }
     return ReleaseReport(lora, release, location.project, checkpoint, manifest, manifest_problem, loss_log, samples,
                          evals, grid_eval, status)
+
+
+def _samples_beside(weights: Path) -> list[Path]:
+    """The sample images in the ``samples/`` folder beside a release's weights, leaving out any that a symbolic
+    link (the folder or the image) leads out of the weights' folder: the report embeds what it shows."""
+    folder = os.path.realpath(weights.parent)
+    return [p for p in sorted((weights.parent / "samples").glob("*.png"))
+            if os.path.realpath(p).startswith(folder.rstrip(os.sep) + os.sep)]
 
 
 def _report_path_text(path: Path, repo_root: Path) -> str:
