@@ -245,18 +245,40 @@ def resolve_weights(ref: dict, config: Config, what: str = "weights", must_exist
     return path
 
 
-def _inside(root: Path, rel: str, what: str, root_name: str) -> Path:
+def _inside(root: Path, rel: str, what: str, root_name: str, noun: str = "weights path",
+            fix: str | None = None) -> Path:
     """``root / rel``, refused when ``rel`` is absolute or leads out of ``root`` (``..`` or a symlink): a
-    relative weights reference in a shared record must not point lorakit at any other file on the machine."""
+    relative path in a shared record must not point lorakit at any other file on the machine. ``fix`` is the
+    advice the refusal ends with (by default, a weights reference's)."""
     if Path(rel).is_absolute() or re.match(r"^([/\\]|[A-Za-z]:)", rel):
-        raise ConfigError(f"{what}: weights path {rel!r} is absolute; a relative reference is relative to "
-                          f"{root_name} ({root}); use kind 'absolute' for a machine's own path")
+        raise ConfigError(f"{what}: {noun} {rel!r} is absolute; a relative reference is relative to "
+                          f"{root_name} ({root}); " + (fix or "use kind 'absolute' for a machine's own path"))
     path = root / rel
     real_root = os.path.realpath(root)
     real = os.path.realpath(path)
     if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
-        raise ConfigError(f"{what}: weights path {rel!r} leads out of {root_name} ({root}) to {real}; keep weights "
-                          f"under {root_name}, or register them with kind 'absolute'")
+        raise ConfigError(f"{what}: {noun} {rel!r} leads out of {root_name} ({root}) to {real}; " + (
+            fix or f"keep weights under {root_name}, or register them with kind 'absolute'"))
+    return path
+
+
+def resolve_root_path(root_name: str, rel: str, config: Config, what: str, must_exist: bool = False) -> Path:
+    """A file a record names relative to one of the model roots (``ROOT_NAMES``), e.g. a release's
+    ``training.lossLog`` under ``lorasRoot``: refused when absolute or leading out of the root (``..`` or a
+    symlink), as a weights reference is.
+
+    >>> cfg = Config(data_root=Path("/d"), roots={"lorasRoot": Path("/m/loras")})
+    >>> resolve_root_path("lorasRoot", "icons/r1/train_log.csv", cfg, "release r1").as_posix()
+    '/m/loras/icons/r1/train_log.csv'
+    """
+    root = config.roots.get(root_name)
+    if root is None:
+        raise ConfigError(f"{what}: {root_name} is not set (paths.{root_name} in {config_location(config)})")
+    path = _inside(root, rel, what, root_name, noun="path",
+                   fix=f"records name files under {root_name} by a relative path; correct the record "
+                       "(`lorakit validate` lists every such path)")
+    if must_exist and not path.exists():
+        raise ConfigError(f"{what}: file not found: {path} (under {root_name} = {root})")
     return path
 
 

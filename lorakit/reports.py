@@ -1,10 +1,15 @@
 """Batch runs of the notebooks (papermill) and their standalone HTML (nbconvert); the facts of a release report.
 
 ``run_notebook`` executes one of the notebooks shipped in the package (``lorakit/notebooks/``; the checkout's
-top-level ``notebooks/`` links there) headless with parameters, in the current folder, and writes two files under
-``./reports/`` (or ``out_dir``): the executed ``.ipynb`` and a standalone ``.html``, named by notebook,
+top-level ``notebooks/`` links there) headless with parameters and writes two files under ``./reports/`` (or
+``out_dir``): the executed ``.ipynb`` and a standalone ``.html``, named by notebook,
 LoRA/release and time. The HTML embeds every image and plot and loads no script from the network, so it opens offline. A
 failing cell still leaves both files (the HTML shows the error) and raises :class:`NotebookError`.
+
+The kernel imports only installed code: it runs in an empty folder of its own, with neither that folder nor the
+current one on ``sys.path`` (a studio's repository, shared through Git, may hold a ``pandas.py`` or a
+``lorakit/``). Everything it needs from the current folder is given to it instead: the data root and the config
+file, resolved, and the parameters that name files (:data:`PATH_PARAMETERS`), made absolute.
 
 ``make_report`` runs ``04_eval_report`` for one release and records the report's path on the release's
 ``evaluation.report``; :func:`release_report` gathers what that report shows, so the notebook only displays.
@@ -19,9 +24,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import threading
+import sys
+import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +41,10 @@ REPORTS_DIR = Path("reports")  # relative: the current folder's reports/ at the 
 REPORT_NOTEBOOK = "04_eval_report"
 KERNEL_NAME = "python3"
 _NAME_PART = re.compile(r"[^A-Za-z0-9._-]+")
-_ENV_LOCK = threading.Lock()
+# Notebook parameters that name a file or folder. A relative one is relative to the folder the command was typed
+# in; the kernel runs elsewhere, so it is made absolute before the kernel starts. ``dataset`` is an id unless it
+# looks like a manifest path, and a relative manifest path is first looked up under the data root.
+PATH_PARAMETERS = ("data_root", "dataset", "contact_sheet_out")
 
 
 @dataclass
@@ -123,28 +132,49 @@ def parse_parameter(value: str):
 
 
 # ---- running -----------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _environment(changes: Mapping[str, str]) -> Iterator[None]:
-    """Set environment variables for a kernel started inside (kernels inherit the environment), then restore."""
-    with _ENV_LOCK:
-        old = {k: os.environ.get(k) for k in changes}
-        os.environ.update(changes)
-        try:
-            yield
-        finally:
-            for key, value in old.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+def absolute_parameters(parameters: Mapping, data_root: str | Path | None = None) -> dict:
+    """``parameters`` with every relative path of :data:`PATH_PARAMETERS` made absolute against the current
+    folder (a manifest path that exists under ``data_root`` is kept: the notebook looks there first).
+
+    >>> absolute_parameters({"contact_sheet_out": "/tmp/sheet.png", "dataset": "icons", "seeds": [1]})
+    {'contact_sheet_out': '/tmp/sheet.png', 'dataset': 'icons', 'seeds': [1]}
+    """
+    from .train.inputs import is_manifest_path
+
+    params = dict(parameters)
+    for name in PATH_PARAMETERS:
+        value = params.get(name)
+        if not isinstance(value, str | os.PathLike) or not os.fspath(value) or Path(value).is_absolute():
+            continue
+        if name == "dataset" and (not is_manifest_path(value)
+                                  or (data_root is not None and (Path(data_root) / value).exists())):
+            continue
+        params[name] = os.path.abspath(value)
+    return params
 
 
-def _kernel_manager_class():
-    """A kernel manager that always starts ``python3`` as *this* interpreter's ipykernel.
+def kernel_environment(changes: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a batch kernel: this process's, with ``changes``, and ``PYTHONPATH`` without the
+    entries that mean "the current folder" to the kernel (an empty entry), its relative entries made absolute
+    here, where the user typed them."""
+    env = {**os.environ, **changes}
+    entries = [os.path.abspath(e) for e in env.get("PYTHONPATH", "").split(os.pathsep) if e]
+    if entries:
+        env["PYTHONPATH"] = os.pathsep.join(entries)
+    else:
+        env.pop("PYTHONPATH", None)
+    return env
+
+
+def _kernel_manager_class(working_dir: str, env: Mapping[str, str]):
+    """A kernel manager that always starts ``python3`` as *this* interpreter's ipykernel, in ``working_dir``
+    with ``env``, and puts no working folder on the kernel's ``sys.path``.
 
     The ``python3`` spec in ``<venv>/share/jupyter/kernels`` already says "python" (which jupyter_client maps
     to ``sys.executable``), but a ``python3`` spec installed with ``--user`` for another interpreter would
     win over it; looking in no kernel folder leaves ipykernel's own spec for the running interpreter.
+    ``python -m`` puts the working folder first on ``sys.path`` (``-P`` leaves it out, so not even
+    ``ipykernel_launcher`` is looked up there), and IPython adds it again unless told not to.
     """
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import AsyncKernelManager
@@ -159,6 +189,18 @@ def _kernel_manager_class():
         def _default_transport(self):
             # Local sockets: nothing listens on TCP ports (and ipykernel has no plain-text TCP to warn about).
             return "tcp" if os.name == "nt" else "ipc"
+
+        @default("ip")
+        def _default_ip(self):
+            # An ipc "address" is a file name, relative to each side's working folder unless absolute.
+            return os.path.join(working_dir, "kernel-ipc") if self.transport == "ipc" else super()._ip_default()
+
+        def format_kernel_cmd(self, extra_arguments: list[str] | None = None) -> list[str]:
+            python, *rest = super().format_kernel_cmd(extra_arguments)
+            return [python, "-P", *rest, "--IPKernelApp.ignore_cwd=True"]
+
+        async def start_kernel(self, **kw) -> None:
+            await super().start_kernel(**{**kw, "cwd": working_dir, "env": dict(env)})
 
     return ThisPythonKernelManager
 
@@ -179,18 +221,25 @@ def run_notebook(
     (default ``reports/``); ``lorakit notebook run NAME -p key value ... [--out DIR]``.
 
     ``data_root`` (also passed as the ``data_root`` parameter) and ``config`` are given to the kernel as
-    ``LORAKIT_DATA_ROOT`` / ``LORAKIT_CONFIG``; the kernel also gets ``LORAKIT_BATCH=1`` (text progress bars,
-    no one to click). ``timeout`` limits each cell (seconds). A failing cell raises :class:`NotebookError`
+    ``LORAKIT_DATA_ROOT`` / ``LORAKIT_CONFIG``, resolved here (by default, the ones lorakit finds from the current
+    folder); the kernel also gets ``LORAKIT_BATCH=1`` (text progress bars, no one to click) and runs in an empty
+    folder of its own, so relative paths among the parameters are made absolute first
+    (:func:`absolute_parameters`). ``timeout`` limits each cell (seconds). A failing cell raises :class:`NotebookError`
     (``check=False``: returns the run with ``ok=False``) after both files are written.
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    from .config import config_path, load_config
+
     source = find_notebook(name)
     notebook = source.stem
-    params = dict(parameters or {})
-    if data_root is not None:
-        params["data_root"] = str(Path(data_root).resolve())
+    if config is None:
+        config = config_path()
+    if data_root is None:
+        data_root = load_config().data_root
+    data_root = Path(data_root).resolve()
+    params = absolute_parameters({**(parameters or {}), "data_root": str(data_root)}, data_root)
     out = (Path(out_dir) if out_dir is not None else REPORTS_DIR).absolute()
     out.mkdir(parents=True, exist_ok=True)
     stem = report_stem(notebook, {**_default_parameters(source), **params}, datetime.now(UTC))
@@ -199,20 +248,19 @@ def run_notebook(
     while executed.exists() or executed.with_suffix(".html").exists():
         n += 1
         executed = out / f"{stem}_{n}.ipynb"
-    env = {BATCH_ENV: "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    if data_root is not None:
-        env["LORAKIT_DATA_ROOT"] = str(Path(data_root).resolve())
+    changes = {BATCH_ENV: "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+               "LORAKIT_DATA_ROOT": str(data_root)}
     if config is not None:
-        env["LORAKIT_CONFIG"] = str(Path(config).resolve())
+        changes["LORAKIT_CONFIG"] = str(Path(config).resolve())
 
     run = NotebookRun(notebook=notebook, parameters=params, executed=executed, html=None)
     start = time.perf_counter()
     try:
-        with _environment(env):
+        with tempfile.TemporaryDirectory(prefix="lorakit-kernel-") as working_dir:
             papermill.execute_notebook(
-                str(source), str(executed), parameters=params, kernel_name=KERNEL_NAME, cwd=os.getcwd(),
-                progress_bar=False, log_output=log_output, execution_timeout=timeout,
-                kernel_manager_class=_kernel_manager_class(),
+                str(source), str(executed), parameters=params, kernel_name=KERNEL_NAME, progress_bar=False,
+                log_output=log_output, execution_timeout=timeout,
+                kernel_manager_class=_kernel_manager_class(working_dir, kernel_environment(changes)),
             )
     except PapermillExecutionError as exc:
         run.ok = False
@@ -220,6 +268,9 @@ def run_notebook(
         run.failed_source = exc.source
         run.error = f"{exc.ename}: {exc.evalue}"
         run.traceback = list(exc.traceback or [])
+    except RuntimeError as exc:  # jupyter_client's and nbclient's words for a kernel that died or never answered
+        run.ok = False
+        run.error = f"the kernel stopped ({exc}); run `{sys.executable} -m ipykernel_launcher --help` to see why"
     run.duration_s = time.perf_counter() - start
     if html and executed.exists():
         run.html = export_html(executed, hide_code=_hides_code(source))
@@ -351,7 +402,7 @@ def release_report(ws: Workspace | str | Path | None, lora_id: str, release_id: 
                    project: str | None = None) -> ReleaseReport:
     """Read what a release report shows: checkpoint, dataset manifest, training files, validation drop, evals,
     review state."""
-    from .config import resolve_weights
+    from .config import resolve_root_path, resolve_weights
     from .datasets import load_manifest
     from .errors import ConfigError
     from .gate import eval_scopes, eval_state, evals_of_release, locate_lora, recommendation_problems
@@ -385,13 +436,14 @@ def release_report(ws: Workspace | str | Path | None, lora_id: str, release_id: 
 
     loss_log = None
     if training.get("lossLog"):
-        candidate = ws.config.loras_root / training["lossLog"]
+        candidate = resolve_root_path("lorasRoot", training["lossLog"], ws.config,
+                                      f"LoRA {lora_id} release {release['id']}: training.lossLog")
         loss_log = candidate if candidate.is_file() else None
     samples: list[Path] = []
     if release.get("weights"):
         with contextlib.suppress(ConfigError):
             weights = resolve_weights(release["weights"], ws.config, must_exist=False)
-            samples = sorted((weights.parent / "samples").glob("*.png"))
+            samples = _samples_beside(weights)
 
     scopes = eval_scopes(location, project)
     evals = sorted(evals_of_release(ws.store, lora_id, release, scopes), key=lambda e: e.get("createdAt", ""),
@@ -407,6 +459,14 @@ def release_report(ws: Workspace | str | Path | None, lora_id: str, release_id: 
     }
     return ReleaseReport(lora, release, location.project, checkpoint, manifest, manifest_problem, loss_log, samples,
                          evals, grid_eval, status)
+
+
+def _samples_beside(weights: Path) -> list[Path]:
+    """The sample images in the ``samples/`` folder beside a release's weights, leaving out any that a symbolic
+    link (the folder or the image) leads out of the weights' folder: the report embeds what it shows."""
+    folder = os.path.realpath(weights.parent)
+    return [p for p in sorted((weights.parent / "samples").glob("*.png"))
+            if os.path.realpath(p).startswith(folder.rstrip(os.sep) + os.sep)]
 
 
 def _report_path_text(path: Path, repo_root: Path) -> str:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import resolve_local_path, resolve_weights
+from .config import ROOT_NAMES, resolve_local_path, resolve_root_path, resolve_weights
 from .errors import ConfigError, LorakitError
 from .evals import canonical_prompt_problems
 from .schemas import path_fields
@@ -38,6 +38,8 @@ def path_problems(ws: Workspace, kind: str, record: dict) -> list[str]:
                     messages.append(f"at {where}: path {value!r} {problem}")
             elif root_name == "repoRoot" and isinstance(value, str) and value:
                 resolve_local_path(value, ws.config, f"at {where}", must_exist=False)
+            elif root_name in ROOT_NAMES and isinstance(value, str) and value:
+                resolve_root_path(root_name, value, ws.config, f"at {where}")
             elif root_name == "weights" and isinstance(value, dict) and value.get("kind") in ("config_relative",
                                                                                               "repo_relative"):
                 resolve_weights(value, ws.config, what=f"at {where}", must_exist=False)

@@ -98,7 +98,7 @@ REQUIRED = {
     ("asset", "versions[].variants[].previewPath"), ("dataset-manifest", "items[].path"),
     ("eval", "outputs[].images[]"), ("eval", "grid.imagesDir"), ("job", "input.imagePath"),
     ("lora", "releases[].localPath"), ("lora", "releases[].weights"),
-    ("checkpoint", "weights"), ("checkpoint", "vaeWeights"),
+    ("checkpoint", "weights"), ("checkpoint", "vaeWeights"), ("lora", "releases[].training.lossLog"),
 }
 
 
@@ -405,6 +405,9 @@ def make_canary(studio: Studio, name: str) -> Path:
     if name == "lora":
         return Path(shutil.copy2(studio.roots["lorasRoot"] / LORA / RELEASE / f"{LORA}.safetensors",
                                  out / "lora.safetensors"))
+    if name == "csv":  # well-formed, so a report that followed the escape would plot it
+        (out / "loss.csv").write_text("step,epoch,loss,lr\n1,0,0.5,0.001\n2,0,0.25,0.001\n", encoding="utf-8")
+        return out / "loss.csv"
     if name in ("checkpoint", "vae"):
         folder = Path(shutil.copytree(studio.roots["checkpointsRoot"] / CHECKPOINT, out / "ckpt"))
         return folder if name == "checkpoint" else folder / "vae"
@@ -426,10 +429,10 @@ def _posix_rel(path: Path, start: Path) -> str:
 
 
 def path_escape(studio: Studio, field: Field, root: str, variant: str, canary: Path, current: object) -> str:
-    """An escaping value for a path field relative to the data root (``dataRoot``) or to the folder holding it
-    (``repoRoot``), with the links it needs made."""
-    base = studio.data if root == "dataRoot" else studio.root
-    first = "files" if root == "dataRoot" else "data"  # each climb starts inside, then climbs out
+    """An escaping value for a path field relative to the data root (``dataRoot``), to the folder holding it
+    (``repoRoot``) or to a model root (``lorasRoot``), with the links it needs made."""
+    base = {"dataRoot": studio.data, "repoRoot": studio.root}.get(root) or studio.roots[root]
+    first = {"dataRoot": "files", "repoRoot": "data"}.get(root, LORA)  # each climb starts inside, then climbs out
     if variant == "absolute":
         return str(canary)
     if variant == "climb":
@@ -445,6 +448,9 @@ def path_escape(studio: Studio, field: Field, root: str, variant: str, canary: P
         if field.own_folder_link:  # the folder the field's file is in is the link
             place_link(base / Path(str(current)).parent, canary.parent)
             return str(current)
+        if root not in ("dataRoot", "repoRoot"):
+            place_link(base / "hostile", studio.outside)
+            return "hostile/" + canary.relative_to(studio.outside).as_posix()
         place_link(studio.data / "files" / "hostile", studio.outside)
         rel = "files/hostile/" + canary.relative_to(studio.outside).as_posix()
         return rel if root == "dataRoot" else f"data/{rel}"
@@ -548,6 +554,8 @@ FIELD_LIST = [
     Field("lora", LORA_RECORD, "$.releases[0].weights", "lora",
           (VALIDATE, ("lora list", "report"), ("lora eval-grid", "refuse"), WORKER),
           job_copy="weights", worker_job="lora"),
+    Field("lora", LORA_RECORD, "$.releases[0].training.lossLog", "csv", (VALIDATE, ("report", "refuse"))),
+    Field("lora", LORA_RECORD, "$.releases[0].training.log", "csv", (VALIDATE, ("report", "ignore"))),
     Field("checkpoint", CHECKPOINT_RECORD, "$.weights", "checkpoint",
           (VALIDATE, ("checkpoint verify", "refuse"), ("checkpoint list", "report"), ("lora train", "refuse"), WORKER,
            ("lora eval-grid", "ignore")), weights_base="checkpointsRoot"),
@@ -642,6 +650,10 @@ def _control_export(studio: Studio, result: Result) -> None:
     assert list((studio.tmp / "export").rglob("*.png")), result
 
 
+def _control_report(studio: Studio, result: Result) -> None:
+    assert list((studio.tmp / "reports").glob(f"04_eval_report__{LORA}__{RELEASE}__*.html")), result
+
+
 TRAIN = ["lora", "train", "--lora", LORA, "--dataset", DATASET, "--project", PROJECT, "--preset", "tiny-demo"]
 COMMANDS = {
     "validate": Command(lambda s: ["validate"],
@@ -672,6 +684,9 @@ COMMANDS = {
     "checkpoint verify": Command(lambda s: ["checkpoint", "verify", CHECKPOINT], heavy=True),
     "checkpoint list": Command(lambda s: ["checkpoint", "list"], report_check=_checkpoint_list_check,
                                control=_control_checkpoint_list),
+    # Refusals come before the kernel starts; the control and the fields it does not read run 04_eval_report.
+    "report": Command(lambda s: ["report", "--lora", LORA, "--project", PROJECT, "--out", str(s.tmp / "reports")],
+                      slow=True, control=_control_report),
 }
 # The cases run ``lorakit.cli.main`` in this process: a subprocess pays ~2 s for importing jsonschema (which lorakit
 # does to word every schema error) and ~5 s more for torch, which this many cases cannot afford. The first case
@@ -758,7 +773,7 @@ def _cases() -> Iterator:
 # ---- the tests: the schemas' path fields -------------------------------------------------------------------------
 def test_the_walker_finds_every_known_path_field() -> None:
     assert REQUIRED <= set(MARKED), f"not found by the walker: {sorted(REQUIRED - set(MARKED))}"
-    assert {root for key, root in MARKED.items() if key in REQUIRED} == {"dataRoot", "repoRoot", "weights"}
+    assert {root for key, root in MARKED.items() if key in REQUIRED} == {"dataRoot", "repoRoot", "lorasRoot", "weights"}
     assert MARKED[("lora", "releases[].localPath")] == "repoRoot"
     assert MARKED[("checkpoint", "vaeWeights")] == MARKED[("lora", "releases[].weights")] == "weights"
 

@@ -10,6 +10,7 @@ between draft 7 (what fastjsonschema implements) and 2020-12, and jsonschema has
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -19,15 +20,17 @@ import fastjsonschema
 SCHEMA_DIR = Path(__file__).resolve().parent
 
 SCHEMA_NAMES = (
-    "data-path", "repo-path", "weights-ref", "local-config", "project", "spec", "asset", "catalog-styles",
+    "data-path", "repo-path", "loras-path", "weights-ref", "local-config", "project", "spec", "asset", "catalog-styles",
     "catalog-scenarios", "catalog-tags", "catalog-asset-types", "checkpoint", "dataset-manifest", "lora", "eval", "job",
 )
 # Schemas mark every field that holds a file path with this keyword; its value names the root the path is
-# relative to: "dataRoot", "repoRoot" (the folder holding the data root) or "weights" (a weights reference).
+# relative to: "dataRoot", "repoRoot" (the folder holding the data root), "lorasRoot" (where training runs write)
+# or "weights" (a weights reference).
 PATH_KEYWORD = "x-lorakit-path"
 _PATH_MESSAGES = {
     "dataRoot": "is absolute or climbs out with '..'; records hold paths relative to the data root",
     "repoRoot": "is absolute or climbs out with '..'; it must be relative to the folder that holds the data root",
+    "lorasRoot": "is absolute or climbs out with '..'; it must be relative to lorasRoot",
 }
 _DRAFT7 = "http://json-schema.org/draft-07/schema#"
 
@@ -87,13 +90,19 @@ def path_fields(schema_name: str, record: object) -> list[tuple[str, str, object
     def walk(schema: dict, value: object, where: str) -> None:
         if "$ref" in schema:
             walk(by_id[schema["$ref"]], value, where)
-        for part in [*schema.get("allOf", []), *schema.get("anyOf", [])]:
+        for part in [*schema.get("allOf", []), *schema.get("anyOf", []), *schema.get("oneOf", [])]:
             walk(part, value, where)
         if PATH_KEYWORD in schema:
             found.append((where, schema[PATH_KEYWORD], value))
         if isinstance(value, dict):
-            for key, sub in schema.get("properties", {}).items():
+            properties = schema.get("properties", {})
+            for key, sub in properties.items():
                 if key in value:
+                    walk(sub, value[key], f"{where}.{key}")
+            others = schema.get("additionalProperties")
+            for key in value.keys() - properties.keys():
+                subs = [sub for pattern, sub in schema.get("patternProperties", {}).items() if re.search(pattern, key)]
+                for sub in subs or ([others] if isinstance(others, dict) else []):
                     walk(sub, value[key], f"{where}.{key}")
         elif isinstance(value, list) and isinstance(schema.get("items"), dict):
             for index, item in enumerate(value):
