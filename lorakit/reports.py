@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .errors import LorakitError, NotebookError, RecordNotFoundError
 from .notebook_helpers import BATCH_ENV
+from .roots import Root
 from .workspace import Workspace, as_workspace
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent / "notebooks"
@@ -330,7 +331,8 @@ def export_html(notebook: str | Path, out: str | Path | None = None, *, hide_cod
     )
     nb = nbformat.read(path, as_version=4)
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": path.stem}})
-    target.write_text(body, encoding="utf-8")
+    # Replaced whole, and never through a link planted at the report's name (reports are shared with others).
+    Root(target.parent, "the report folder").write_atomic(target, body.encode("utf-8"))
     return target
 
 
