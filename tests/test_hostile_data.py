@@ -1011,7 +1011,8 @@ def test_no_write_follows_a_link_out_of_its_root(template: Template, tmp_path: P
         except AssertionError as exc:
             failures.append(str(exc))
         shutil.rmtree(tmp_path / f"case-{n}", ignore_errors=True)
-    assert not failures, f"{len(failures)} of {len(places)} planted links went wrong:\n" + "\n".join(failures[:5])
+    assert not failures, (f"{len(failures)} of {len(places)} planted links went wrong:\n"
+                          + "\n".join(f.splitlines()[0][:300] for f in failures) + "\n\n" + "\n".join(failures[:3]))
 
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..hashing import file_sha256
-from ..roots import Root, check_regular
+from ..roots import MAX_CACHE_BYTES, Root
 from ..store import Store
 from .config import TrainingError, parse_color
 
@@ -274,14 +274,16 @@ class LatentCache:
         return self.folder / key[:2] / f"{key}.safetensors"
 
     def get(self, key: str) -> torch.Tensor | None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         path = self.path(key)
         if not path.exists():
             return None
+        # Read the way it was written, through the root's handles: a cached latent that is a link is refused.
+        with self.root.open_read(path, "cached latent", max_bytes=MAX_CACHE_BYTES) as handle:
+            data = handle.read()
         try:
-            check_regular(path, "cached latent")
-            return load_file(str(path))["latent"]
+            return load(data)["latent"]
         except Exception:  # a damaged entry is recomputed
             return None
 
