@@ -1,0 +1,47 @@
+"""Stable Diffusion 1.x (SD1.5 and its fine-tunes): one CLIP text encoder, a UNet, 512 px.
+
+The worked example of ``docs/families.md``: every attribute and hook a family answers, at its simplest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Family, TextEncoder
+
+
+class SD15(Family):
+    name = "sd15"
+    label = "SD1.5"
+    pipeline_class_name = "StableDiffusionPipeline"
+    index_class_names = ("StableDiffusionPipeline",)
+    single_file_marker = "cond_stage_model."   # the original layout's CLIP text encoder
+    text_encoders = (TextEncoder("text_encoder", "tokenizer", "<|endoftext|>", "CLIPTextModel", "lora_te"),)
+    native_resolution = 512
+    vae_fp32 = False
+    uses_clip_skip = True
+    eval_size = (512, 512)
+    kohya_script = "train_network.py"
+    kohya_base_model_version = "sd_v1"
+    modelspec_architecture = "stable-diffusion-v1/lora"
+    modelspec_implementation = "diffusers"
+
+    def build_tiny(self, seed: int = 0) -> Any:
+        from ..models.tiny import build_tiny_sd15
+
+        return build_tiny_sd15(seed)
+
+    def encode_text(self, tokenizers: list, encoders: list, captions: list[str], device: Any,
+                    clip_skip: int = 1) -> dict[str, Any]:
+        (tokenizer,), (encoder,) = tokenizers, encoders
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        out = encoder(ids, output_hidden_states=True)
+        if clip_skip > 1:   # an earlier layer, through the final norm, as A1111 and kohya do
+            hidden = encoder.text_model.final_layer_norm(out.hidden_states[-clip_skip])
+        else:
+            hidden = out.last_hidden_state
+        return {"encoder_hidden_states": hidden}
+
+
+FAMILY = SD15()

@@ -1,0 +1,72 @@
+"""Stable Diffusion XL (SDXL 1.0, Pony, Illustrious, NoobAI and other fine-tunes): two CLIP text encoders, a UNet
+with size and crop conditioning, 1024 px.
+
+v-prediction checkpoints (NoobAI-XL v-pred, the Illustrious v-pred models) are SDXL with another objective, not
+another family: the checkpoint record's ``prediction`` and ``zeroTerminalSnr`` choose it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Family, TextEncoder
+
+
+class SDXL(Family):
+    name = "sdxl"
+    label = "SDXL"
+    pipeline_class_name = "StableDiffusionXLPipeline"
+    index_class_names = ("StableDiffusionXLPipeline",)
+    single_file_marker = "conditioner.embedders.1."   # the original layout's second (OpenCLIP) text encoder
+    text_encoders = (
+        TextEncoder("text_encoder", "tokenizer", "<|endoftext|>", "CLIPTextModel", "lora_te1"),
+        # The second encoder also projects the pooled embedding the UNet takes; OpenCLIP pads with "!".
+        TextEncoder("text_encoder_2", "tokenizer_2", "!", "CLIPTextModelWithProjection", "lora_te2"),
+    )
+    native_resolution = 1024
+    vae_fp32 = True    # SDXL's VAE overflows in fp16
+    uses_clip_skip = False
+    eval_size = (1024, 1024)
+    kohya_script = "sdxl_train_network.py"
+    kohya_base_model_version = "sdxl_base_v1-0"
+    modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
+    modelspec_implementation = "https://github.com/Stability-AI/generative-models"
+
+    def build_tiny(self, seed: int = 0) -> Any:
+        from ..models.tiny import build_tiny_sdxl
+
+        return build_tiny_sdxl(seed)
+
+    def encode_text(self, tokenizers: list, encoders: list, captions: list[str], device: Any,
+                    clip_skip: int = 1) -> dict[str, Any]:
+        import torch
+
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])   # SDXL conditions on the penultimate layer of both encoders
+            pooled = out[0]                        # the second encoder's projected pooled output
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
+
+    def denoiser_kwargs(self, text: dict[str, Any], size_rows: list[list[int]], dtype: Any, device: Any) -> dict:
+        import torch
+
+        return {"encoder_hidden_states": text["encoder_hidden_states"].to(device, dtype),
+                "added_cond_kwargs": {"text_embeds": text["text_embeds"].to(device, dtype),
+                                      "time_ids": torch.tensor(size_rows, dtype=dtype, device=device)}}
+
+    def kohya_module_name(self, module_path: str, denoiser_config: dict | None = None) -> str:
+        """kohya's SDXL names follow the original (SGM) UNet's block numbering, not diffusers'."""
+        from ..train.kohya_format import diffusers_to_sgm, kohya_name
+
+        cfg = denoiser_config or {}
+        layers = cfg.get("layers_per_block", 2)
+        if not isinstance(layers, int):
+            raise ValueError("SDXL UNets with per-block layer counts have no kohya layout")
+        has_attention = ["CrossAttn" in t for t in cfg.get("up_block_types", ())]
+        return kohya_name("lora_unet", diffusers_to_sgm(module_path, layers, has_attention))
+
+
+FAMILY = SDXL()
