@@ -1,0 +1,82 @@
+"""Values from an untrusted data root that lorakit must keep exactly or refuse by name: numbers a double cannot
+hold, Unicode spellings of one tag, lying training states and safetensors headers, and settings that must pass
+to kohya_ss as LyCORIS reads them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lorakit.assets import import_assets
+from lorakit.cli import main
+from lorakit.store import dump_json, loads_json
+from lorakit.workspace import open_workspace
+
+
+@pytest.fixture
+def ws(tmp_data_root):
+    return open_workspace()
+
+
+def picture(seed: int, size: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), "RGB").resize((size, size), Image.BICUBIC)
+
+
+def imported_asset(ws, tmp_path: Path, tags: list[str] | None = None, seed: int = 0) -> str:
+    drop = tmp_path / f"drop{seed}"
+    drop.mkdir()
+    picture(seed).save(drop / "a.png")
+    report = import_assets(ws, "game", drop, tags=tags or ["style:pixel"])
+    return report.imported[0]["asset_id"]
+
+
+def plant_raw(path: Path, key: str, raw: str) -> None:
+    """Add ``key`` to the JSON object in ``path`` with ``raw`` as its literal JSON text."""
+    record = json.loads(path.read_text(encoding="utf-8"))
+    record[key] = "@@raw@@"
+    path.write_text(json.dumps(record, indent=2).replace('"@@raw@@"', raw), encoding="utf-8")
+
+
+# ---- 1. numbers a double cannot hold ------------------------------------------------------------------------------
+INEXACT = ["1.0000000000000001", "1e-400", "-2.50000000000000000001E+3", "0.1000000000000000055511151231257827"]
+
+
+def test_assets_tag_keeps_unowned_numbers_a_double_cannot_hold(ws, tmp_path):
+    asset_id = imported_asset(ws, tmp_path)
+    path = ws.store.path("asset", asset_id, "game")
+    raw = "{" + ", ".join(f'"n{i}": {text}' for i, text in enumerate(INEXACT)) + ', "big": 123456789012345678901234567890}'
+    plant_raw(path, "x-studio", raw)
+    assert main(["assets", "tag", "--project", "game", "--asset", asset_id, "--add", "pose:front"]) == 0
+    text = path.read_text(encoding="utf-8")
+    for number in INEXACT:
+        assert number in text, f"{number} was rewritten"
+    assert "123456789012345678901234567890" in text
+    assert "pose:front" in ws.store.read("asset", asset_id, "game")["versions"][-1]["variants"][0]["tags"]
+
+
+def test_every_read_then_write_keeps_inexact_numbers(ws, tmp_path):
+    asset_id = imported_asset(ws, tmp_path)
+    path = ws.store.path("asset", asset_id, "game")
+    plant_raw(path, "x-ratio", "[1.0000000000000001, 0.30000000000000004, 1e-5, 1.50]")
+    ws.store.update("asset", asset_id, lambda record: None, "game")
+    with ws.store.claim("asset", asset_id, "game") as claimed:
+        record = ws.store.read_path(claimed, "asset")
+        ws.store.write_locked("asset", record, claimed)
+    ws.store.write("asset", ws.store.read("asset", asset_id, "game"), "game")
+    kept = json.loads(path.read_text(encoding="utf-8"), parse_float=str)["x-ratio"]
+    # The same value in another spelling is fine; a changed value is not.
+    assert kept[0] == "1.0000000000000001"
+    assert [float(v) for v in kept[1:]] == [0.30000000000000004, 1e-5, 1.5]
+
+
+def test_exact_numbers_read_as_plain_floats():
+    value = loads_json(b'{"a": [0.30000000000000004, 1e-05, 1.50, 12345678901234567890123, 1.0000000000000001]}', "f")
+    assert [type(v) for v in value["a"]] == [float, float, float, int, type(value["a"][4])]
+    assert type(value["a"][4]) is not float and value["a"][4] == 1.0
+    assert dump_json(value).split() == ["{", '"a":', "[", "0.30000000000000004,", "1e-05,", "1.5,",
+                                        "12345678901234567890123,", "1.0000000000000001", "]", "}"]
