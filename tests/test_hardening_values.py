@@ -80,3 +80,59 @@ def test_exact_numbers_read_as_plain_floats():
     assert type(value["a"][4]) is not float and value["a"][4] == 1.0
     assert dump_json(value).split() == ["{", '"a":', "[", "0.30000000000000004,", "1e-05,", "1.5,",
                                         "12345678901234567890123,", "1.0000000000000001", "]", "}"]
+
+
+# ---- 2. network settings reach kohya/LyCORIS as network_args -------------------------------------------------------
+KOHYA_DRY = ["lora", "train", "--adapter", "kohya_ss", "--lora", "hero", "--dataset", "hero_v1", "--project", "demo",
+             "--dry-run", "--release", "r0"]
+
+
+def kohya_args_toml(out: str) -> dict:
+    """The ``kohya-args.toml`` a dry run prints."""
+    import tomllib
+
+    text = out.split("kohya-args.toml:\n", 1)[1].split("\nlog: ", 1)[0]
+    return tomllib.loads(text)
+
+
+@pytest.fixture
+def studio(tmp_path, monkeypatch):
+    from test_manual_adapter import build_studio
+
+    monkeypatch.setenv("LORAKIT_TOOLS_ROOT", str(tmp_path / "no-tools"))
+    return build_studio(tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("config, network_args, top", [
+    ({"network_type": "lokr", "lokr_factor": 4}, ["algo=lokr", "factor=4"], {}),
+    ({"network_type": "lokr", "factor": 8}, ["algo=lokr", "factor=8"], {}),
+    ({"network_type": "loha", "conv_dim": 8, "conv_alpha": 2.0}, ["algo=loha", "conv_dim=8", "conv_alpha=2.0"], {}),
+    ({"network_type": "dora", "train_conv": False},
+     ["algo=locon", "dora_wd=True", "wd_on_output=True", "preset=attn-mlp"], {}),
+    ({"network_type": "locon", "conv_rank": 4}, ["algo=locon", "conv_dim=4"], {}),
+    ({"network_dim": 8, "network_alpha": 4.0, "train_conv": True}, ["conv_dim=8", "conv_alpha=4.0"], {}),
+    ({"rank": 8, "conv_rank": 2, "train_text_encoder": False}, ["conv_dim=2"],
+     {"network_dim": 8, "network_train_unet_only": True}),
+])
+def test_kohya_gets_network_settings_as_network_args(studio, capsys, config, network_args, top):
+    assert main(KOHYA_DRY + ["--config", json.dumps(config)]) == 0, capsys.readouterr().err
+    args = kohya_args_toml(capsys.readouterr().out)
+    assert args.get("network_args") == network_args
+    lorakit_names = {"lokr_factor", "factor", "conv_dim", "conv_rank", "conv_alpha", "train_conv", "rank",
+                     "train_text_encoder", "network_type"}
+    assert not lorakit_names & set(args), "a lorakit setting landed where sd-scripts drops it"
+    for key, value in top.items():
+        assert args[key] == value
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"network_type": "loha", "lokr_factor": 4}, "lokr_factor is for network_type lokr"),
+    ({"unet_target_modules": "attention"}, "unet_target_modules is a setting of lorakit's native trainer"),
+    ({"network_type": "lokr", "lokr_factor": 4, "network_args": ["factor=2"]}, "factor=2 contradict"),
+    ({"network_type": "loha", "conv_dim": 4, "train_conv": False}, "train_conv is false"),
+    ({"network_type": "lokr", "lokr_factor": 0}, "lokr_factor must be a positive integer"),
+])
+def test_kohya_refuses_network_settings_it_would_drop_or_contradict(studio, capsys, config, message):
+    assert main(KOHYA_DRY + ["--config", json.dumps(config)]) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err and "Traceback" not in err
