@@ -31,7 +31,7 @@ def imported_asset(ws, tmp_path: Path, tags: list[str] | None = None, seed: int 
     drop = tmp_path / f"drop{seed}"
     drop.mkdir()
     picture(seed).save(drop / "a.png")
-    report = import_assets(ws, "game", drop, tags=tags or ["style:pixel"])
+    report = import_assets(ws, "game", drop, tags=tags or ["style:pixel"], status="approved")
     return report.imported[0]["asset_id"]
 
 
@@ -136,3 +136,65 @@ def test_kohya_refuses_network_settings_it_would_drop_or_contradict(studio, caps
     assert main(KOHYA_DRY + ["--config", json.dumps(config)]) == 1
     err = capsys.readouterr().err
     assert "error: " in err and message in err and "Traceback" not in err
+
+
+# ---- 3. one tag, two Unicode spellings ------------------------------------------------------------------------------
+NFC = "mood:caf\u00e9"          # é as one code point, as a keyboard types it
+NFD = "mood:cafe\u0301"         # e + combining accent, as a macOS folder name or another tool writes it
+
+
+@pytest.fixture
+def spelled(ws, tmp_path):
+    """Two approved assets of project ``game``: one tagged in NFD, one not."""
+    return imported_asset(ws, tmp_path, tags=[NFD, "pose:front"], seed=1), imported_asset(ws, tmp_path, seed=2)
+
+
+def variant_tags(ws, asset_id: str) -> list[str]:
+    return ws.store.read("asset", asset_id, "game")["versions"][-1]["variants"][0]["tags"]
+
+
+def test_dataset_rules_compare_tags_in_one_normal_form(ws, spelled, capsys):
+    from lorakit.datasets import build_manifest
+
+    tagged, plain = spelled
+    kept = build_manifest(ws, project="game", exclude_tags=[NFC], dry_run=True).manifest["items"]
+    assert [i["assetId"] for i in kept] == [plain]
+    kept = build_manifest(ws, project="game", exclude_tags=["mood:caf\u00e9*"], dry_run=True).manifest["items"]
+    assert [i["assetId"] for i in kept] == [plain]
+    kept = build_manifest(ws, project="game", tags=[NFC], dry_run=True).manifest["items"]
+    assert [i["assetId"] for i in kept] == [tagged]
+    kept = build_manifest(ws, project="game", tags=[NFC, "nope"], tag_any=True, dry_run=True).manifest["items"]
+    assert [i["assetId"] for i in kept] == [tagged]
+    assert main(["dataset", "build", "--project", "game", "--id", "ds", "--exclude-tag", NFC]) == 0
+    assert [i["assetId"] for i in ws.store.read("dataset", "ds", "game")["items"]] == [plain]
+
+
+def test_tag_queries_count_two_spellings_as_one_tag(ws, spelled):
+    from lorakit.assets import tag_frequencies
+
+    tagged, _ = spelled
+    ws.store.update("asset", tagged, lambda a: a["versions"][-1]["variants"][0]["tags"].append(NFC) and None, "game")
+    frame = tag_frequencies(ws, "game", exclude_tags=[NFC])
+    rows = frame[frame["tag"].map(lambda t: t in (NFC, NFD))]
+    assert len(rows) == 1 and int(rows["count"].iloc[0]) == 1 and bool(rows["excluded"].iloc[0])
+
+
+def test_assets_tag_removes_and_adds_by_normal_form(ws, spelled):
+    tagged, _ = spelled
+    assert main(["assets", "tag", "--project", "game", "--asset", tagged, "--add", NFC]) == 0
+    assert variant_tags(ws, tagged).count(NFD) == 1 and NFC not in variant_tags(ws, tagged)
+    assert main(["assets", "tag", "--project", "game", "--asset", tagged, "--remove", NFC]) == 0
+    assert NFD not in variant_tags(ws, tagged) and "pose:front" in variant_tags(ws, tagged)
+
+
+def test_required_tags_and_catalog_tokens_match_either_spelling(ws, spelled):
+    from lorakit.catalog import load_catalogs
+    from lorakit.store import now_iso
+    from lorakit.widgets.steps import add_required_tag
+
+    assert add_required_tag([], NFC, [NFD, "pose:front"]) == (NFD,)
+    assert add_required_tag([NFD], NFC, [NFD]) == (NFD,)
+    now = now_iso()
+    ws.store.write_catalog("tags", {"id": "tags", "projectId": "game", "createdAt": now, "updatedAt": now, "groups": [
+        {"id": "mood", "label": "Mood", "tags": [{"id": NFD, "label": "cafe", "promptToken": "cozy cafe"}]}]}, "game")
+    assert load_catalogs(ws, "game").tag_token(NFC) == "cozy cafe"
