@@ -198,3 +198,58 @@ def test_required_tags_and_catalog_tokens_match_either_spelling(ws, spelled):
     ws.store.write_catalog("tags", {"id": "tags", "projectId": "game", "createdAt": now, "updatedAt": now, "groups": [
         {"id": "mood", "label": "Mood", "tags": [{"id": NFD, "label": "cafe", "promptToken": "cozy cafe"}]}]}, "game")
     assert load_catalogs(ws, "game").tag_token(NFC) == "cozy cafe"
+
+
+# ---- 4. resume compares only what is asked for now ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def train_ws(tmp_path_factory):
+    """A workspace with the tiny checkpoints, trained on with one intra-op thread (as test_train's)."""
+    import torch
+    from test_train import _workspace
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield _workspace(tmp_path_factory.mktemp("train"), mp)
+    torch.set_num_threads(threads)
+
+
+def interrupted_run(ws, lora_id: str, config: dict, at_step: int = 3) -> Path:
+    """A run of ``lora_id`` (release ``cut``) interrupted after ``at_step``, with a saved state to resume."""
+    from test_train import new_lora, write_dataset
+
+    from lorakit.train import train_lora
+
+    new_lora(ws, lora_id)
+    write_dataset(ws, f"{lora_id}_gems", n=4, seed=5)
+
+    def interrupt(report) -> None:
+        if report.step == at_step:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(ws, lora_id, f"{lora_id}_gems", project="demo", config=config, release_id="cut", progress=False,
+                   on_step=interrupt)
+    run_dir = ws.config.loras_root / lora_id / "cut"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    return run_dir
+
+
+def test_resume_may_change_resume_safe_settings_and_blames_only_what_was_asked(train_ws, capsys):
+    from test_train import FAST
+
+    import lorakit
+
+    # The run's own settings differ from every preset and default (rank, lr, resolution, ...).
+    interrupted_run(train_ws, "rsm", {**FAST, "steps": 4, "save_state_every": 2, "validation_every": 2})
+    resume = ["lora", "train", "--lora", "rsm", "--project", "demo", "--resume", "cut", "--no-progress"]
+    assert main(resume + ["--config", json.dumps({"validation_every": 3, "lr": 0.5})]) == 1
+    err = capsys.readouterr().err
+    assert "error: cannot resume cut with different settings (lr)" in err
+    # Asking for the run's own value is no change; a resume-safe setting takes effect.
+    assert main(resume + ["--config", json.dumps({"validation_every": 4, "sample_steps": 3}), "--rank", "4"]) == 0, \
+        capsys.readouterr().err
+    (release,) = lorakit.get_lora(train_ws, "rsm", project="demo")["releases"]
+    config = release["training"]["config"]
+    assert config["validation_every"] == 4 and config["sample_steps"] == 3 and config["rank"] == 4

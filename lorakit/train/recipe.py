@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from ..locks import pid_alive
 from ..loras import add_release, find_lora, get_release, has_release, make_release
 from ..store import atomic_path, now_iso, write_atomic
 from ..workspace import Workspace, as_workspace
-from .config import DEFAULTS, numeric_config_diff, resolve_config
+from .config import DEFAULTS, RESUME_SAFE_KEYS, requested_settings, resumed_config
 from .data import TrainItem, check_items, epoch_batches, make_buckets, padded_batches, pick_bucket, step_seed
 from .inputs import RunInputs, release_dataset_fields, resolve_run_inputs
 from .progress import LOG_NAME, StepCallback, StepReport
@@ -332,13 +332,17 @@ def _resumed_inputs(ws: Workspace, run: dict, *, scope: str | None, preset: str 
                                 release_id=release, force=force, settings=stored, resuming=True)
     if run["dataset"]["manifestHash"] != inputs.dataset["manifestHash"]:
         raise TrainingError(f"cannot resume {release}: dataset {inputs.dataset['id']!r} changed since the run started")
-    if any(v is not None for v in (config, config_file)) or any(v is not None for v in (overrides or {}).values()):
-        asked = resolve_config(inputs.family, preset=run.get("preset"), config_file=config_file, config=config,
-                               overrides=overrides, force=force)
-        changed = numeric_config_diff(asked, inputs.settings)
+    # Only what is asked for now is compared (and applied): the run's own preset, config and flags are in its
+    # stored config, so rebuilding the request from the preset alone would blame settings nobody touched.
+    requested = requested_settings(inputs.family, preset=None if preset == run.get("preset") else preset,
+                                   config_file=config_file, config=config, overrides=overrides, force=force)
+    if requested:
+        settings, changed = resumed_config(inputs.settings, requested, inputs.family)
         if changed:
-            raise TrainingError(f"cannot resume {release} with different settings ({', '.join(changed)}); "
-                                "resume without them, or start a new run")
+            raise TrainingError(f"cannot resume {release} with different settings ({', '.join(changed)}): they change "
+                                "what the run computes; resume without them, or start a new run (a resume may "
+                                f"change only {', '.join(RESUME_SAFE_KEYS)})")
+        inputs = replace(inputs, settings=settings)
     return inputs
 
 
