@@ -253,3 +253,70 @@ def test_resume_may_change_resume_safe_settings_and_blames_only_what_was_asked(t
     (release,) = lorakit.get_lora(train_ws, "rsm", project="demo")["releases"]
     config = release["training"]["config"]
     assert config["validation_every"] == 4 and config["sample_steps"] == 3 and config["rank"] == 4
+
+
+# ---- 5. a saved training state is checked when it loads -------------------------------------------------------------
+def _first_tensor(models: list) -> str:
+    return sorted(models[0])[0]
+
+
+def _nan_loss(state):
+    state["validation"]["scores"]["curve"][0]["loss"] = float("nan")
+
+
+def _inf_best_loss(state):
+    state["validation"]["scores"]["bestLoss"] = float("inf")
+
+
+def _best_step_elsewhere(state):
+    state["validation"]["scores"]["bestStep"] = 99
+
+
+def _negative_step(state):
+    state["step"] = -1
+
+
+def _step_past_the_run(state):
+    state["step"] = 10**6
+
+
+def _float_step(state):
+    state["step"] = 2.5
+
+
+def _nan_weight(state):
+    state["models"][0][_first_tensor(state["models"])][0] = float("nan")
+
+
+def _wrong_shape(state):
+    import torch
+
+    state["models"][0][_first_tensor(state["models"])] = torch.zeros(1)  # broadcast silently into any shape
+
+
+def _nan_optimizer_moment(state):
+    moments = next(iter(state["optimizer"]["state"].values()))
+    moments["exp_avg"].fill_(float("nan"))
+
+
+@pytest.mark.parametrize("plant", [_nan_loss, _inf_best_loss, _best_step_elsewhere, _negative_step,
+                                   _step_past_the_run, _float_step, _nan_weight, _wrong_shape, _nan_optimizer_moment])
+def test_a_damaged_training_state_is_refused_when_it_loads(train_ws, capsys, plant):
+    import torch
+    from test_train import FAST
+
+    import lorakit
+
+    lora_id = f"st{plant.__name__.replace('_', '')[:20].lower()}"
+    run_dir = interrupted_run(train_ws, lora_id, {**FAST, "steps": 6, "save_state_every": 2, "validation_every": 1})
+    state_path = run_dir / "state" / "state.pt"
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    assert state["validation"]["scores"]["curve"], "the run saved no validation scores to damage"
+    plant(state)
+    torch.save(state, state_path)
+    code = main(["lora", "train", "--lora", lora_id, "--project", "demo", "--resume", "cut", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"error: saved training state {state_path}" in err or f"error: saved state {state_path}" in err, err
+    assert "without --resume" in err and "Traceback" not in err
+    assert lorakit.get_lora(train_ws, lora_id, project="demo")["releases"] == []
