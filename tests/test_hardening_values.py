@@ -320,3 +320,71 @@ def test_a_damaged_training_state_is_refused_when_it_loads(train_ws, capsys, pla
     assert f"error: saved training state {state_path}" in err or f"error: saved state {state_path}" in err, err
     assert "without --resume" in err and "Traceback" not in err
     assert lorakit.get_lora(train_ws, lora_id, project="demo")["releases"] == []
+
+
+# ---- 6. a safetensors header that lies about its file ---------------------------------------------------------------
+def raw_safetensors(path: Path, header: object, data: bytes = b"\0" * 8, length: int | None = None) -> Path:
+    """A file in the safetensors layout written by hand: 8-byte length, ``header`` as JSON, then ``data``."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes((len(text) if length is None else length).to_bytes(8, "little") + text + data)
+    return path
+
+
+LIES = {
+    "offsets past the end": ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8000]}}, "outside the 8 bytes"),
+    "shape larger than its bytes": ({"w": {"dtype": "F32", "shape": [100000, 100000], "data_offsets": [0, 8]}},
+                                    "but its data_offsets span 8"),
+    "unknown dtype": ({"w": {"dtype": "F128", "shape": [1], "data_offsets": [0, 8]}}, "unknown dtype 'F128'"),
+    "metadata not str to str": ({"__metadata__": {"ss_network_dim": 16},
+                                 "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, "__metadata__"),
+    "negative dimension": ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, "non-negative integers"),
+    "overlapping tensors": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                             "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, "overlap or leave a gap"),
+    "data left over": ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, "file holds 8 bytes of data"),
+    "header length past the file": (None, "larger than the file"),
+    "not JSON": (b"{NaN}", "not JSON"),
+}
+
+
+def lying_file(path: Path, lie: str) -> Path:
+    header, _ = LIES[lie]
+    if header is None:
+        return raw_safetensors(path, {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, length=10**6)
+    return raw_safetensors(path, header)
+
+
+@pytest.mark.parametrize("lie", sorted(LIES))
+def test_checkpoint_add_refuses_a_lying_safetensors_header(ws, capsys, lie):
+    path = lying_file(ws.config.checkpoints_root / "liar.safetensors", lie)
+    assert main(["checkpoint", "add", "liar", "--family", "sd15", "--path", "liar.safetensors"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint 'liar': ") and str(path) in err and LIES[lie][1] in err, err
+    assert "Traceback" not in err and not ws.store.exists("checkpoint", "liar")
+
+
+@pytest.mark.parametrize("lie", sorted(LIES))
+def test_the_manual_adapter_refuses_a_lying_safetensors_header(studio, capsys, lie):
+    path = lying_file(studio.loras_root / "hero" / "ext" / "hero.safetensors", lie)
+    code = main(["lora", "train", "--adapter", "manual", "--lora", "hero", "--dataset", "hero_v1", "--project", "demo",
+                 "--weights-kind", "absolute", "--weights-path", str(path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and str(path) in err and LIES[lie][1] in err, err
+    assert studio.lora()["releases"] == []
+
+
+def test_the_lora_loader_refuses_a_lying_file_before_reading_tensors(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from lorakit.errors import ConfigError
+    from lorakit.hashing import read_safetensors_header
+    from lorakit.models.loading import lora_file_network
+
+    good = tmp_path / "good.safetensors"
+    save_file({"lora_unet_a.hada_w1_a": torch.zeros(2, 3), "lora_unet_a.alpha": torch.tensor(1.0),
+               "empty": torch.zeros(0, 4, dtype=torch.bfloat16)}, str(good), metadata={"ss_network_dim": "2"})
+    assert set(read_safetensors_header(good)) == {"__metadata__", "lora_unet_a.hada_w1_a", "lora_unet_a.alpha", "empty"}
+    assert lora_file_network(good) == "loha"
+    with pytest.raises(ConfigError, match="LoRA weights: .*liar.safetensors.*unknown dtype"):
+        lora_file_network(lying_file(tmp_path / "liar.safetensors", "unknown dtype"))
