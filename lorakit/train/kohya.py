@@ -712,7 +712,7 @@ def _network_settings(network_type: str, opts: dict) -> list[str]:
     for name in NATIVE_ONLY_NETWORK_SETTINGS:
         if name in given:
             raise ConfigError(f"{name} is a setting of lorakit's native trainer; kohya sd-scripts has no such option "
-                              f"and would ignore it: drop it, or train with --adapter native")
+                              "and would ignore it: drop it, or train with --adapter native")
     for name in ("rank", "alpha"):
         if name in given:
             kohya_name = BY_NAME[name].kohya
