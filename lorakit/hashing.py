@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import struct
 import time
 from pathlib import Path
@@ -49,8 +50,13 @@ def read_safetensors_header(path: str | os.PathLike) -> dict:
     (no tensors, no torch).
     """
     try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
+        # Non-blocking open, then a check on the handle: a FIFO under a weights name must not hang the reader.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise SafetensorsHeaderError("it is not a regular file")
+            size = st.st_size
             head = handle.read(8)
             if len(head) < 8:
                 raise SafetensorsHeaderError(f"it has {size} bytes, fewer than the 8 of a header length")

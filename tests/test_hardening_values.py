@@ -5,6 +5,7 @@ to kohya_ss as LyCORIS reads them."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -388,3 +389,7 @@ def test_the_lora_loader_refuses_a_lying_file_before_reading_tensors(tmp_path):
     assert lora_file_network(good) == "loha"
     with pytest.raises(ConfigError, match="LoRA weights: .*liar.safetensors.*unknown dtype"):
         lora_file_network(lying_file(tmp_path / "liar.safetensors", "unknown dtype"))
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)  # opened plainly, it would block the reader for ever
+    with pytest.raises(ConfigError, match="not a regular file"):
+        lora_file_network(fifo)
