@@ -38,13 +38,14 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from .catalog import VERSION_STATUSES, iter_assets, load_specs, require_project
+from .catalog import VERSION_STATUSES, iter_assets, load_specs, require_project, tag_key
 from .datasets import (
     CAPTION_STRATEGIES,
     PROVENANCE_KEYS,
     compile_globs,
     dedupe,
     excluded_tags,
+    missing_tags,
     pick_variant,
     pick_version,
     spec_tags,
@@ -525,7 +526,7 @@ class _Importer:
             return
         self.tagged_specs.add(spec_id)
         current = _read_optional(self.store, "spec", spec_id, self.project) or {}
-        if set(folder_tags) - set(current.get("tags") or []):
+        if missing_tags(current.get("tags") or [], folder_tags):
             self.store.update("spec", spec_id, lambda s: {**s, "tags": dedupe([*(s.get("tags") or []), *folder_tags])},
                               self.project)
 
@@ -689,7 +690,9 @@ def tag_frequencies(
         spec = specs.get(asset["specId"])
         if spec is None:
             problems.append(f"asset {asset['id']}: spec {asset['specId']!r} is missing (no spec tags)")
-        on_variant, on_spec = dedupe(variant.get("tags") or []), dedupe(spec_tags(spec))
+        # Counted by tag_key: two spellings of one tag are one row.
+        on_variant = [tag_key(t) for t in dedupe(variant.get("tags") or [])]
+        on_spec = [tag_key(t) for t in dedupe(spec_tags(spec))]
         for tag in dedupe([*on_variant, *on_spec]):
             counts[tag]["count"] += 1
         for tag in on_variant:
@@ -698,7 +701,7 @@ def tag_frequencies(
             counts[tag]["in_spec"] += 1
         if not excluded_tags([*on_variant, *on_spec], exclude):
             for tag in caption_tag_list(on_variant, spec, caption, no_spec_tags):
-                counts[tag]["captions"] += 1
+                counts[tag_key(tag)]["captions"] += 1
     import pandas as pd
 
     columns = ["tag", "count", "in_variant", "in_spec", "captions"]
@@ -879,7 +882,7 @@ def tag_assets(
     ws = as_workspace(ws)
     _check_tags(add, "tag to add")
     _check_tags(remove, "tag to remove")
-    add, removed = dedupe(add), set(remove)
+    add, removed = dedupe(add), {tag_key(t) for t in remove}
     if not add and not removed:
         raise AssetError("give tags to add or remove")
     rows = []
@@ -892,7 +895,7 @@ def tag_assets(
             if target is None or variant is None:
                 raise AssetError(f"asset {asset['id']!r}: its version or variant disappeared")
             old = list(variant.get("tags") or [])
-            variant["tags"] = [t for t in dedupe([*old, *add]) if t not in removed]
+            variant["tags"] = [t for t in dedupe([*old, *add]) if tag_key(t) not in removed]
             seen.update(version_id=target["id"], variant_id=variant["id"], old_tags=old, tags=variant["tags"])
             return asset
 

@@ -13,6 +13,7 @@ import gc
 import os
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -443,13 +444,25 @@ def load_specs(ws: Workspace | str | Path | None, project: str) -> dict[str, dic
     return specs
 
 
+# ---- tags ----------------------------------------------------------------------------------------------
+def tag_key(tag: str) -> str:
+    """The form in which tags are compared: Unicode NFC. The same tag arrives in two spellings (``é`` as one
+    code point, typed; ``e`` plus a combining accent, from a macOS folder name or another tool), and every rule
+    that matches, excludes, requires, removes or counts tags must see them as one.
+
+    >>> tag_key("cafe\u0301") == tag_key("caf\u00e9") == "caf\u00e9"
+    True
+    """
+    return unicodedata.normalize("NFC", tag)
+
+
 # ---- catalogs ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Catalogs:
     """A project's catalogs, with one checkpoint's overrides applied, indexed by entry id.
 
     ``tags`` maps a tag id to its entry; ``aliases`` maps an alias (of a style, scenario or tag) to the
-    entry id it stands for, per catalog name.
+    entry id it stands for, per catalog name. Tag ids and tag aliases are keyed by :func:`tag_key`.
     """
 
     styles: dict[str, dict] = field(default_factory=dict)
@@ -469,9 +482,10 @@ class Catalogs:
 
     def tag_token(self, tag: str) -> str | None:
         """The prompt token of a tag id (or alias), or ``None`` when the catalog gives none."""
-        entry = self.tags.get(tag)
+        key = tag_key(tag)
+        entry = self.tags.get(key)
         if entry is None:
-            alias_of = self.aliases.get("tags", {}).get(tag)
+            alias_of = self.aliases.get("tags", {}).get(key)
             entry = self.tags.get(alias_of) if alias_of else None
         token = entry.get("promptToken") if entry else None
         return token if isinstance(token, str) and token else None
@@ -541,10 +555,12 @@ def load_catalogs(ws: Workspace | str | Path | None, project: str, checkpoint: s
             if checkpoint and name != "asset-types" else []
         )
         merged[name] = merge_entries(base, override)
+    merged["tags"] = {tag_key(tag): entry for tag, entry in merged["tags"].items()}
+    aliases = {name: alias_index(merged[name]) for name in ("styles", "scenarios", "tags")}
+    aliases["tags"] = {tag_key(alias): tag for alias, tag in aliases["tags"].items()}
     return Catalogs(
         styles=merged["styles"], scenarios=merged["scenarios"], tags=merged["tags"], asset_types=merged["asset-types"],
-        aliases={name: alias_index(merged[name]) for name in ("styles", "scenarios", "tags")},
-        checkpoint=checkpoint,
+        aliases=aliases, checkpoint=checkpoint,
     )
 
 

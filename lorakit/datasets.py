@@ -38,6 +38,7 @@ from .catalog import (
     explain_invalid,
     iter_asset_chunks,
     require_project,
+    tag_key,
     variant_looks_valid,
 )
 from .errors import DatasetError, RecordError, UnreadableImageError
@@ -187,22 +188,35 @@ def pick_image(variant: dict, exists: Callable[[str], bool]) -> str | None:
 
 
 def matches_tags(tags: Iterable[str], wanted: Sequence[str], any_: bool = False) -> bool:
-    """All of ``wanted`` are in ``tags`` (``any_``: at least one). No wanted tags always matches.
+    """All of ``wanted`` are in ``tags`` (``any_``: at least one), compared by :func:`tag_key`. No wanted tags
+    always matches.
 
     >>> matches_tags(["a", "b"], ["a", "c"]), matches_tags(["a", "b"], ["a", "c"], any_=True)
     (False, True)
     """
     if not wanted:
         return True
-    have = set(tags)
-    return any(t in have for t in wanted) if any_ else all(t in have for t in wanted)
+    have = {tag_key(t) for t in tags}
+    found = (tag_key(t) in have for t in wanted)
+    return any(found) if any_ else all(found)
+
+
+def missing_tags(tags: Iterable[str], wanted: Sequence[str]) -> list[str]:
+    """The ``wanted`` tags that ``tags`` lacks (compared by :func:`tag_key`), in order.
+
+    >>> missing_tags(["a", "b"], ["a", "c"])
+    ['c']
+    """
+    have = {tag_key(t) for t in tags}
+    return [t for t in wanted if tag_key(t) not in have]
 
 
 def compile_globs(patterns: Sequence[str]) -> re.Pattern | None:
-    """One regex for a list of fnmatch globs (case-sensitive on every OS), ``None`` for no patterns."""
+    """One regex for a list of fnmatch globs (case-sensitive on every OS, in :func:`tag_key` form), ``None``
+    for no patterns."""
     if not patterns:
         return None
-    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+    return re.compile("|".join(f"(?:{fnmatch.translate(tag_key(p))})" for p in patterns))
 
 
 def excluded_tags(tags: Iterable[str], patterns: Sequence[str] | re.Pattern | None) -> list[str]:
@@ -214,16 +228,17 @@ def excluded_tags(tags: Iterable[str], patterns: Sequence[str] | re.Pattern | No
     regex = compile_globs(patterns) if isinstance(patterns, Sequence) else patterns
     if regex is None:
         return []
-    return [t for t in tags if regex.match(t)]
+    return [t for t in tags if regex.match(tag_key(t))]
 
 
 def dedupe(parts: Iterable[str]) -> list[str]:
-    """Non-empty parts, first occurrence kept."""
+    """Non-empty parts, first occurrence kept; two spellings of one text (see :func:`tag_key`) are one part."""
     seen: set[str] = set()
     out = []
     for part in parts:
-        if part and part not in seen:
-            seen.add(part)
+        key = tag_key(part) if isinstance(part, str) else part
+        if part and key not in seen:
+            seen.add(key)
             out.append(part)
     return out
 
@@ -331,8 +346,7 @@ def screen_candidate(version: dict, spec: dict | None, selection: Selection,
         return None, EXCLUDED_TAG, ", ".join(dedupe(hits))
     match_tags = variant_tags if selection.no_spec_tags else all_tags
     if not matches_tags(match_tags, selection.tags, selection.tag_any):
-        have = set(match_tags)
-        missing = [t for t in selection.tags if t not in have]
+        missing = missing_tags(match_tags, selection.tags)
         return None, FILTERED_BY_TAG, ("none of " if selection.tag_any else "missing ") + ", ".join(missing)
     return variant, None, ""
 
@@ -784,7 +798,7 @@ def dataset_summary(manifest: dict, top_tags: int = 10) -> dict:
     ``hashMatches`` says whether the stored ``manifestHash`` still matches the items (a hand edit breaks it).
     """
     items = manifest.get("items", [])
-    tag_counts = Counter(t for item in items for t in dict.fromkeys(item.get("tags") or []))
+    tag_counts = Counter(tag_key(t) for item in items for t in dedupe(item.get("tags") or []))
     stored = manifest.get("manifestHash")
     return {
         "id": manifest.get("id"), "scope": manifest.get("scope"), "projectId": manifest.get("projectId"),

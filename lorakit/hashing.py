@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import struct
 import time
 from pathlib import Path
@@ -25,27 +26,119 @@ SAFE_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = SAFE_SUFFIXES + PICKLE_SUFFIXES + (".gguf",)
 RACY_WINDOW_NS = 2_000_000_000
-_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # what the safetensors library itself accepts
+# Bits per element of every dtype the safetensors format names.
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64,
+    "U64": 64,
+}
+
+
+class SafetensorsHeaderError(ValueError):
+    """What is wrong with a safetensors file, in words (see :func:`read_safetensors_header`)."""
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a safetensors file (tensor names to dtype/shape/offsets, plus ``__metadata__``),
+    checked against the file it heads; :class:`SafetensorsHeaderError` says what is wrong otherwise.
+
+    A weights file from a shared folder may lie in its header, and lorakit records such files (checkpoints,
+    releases) long before anything loads them, so the header is held to the format here: its length within
+    the file and a sane cap, strict JSON, ``__metadata__`` a map of strings to strings, every tensor a known
+    dtype, a shape of non-negative integers and ``data_offsets`` inside the data section whose size is exactly
+    the shape's, the tensors packed back to back from offset 0 to the end of the file. Only the header is read
+    (no tensors, no torch).
+    """
+    try:
+        # Non-blocking open, then a check on the handle: a FIFO under a weights name must not hang the reader.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise SafetensorsHeaderError("it is not a regular file")
+            size = st.st_size
+            head = handle.read(8)
+            if len(head) < 8:
+                raise SafetensorsHeaderError(f"it has {size} bytes, fewer than the 8 of a header length")
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                raise SafetensorsHeaderError(f"its header length {length} is larger than the file ({size} bytes)")
+            if length > _MAX_SAFETENSORS_HEADER:
+                raise SafetensorsHeaderError(f"its header length {length} is over the {_MAX_SAFETENSORS_HEADER}-byte cap")
+            raw = handle.read(length)
+    except OSError as exc:
+        raise SafetensorsHeaderError(f"it cannot be read ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(raw, parse_constant=_no_json_constant)
+    except (ValueError, RecursionError):
+        raise SafetensorsHeaderError("its header is not JSON (another format renamed, or a damaged file)") from None
+    if not isinstance(header, dict):
+        raise SafetensorsHeaderError(f"its header is a JSON {type(header).__name__}, not an object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsHeaderError("its __metadata__ is not a map of strings to strings")
+    data_size = size - 8 - length
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"tensor {name[:200]!r}"
+        if not isinstance(info, dict):
+            raise SafetensorsHeaderError(f"{where} is not {{dtype, shape, data_offsets}}")
+        bits = SAFETENSORS_DTYPE_BITS.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+        if bits is None:
+            raise SafetensorsHeaderError(f"{where} has unknown dtype {str(info.get('dtype'))[:40]!r}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise SafetensorsHeaderError(f"{where} has shape {str(shape)[:80]}, not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1] <= data_size):
+            raise SafetensorsHeaderError(f"{where} has data_offsets {str(offsets)[:80]} outside the {data_size} bytes "
+                                         "of data the file holds")
+        elements = 1
+        for dim in shape:
+            elements *= dim
+        if elements * bits % 8 or elements * bits // 8 != offsets[1] - offsets[0]:
+            raise SafetensorsHeaderError(f"{where}: {info['dtype']} of shape {shape} is {elements * bits / 8:g} bytes, "
+                                         f"but its data_offsets span {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], where))
+    end = 0
+    for begin, stop, where in sorted(spans):
+        if begin != end:
+            raise SafetensorsHeaderError(f"{where} starts at byte {begin} of the data, where {end} was expected "
+                                         "(tensors overlap or leave a gap)")
+        end = stop
+    if end != data_size:
+        raise SafetensorsHeaderError(f"its tensors take {end} bytes but the file holds {data_size} bytes of data")
+    return header
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _no_json_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
 
 
 def safetensors_header(path: str | os.PathLike) -> dict | None:
-    """The JSON header of a safetensors file (tensor names to dtype/shape/offsets, plus ``__metadata__``), or
-    ``None`` when the file is not one: empty, truncated, or another format under a ``.safetensors`` name.
-
-    Only the header is read (no tensors, no torch): 8 bytes of little-endian length, then that much JSON.
-    """
+    """The checked header of a safetensors file (:func:`read_safetensors_header`), or ``None`` when the file is
+    not a valid one."""
     try:
-        with open_regular(path, "weights file") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                return None
-            (length,) = struct.unpack("<Q", head)
-            if length > _MAX_SAFETENSORS_HEADER or length > os.fstat(handle.fileno()).st_size - 8:
-                return None
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError, RecursionError):
+        return read_safetensors_header(path)
+    except SafetensorsHeaderError:
         return None
-    return header if isinstance(header, dict) else None
+
+
+def check_safetensors(path: str | os.PathLike, what: str) -> dict:
+    """The checked header of a weights file lorakit is asked to accept or load; a :class:`ConfigError` naming
+    ``what``, the file and what is wrong with it otherwise."""
+    try:
+        return read_safetensors_header(path)
+    except SafetensorsHeaderError as exc:
+        raise ConfigError(f"{what}: {path} is not a safetensors file that holds what its header says ({exc}); "
+                          "download it again, or give the real file") from None
 
 
 def stat_key(st: os.stat_result) -> list[int]:

@@ -13,8 +13,10 @@ import json
 import math
 import os
 import re
+import secrets
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from hashlib import sha1
 from pathlib import Path
 from typing import Any
@@ -104,7 +106,7 @@ def dump_json(record: object, where: object = "record") -> str:
     orjson writes the same text as ``json.dumps(indent=2, ensure_ascii=False)`` ten times faster (large
     manifests are written on every build); only small floats read differently (``0.00001``, as JavaScript's
     ``JSON.stringify`` writes them, where Python writes ``1e-05``). What orjson refuses (integers beyond
-    64 bits) goes through the standard library, which writes them exactly. A NaN or infinite number has no
+    64 bits, a :class:`VerbatimNumber`) goes through a slower path that writes them exactly. A NaN or infinite number has no
     strict-JSON form (orjson would write ``null``, the standard library ``NaN``), so such a record is refused.
     """
     bad = non_finite_path(record)
@@ -114,12 +116,94 @@ def dump_json(record: object, where: object = "record") -> str:
     try:
         return orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE).decode("utf-8")
     except TypeError:
-        return json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        pass  # an integer beyond 64 bits or a VerbatimNumber, which orjson does not write
+    kept: list[str] = []
+    marker = f"lorakit-verbatim-{secrets.token_hex(12)}-"
+    plain = _mark_verbatim(record, marker, kept)
+    try:
+        text = orjson.dumps(plain, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE).decode("utf-8")
+    except TypeError:
+        text = json.dumps(plain, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    if not kept:
+        return text
+    return re.sub(f'"{marker}(\\d+)"', lambda m: kept[int(m[1])], text)
 
 
-# orjson reads an integer beyond 64 bits as a float (18446744073709551617 -> 1.8446744073709552e+19); a run of
-# 19+ digits sends the text to the standard library, which keeps integers exact.
-_BIG_NUMBER = re.compile(rb"\d{19,}")
+class VerbatimNumber(float):
+    """A JSON number that no double holds exactly (``1.0000000000000001``, ``1e-400``), read as the nearest
+    float but written back as its original text: a record rewrite must not change a value lorakit does not own.
+    Arithmetic on it gives a plain float, so a value lorakit computes is written as usual."""
+
+    __slots__ = ("text",)
+    text: str
+
+    def __new__(cls, text: str) -> VerbatimNumber:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+    def __reduce__(self) -> tuple:
+        return VerbatimNumber, (self.text,)
+
+
+def _mark_verbatim(value: object, marker: str, kept: list[str]) -> object:
+    """``value`` with each VerbatimNumber replaced by a string ``marker + index`` (its text appended to
+    ``kept``), for a serializer that cannot write raw number text."""
+    kind = type(value)
+    if kind is VerbatimNumber:
+        kept.append(value.text)  # type: ignore[attr-defined]
+        return f"{marker}{len(kept) - 1}"
+    if kind is dict:
+        return {k: _mark_verbatim(v, marker, kept) for k, v in value.items()}  # type: ignore[attr-defined]
+    if kind is list:
+        return [_mark_verbatim(v, marker, kept) for v in value]  # type: ignore[attr-defined]
+    return value
+
+
+# What orjson may read inexactly: an integer beyond 64 bits (read as a float) and a number with 16+ significant
+# digits or a 3-digit exponent, which a double may not hold (1.0000000000000001 -> 1.0, 1e-400 -> 0.0). A number
+# with at most 15 digits and a 2-digit exponent always survives a double. The text is first mapped to a few
+# classes (d: what may precede a JSON number, 0: digit or point, e, +: sign, x: anything else), so a pattern
+# with a literal first character finds long number tokens at memchr speed and skips digit runs inside strings
+# (hashes, times); only the tokens it finds are checked, and only an inexact one costs a second parse.
+_NUMBER_CLASSES = bytes(
+    ord("0") if chr(c) in "0123456789." else ord("e") if chr(c) in "eE" else ord("+") if chr(c) in "+-"
+    else ord("d") if chr(c) in " \t\n\r:,[" else ord("x")
+    for c in range(256)
+)
+_LONG_NUMBER = re.compile(rb"d\+?0(?:0{15}|0*e\+?000)")
+_NUMBER_TOKEN = re.compile(rb"-?[\d.]+(?:[eE][+-]?\d+)?")
+
+
+def _long_numbers(data: bytes) -> Iterator[str]:
+    """The text of each JSON number in ``data`` that a double or orjson's 64-bit integers may not hold."""
+    classes = b"d" + data.translate(_NUMBER_CLASSES)  # the "d" stands for the start: a document may be a number
+    for found in _LONG_NUMBER.finditer(classes):
+        token = _NUMBER_TOKEN.match(data, found.start())  # classes runs one byte ahead of data
+        if token:
+            yield token[0].decode("ascii")
+
+
+def _is_exact(token: str) -> bool:
+    """Whether the JSON number ``token`` reads exactly: as a Python int (within orjson's 64 bits), or as a
+    float whose shortest repr has the same decimal value (``1e-5``/``1e-05``, ``1.50``/``1.5`` are exact)."""
+    if not any(c in token for c in ".eE"):
+        return len(token.lstrip("-")) < 19
+    try:
+        value = float(token)
+        shortest = repr(value)
+        return shortest == token or (math.isfinite(value) and Decimal(token) == Decimal(shortest))
+    except (ValueError, ArithmeticError):
+        return False
+
+
+def _json_float(token: str) -> float:
+    value = float(token)
+    if len(token) < 16 and "e" not in token and "E" not in token:
+        return value  # 15 digits or fewer, no exponent: a double holds it
+    if not math.isfinite(value) or _is_exact(token):
+        return value  # an overflow stays infinite, so the write is refused as before
+    return VerbatimNumber(token)
 
 
 def _no_constants(name: str) -> object:
@@ -128,17 +212,18 @@ def _no_constants(name: str) -> object:
 
 def loads_json(data: bytes, where: object) -> object:
     """Parse JSON bytes; errors name ``where`` (a file), the line and the column. ``NaN`` and ``Infinity``,
-    which strict JSON parsers reject, are errors too."""
+    which strict JSON parsers reject, are errors too. A number no double holds exactly is read as a
+    :class:`VerbatimNumber`, so writing the record back keeps its text."""
     try:
         value = orjson.loads(data)
-        if not _BIG_NUMBER.search(data):
+        if all(_is_exact(token) for token in _long_numbers(data)):
             return value
     except orjson.JSONDecodeError:
         pass  # re-parsed below: the standard library words errors better
     except RecursionError:
         raise RecordError(f"{where}: nested too deeply to be a lorakit record") from None
     try:
-        return json.loads(data, parse_constant=_no_constants)
+        return json.loads(data, parse_constant=_no_constants, parse_float=_json_float)
     except UnicodeDecodeError as exc:
         raise RecordError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:

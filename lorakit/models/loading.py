@@ -29,6 +29,7 @@ from filelock import FileLock
 
 from ..config import resolve_weights
 from ..errors import ConfigError, LorakitError
+from ..hashing import SAFE_SUFFIXES, check_safetensors
 from ..roots import check_regular
 from ..workspace import Workspace, as_workspace
 from .registry import (
@@ -217,6 +218,7 @@ def load_pipeline(
     vae = paths["vae"]
     if vae is not None:
         check_pickle_allowed(vae, allow, f"{what} vaeWeights")
+        check_weights_files(vae, None, f"{what} vaeWeights")
     cls = pipeline_class(family)
     extra = {}
     config_folder = None
@@ -266,7 +268,7 @@ def load_lora_file(pipe, path: str | Path, adapter_name: str) -> None:
     """
     path = Path(path)
     check_regular(path, "LoRA weights file")  # on the open handle: a FIFO or a device is refused, never read
-    network = lora_file_network(path)
+    network = lora_file_network(path)  # checks the file's header first
     if network in LORA_LAYER_TYPES and has_lycoris_layers(pipe):
         raise LorakitError(f"cannot load the {network} file {path} after a LoHa or LoKr file into the same pipeline "
                            "(peft cannot put a LoRA layer over theirs); load LoRA, LoCon and DoRA files first")
@@ -287,12 +289,11 @@ def lora_file_network(path: str | Path) -> str:
     from ..train.kohya_format import file_network_type
 
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() not in SAFE_SUFFIXES:
         return "lora"
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return file_network_type(handle.keys())
+    # A release's file comes from a shared folder: its header is held to the file before any loader reads it.
+    header = check_safetensors(path, "LoRA weights")
+    return file_network_type(key for key in header if key != "__metadata__")
 
 
 def has_lycoris_layers(pipe) -> bool:

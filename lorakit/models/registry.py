@@ -21,6 +21,7 @@ from ..hashing import (
     PICKLE_SUFFIXES,
     SAFE_SUFFIXES,
     WEIGHT_SUFFIXES,
+    check_safetensors,
     safetensors_header,
     weight_files,
     weights_sha256,
@@ -96,15 +97,21 @@ def detect_family(path: Path) -> str | None:
     return None
 
 
-def check_weights_files(path: Path, family: str, what: str) -> None:
-    """Refuse weights that are not what they claim: a ``.safetensors`` file without a valid header (empty, or
-    another format renamed), or files of another model family than the record says."""
+def check_weights_files(path: Path, family: str | None, what: str) -> None:
+    """Refuse weights that are not what they claim: a ``.safetensors`` file (or one in a diffusers folder's
+    model folders) whose header does not hold up against the file (see :func:`lorakit.hashing.check_safetensors`),
+    or files of another model family than the record says (``family`` None: any)."""
     path = Path(path)
     for _, file in weight_files(path):  # on the open handle: a FIFO or a device is refused, never read
         check_regular(file, f"{what} weights file")
-    if path.is_file() and path.suffix.lower() in SAFE_SUFFIXES and safetensors_header(path) is None:
-        raise ConfigError(f"{what}: {path} is not a safetensors file (empty, truncated, or another format renamed "
-                          "to .safetensors); download it again, or give the real file")
+    if path.is_file() and path.suffix.lower() in SAFE_SUFFIXES:
+        check_safetensors(path, what)
+    elif path.is_dir():
+        for member in sorted(path.glob("*/*")):
+            if member.suffix.lower() in SAFE_SUFFIXES and member.is_file():
+                check_safetensors(member, what)
+    if family is None:
+        return
     found = detect_family(path)
     if found is not None and found != family:
         raise ConfigError(f"{what}: {path} is an {FAMILY_NAMES[found]} checkpoint, registered as "
@@ -295,8 +302,7 @@ def add_checkpoint(
         vae_local = resolve_weights(vae, ws.config, what=f"{what} vaeWeights")
         uses_pickle = uses_pickle or weights_format(vae_local) == "pickle"
         check_pickle_allowed(vae_local, allow_pickle, f"{what} vaeWeights")
-        if vae_local.is_file() and vae_local.suffix.lower() in SAFE_SUFFIXES and safetensors_header(vae_local) is None:
-            raise ConfigError(f"{what} vaeWeights: {vae_local} is not a safetensors file")
+        check_weights_files(vae_local, None, f"{what} vaeWeights")
     fields = {
         "family": family, "name": name, "weights": weights, "vaeWeights": vae,
         "supportedAssetTypes": list(asset_types) if asset_types is not None else None,

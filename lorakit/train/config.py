@@ -16,7 +16,7 @@ from .settings import ALIASES, DEFAULTS, MAX_SEED, RESUME_SAFE_KEYS, SETTINGS, c
 
 __all__ = ["ALIASES", "DEFAULTS", "MAX_SEED", "RESUME_SAFE_KEYS", "TrainingError", "check_config", "finalize_config",
            "list_presets", "load_preset", "normalize_keys", "numeric_config_diff", "parse_color", "parse_config_json",
-           "read_config_file", "resolve_config"]
+           "read_config_file", "requested_settings", "resolve_config", "resumed_config"]
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -108,7 +108,27 @@ def resolve_config(
     >>> cfg["rank"], cfg["alpha"], cfg["lr"], cfg["resolution"]
     (8, 8.0, 0.0003, 512)
     """
-    resolved = dict(DEFAULTS)
+    given = requested_settings(family, preset=preset, config_file=config_file, config=config, overrides=overrides,
+                               force=force)
+    return finalize_config({**DEFAULTS, **given}, family)
+
+
+def requested_settings(
+    family: str,
+    *,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    config: dict | str | None = None,
+    overrides: dict | None = None,
+    force: bool = False,
+) -> dict:
+    """The settings the layers name, by canonical name, later layers winning, nothing filled in: what was asked
+    for, as opposed to a resolved config (see :func:`resolve_config` for the layers).
+
+    >>> requested_settings("sd15", config={"learning_rate": 1e-3}, overrides={"rank": 8, "steps": None})
+    {'lr': 0.001, 'rank': 8}
+    """
+    given: dict = {}
     sources: list[tuple[str, dict]] = []
     if preset:
         data = load_preset(preset)
@@ -125,8 +145,8 @@ def resolve_config(
     if overrides:
         sources.append(("flags", {k: v for k, v in overrides.items() if v is not None}))
     for source, layer in sources:
-        resolved.update(normalize_keys(layer, source))
-    return finalize_config(resolved, family)
+        given.update(normalize_keys(layer, source))
+    return given
 
 
 def finalize_config(cfg: dict, family: str) -> dict:
@@ -205,3 +225,19 @@ def _is_plain_number(value: Any) -> bool:
 def numeric_config_diff(a: dict, b: dict) -> list[str]:
     """Keys whose values differ between two resolved configs, ignoring :data:`RESUME_SAFE_KEYS`."""
     return sorted(k for k in set(a) | set(b) if k not in RESUME_SAFE_KEYS and a.get(k) != b.get(k))
+
+
+def resumed_config(stored: dict, requested: dict, family: str) -> tuple[dict, list[str]]:
+    """A resumed run's config, ``stored`` with the ``requested`` settings (see :func:`requested_settings`)
+    applied, and the requested settings that would change the numbers the run computes (only resume-safe ones
+    may change). Settings not requested keep the run's own values, whatever a preset or default says now.
+
+    >>> stored = resolve_config("sd15", config={"rank": 8})
+    >>> cfg, changed = resumed_config(stored, {"validation_every": 3, "lr": 1e-4}, "sd15")
+    >>> cfg["validation_every"], cfg["rank"], changed
+    (3, 8, [])
+    >>> resumed_config(stored, {"rank": 4}, "sd15")[1]
+    ['rank']
+    """
+    asked = finalize_config({**stored, **requested}, family)
+    return asked, [k for k in numeric_config_diff(asked, stored) if k in requested]

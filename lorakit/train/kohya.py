@@ -683,19 +683,83 @@ def network_options(network_type: str) -> tuple[str, list[str]]:
     return LYCORIS_NETWORK_MODULE, list(LYCORIS_NETWORK_ARGS[network_type])
 
 
+# lorakit's network settings that kohya's networks.lora and LyCORIS read from network_args, under these names. As
+# top-level options sd-scripts' config reader would drop them without a word and train something else.
+NETWORK_ARG_SETTINGS = {"conv_rank": "conv_dim", "conv_alpha": "conv_alpha", "lokr_factor": "factor"}
+# Network settings of the native trainer that sd-scripts has no option for: refused rather than ignored.
+NATIVE_ONLY_NETWORK_SETTINGS = ("unet_target_modules", "conv_target_modules", "text_encoder_target_modules",
+                                "lora_dropout")
+
+
+def _network_settings(network_type: str, opts: dict) -> list[str]:
+    """Take lorakit's network settings out of ``opts`` (by name or alias) and return them as the ``network_args``
+    kohya/LyCORIS read; ``rank``/``alpha`` and ``train_text_encoder`` become the sd-scripts options they are."""
+    given: dict[str, Any] = {}
+    for key in list(opts):
+        name = canonical_name(key)
+        if name not in NETWORK_ARG_SETTINGS and name not in NATIVE_ONLY_NETWORK_SETTINGS and \
+                name not in ("train_conv", "train_text_encoder", "rank", "alpha"):
+            continue
+        if name in ("rank", "alpha") and key == BY_NAME[name].kohya:
+            continue  # already sd-scripts' own option
+        value = opts.pop(key)
+        if name in given and given[name] != value:
+            raise ConfigError(f"the kohya options set {name} twice with different values ({given[name]!r} and "
+                              f"{value!r}, one under another name); keep one")
+        problem = BY_NAME[name].problem(value)
+        if problem:
+            raise ConfigError(problem)
+        given[name] = value
+    for name in NATIVE_ONLY_NETWORK_SETTINGS:
+        if name in given:
+            raise ConfigError(f"{name} is a setting of lorakit's native trainer; kohya sd-scripts has no such option "
+                              "and would ignore it: drop it, or train with --adapter native")
+    for name in ("rank", "alpha"):
+        if name in given:
+            kohya_name = BY_NAME[name].kohya
+            if kohya_name in opts and opts[kohya_name] != given[name]:
+                raise ConfigError(f"the kohya options set {name} {given[name]!r} and {kohya_name} {opts[kohya_name]!r}; "
+                                  "keep one")
+            opts[kohya_name] = given[name]
+    if given.get("train_text_encoder") is not None:
+        opts["network_train_unet_only"] = not given["train_text_encoder"]
+    if given.get("lokr_factor") is not None and network_type != "lokr":
+        raise ConfigError(f"lokr_factor is for network_type lokr, but this run trains {network_type}; drop it")
+    args = [f"{NETWORK_ARG_SETTINGS[name]}={given[name]}" for name in NETWORK_ARG_SETTINGS if given.get(name) is not None]
+    train_conv = given.get("train_conv")
+    if train_conv is False:
+        if any(given.get(name) is not None for name in ("conv_rank", "conv_alpha")):
+            raise ConfigError("train_conv is false but the kohya options set conv_dim/conv_alpha; drop one of them")
+        if network_type == "locon":
+            raise ConfigError("train_conv must be true for network_type locon (LoRA on the convolutions too); drop "
+                              "train_conv, or use network_type lora")
+        if network_type != "lora":
+            args.append("preset=attn-mlp")  # LyCORIS' default preset ("full") adapts the convolutions too
+    elif train_conv and given.get("conv_rank") is None and network_type == "lora":
+        # kohya's LoRA adapts convolutions only with a conv_dim; lorakit's conv rank defaults to the rank.
+        if opts.get("network_dim") is None:
+            raise ConfigError("train_conv with network_type lora needs a rank for the convolutions: set conv_dim "
+                              "(or network_dim / --rank)")
+        args.append(f"conv_dim={opts['network_dim']}")
+    if network_type == "lora" and train_conv and given.get("conv_alpha") is None and opts.get("network_alpha") is not None:
+        args.append(f"conv_alpha={opts['network_alpha']}")  # kohya's own default is 1, lorakit's the alpha
+    return args
+
+
 def _fill_network(network_type: str, opts: dict, adapter_args: Sequence[str], effective: Any) -> None:
-    """``network_module`` (and LyCORIS' ``algo`` in ``network_args``) for ``network_type``; a module or algo the
-    user set that says otherwise is refused rather than silently training another network type."""
+    """``network_module`` and ``network_args`` for ``network_type`` and lorakit's network settings; a module or
+    argument the user set that says otherwise is refused rather than silently training another network."""
     module, args = network_options(network_type)
+    args = args + _network_settings(network_type, opts)
     chosen = effective("network_module", module)
-    if network_type == "lora":
-        return
-    if chosen != module:
+    if network_type != "lora" and chosen != module:
         raise ConfigError(f"network_type {network_type} trains through network_module {module}, but the kohya "
                           f"options set network_module {chosen!r}; drop one of them")
+    if not args:
+        return
     if adapter_arg_value(adapter_args, "network_args") is not None:
-        raise ConfigError(f"network_type {network_type} sets network_args; give further LyCORIS arguments as a "
-                          "network_args list in the kohya config instead of --adapter-args")
+        raise ConfigError(f"network_type {network_type} and the network settings set network_args ({' '.join(args)}); "
+                          "give further arguments as a network_args list in the kohya config instead of --adapter-args")
     given = opts.get("network_args", [])
     if isinstance(given, str):
         given = [given]
@@ -704,8 +768,8 @@ def _fill_network(network_type: str, opts: dict, adapter_args: Sequence[str], ef
     mine = {a.split("=", 1)[0] for a in args}
     clash = [a for a in given if a.split("=", 1)[0] in mine and a not in args]
     if clash:
-        raise ConfigError(f"network_args {', '.join(clash)} contradict network_type {network_type} "
-                          f"({' '.join(args)}); drop them or the network_type")
+        raise ConfigError(f"network_args {', '.join(clash)} contradict network_type {network_type} and the network "
+                          f"settings ({' '.join(args)}); drop one of them")
     opts["network_args"] = args + [a for a in given if a not in args]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from ..config import ROOT_NAMES, WEIGHT_KINDS, Config, resolve_weights
 from ..errors import ConfigError, TrainingError
-from ..hashing import file_sha256, safetensors_header
+from ..hashing import check_safetensors, file_sha256, safetensors_header
 from ..loras import add_release, make_release
 from ..workspace import Workspace, as_workspace
 from .inputs import RunInputs, release_dataset_fields, resolve_run_inputs
@@ -203,10 +203,8 @@ def reachable_weights(ref: dict, config: Config) -> Path | None:
 def inspect_weights(path: Path, given_sha256: str | None) -> tuple[str, dict]:
     """Hash a weights file (refusing a given hash that differs, and any file that is not a safetensors file) and
     summarize its kohya metadata."""
-    metadata = read_safetensors_metadata(path)
-    if metadata is None:
-        raise ConfigError(f"{path} is not a safetensors file (no valid header); a release's weights must be the "
-                          "LoRA's .safetensors file")
+    header = check_safetensors(path, "release weights (a release's weights must be the LoRA's .safetensors file)")
+    metadata = header.get("__metadata__") or {}
     actual = file_sha256(path)
     if given_sha256 is not None and given_sha256 != actual:
         raise ConfigError(f"--sha256 {given_sha256} does not match {path} (its sha256 is {actual}); "

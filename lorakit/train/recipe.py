@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from ..loras import add_release, find_lora, get_release, has_release, make_relea
 from ..roots import Root
 from ..store import now_iso
 from ..workspace import Workspace, as_workspace
-from .config import DEFAULTS, numeric_config_diff, resolve_config
+from .config import DEFAULTS, RESUME_SAFE_KEYS, requested_settings, resumed_config
 from .data import TrainItem, check_items, epoch_batches, make_buckets, padded_batches, pick_bucket, step_seed
 from .inputs import RunInputs, release_dataset_fields, resolve_run_inputs, run_root
 from .progress import LOG_NAME, StepCallback, StepReport
@@ -334,13 +334,17 @@ def _resumed_inputs(ws: Workspace, run: dict, *, scope: str | None, preset: str 
                                 release_id=release, force=force, settings=stored, resuming=True)
     if run["dataset"]["manifestHash"] != inputs.dataset["manifestHash"]:
         raise TrainingError(f"cannot resume {release}: dataset {inputs.dataset['id']!r} changed since the run started")
-    if any(v is not None for v in (config, config_file)) or any(v is not None for v in (overrides or {}).values()):
-        asked = resolve_config(inputs.family, preset=run.get("preset"), config_file=config_file, config=config,
-                               overrides=overrides, force=force)
-        changed = numeric_config_diff(asked, inputs.settings)
+    # Only what is asked for now is compared (and applied): the run's own preset, config and flags are in its
+    # stored config, so rebuilding the request from the preset alone would blame settings nobody touched.
+    requested = requested_settings(inputs.family, preset=None if preset == run.get("preset") else preset,
+                                   config_file=config_file, config=config, overrides=overrides, force=force)
+    if requested:
+        settings, changed = resumed_config(inputs.settings, requested, inputs.family)
         if changed:
-            raise TrainingError(f"cannot resume {release} with different settings ({', '.join(changed)}); "
-                                "resume without them, or start a new run")
+            raise TrainingError(f"cannot resume {release} with different settings ({', '.join(changed)}): they change "
+                                "what the run computes; resume without them, or start a new run (a resume may "
+                                f"change only {', '.join(RESUME_SAFE_KEYS)})")
+        inputs = replace(inputs, settings=settings)
     return inputs
 
 
@@ -696,7 +700,8 @@ def _setup_optimizer(training: TrainingPlan, run: RunContext, model: Model) -> O
     start_step, saved_validation = 0, None
     state_path = training.out_dir / "state" / STATE_FILE
     if training.resumed and state_path.exists():
-        start_step, saved_validation = _load_state(state_path, model.trained, optimizer, lr_scheduler, run.accelerator)
+        start_step, saved_validation = _load_state(state_path, model.trained, optimizer, lr_scheduler, run.accelerator,
+                                                   training.total_steps)
     unet_forward = trained_models[0]
     if cfg["compile_unet"]:
         import torch
@@ -785,11 +790,16 @@ class Validation:
         except ValueError as exc:
             raise TrainingError(f"saved training state {path} has damaged validation scores ({exc}); delete "
                                 f"{path.parent} and train again without --resume") from None
+        import torch
+
         best = saved.get("bestModels") or []
-        names = [set(_trained_parameters(m)) for m in self.model.trained]
-        if best and not (isinstance(best, list) and all(isinstance(b, dict) for b in best)
-                         and [set(b) for b in best] == names):
-            raise TrainingError(f"saved state {path} does not match this run's LoRA layers")
+        params = [_trained_parameters(m) for m in self.model.trained]
+        if best and not (isinstance(best, list) and len(best) == len(params) and all(
+                isinstance(b, dict) and set(b) == set(p) and all(
+                    isinstance(b[n], torch.Tensor) and b[n].shape == p[n].shape for n in p)
+                for b, p in zip(best, params, strict=False))):
+            raise TrainingError(f"saved state {path} does not match this run's LoRA layers; delete {path.parent} "
+                                "and train again without --resume")
         self.best_models = best
 
     def to_state(self) -> dict:
@@ -1358,9 +1368,15 @@ def _save_state(path: Path, step: int, models, optimizer, lr_scheduler, accelera
         torch.save(state, handle)
 
 
-def _load_state(path: Path, models, optimizer, lr_scheduler, accelerator) -> tuple[int, dict | None]:
-    """Load a saved state into the models, optimizer and scheduler; returns its step and validation scores."""
+def _load_state(path: Path, models, optimizer, lr_scheduler, accelerator, total_steps: int) -> tuple[int, dict | None]:
+    """Load a saved state into the models, optimizer and scheduler; returns its step and validation scores.
+
+    Everything in it is checked before anything is loaded (the step, every number and tensor finite, the
+    validation scores, the tensors' shapes): a damaged or planted state must stop the resume here, naming the
+    file, not train on NaN to a release that cannot be recorded."""
     import torch
+
+    fresh = f"delete {path.parent} and train again without --resume (the run then starts afresh)"
 
     # The run folder can come from someone else (a shared drive, a copied data folder): a state file is read
     # as tensors, numbers and containers only, so a planted pickle cannot run code.
@@ -1375,20 +1391,67 @@ def _load_state(path: Path, models, optimizer, lr_scheduler, accelerator) -> tup
             f"is damaged or was not written by lorakit: delete {path.parent} and train again without --resume"
         ) from None
     if not isinstance(state, dict) or not isinstance(state.get("models"), list) or "step" not in state:
-        raise TrainingError(f"saved training state {path} is not lorakit's; delete {path.parent} and train again")
+        raise TrainingError(f"saved training state {path} is not lorakit's; {fresh}")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total_steps:
+        raise TrainingError(f"saved training state {path}: step {step!r} is not a step of this run (0 to "
+                            f"{total_steps}); {fresh}")
+    validation = state.get("validation")
+    if validation is not None and not isinstance(validation, dict):
+        raise TrainingError(f"saved training state {path}: its validation block is not lorakit's; {fresh}")
+    scores = (validation or {}).get("scores")
+    if scores is not None:
+        try:
+            ValidationScores.from_state(scores, last_step=step)
+        except ValueError as exc:
+            raise TrainingError(f"saved training state {path} has damaged validation scores ({exc}); {fresh}") from None
+    bad = _non_finite_at({k: v for k, v in state.items() if k != "validation"}) or \
+        _non_finite_at((validation or {}).get("bestModels"), "validation.bestModels")
+    if bad:
+        raise TrainingError(f"saved training state {path}: the value at {bad} is NaN or infinite; {fresh}")
+    if len(state["models"]) != len(models):
+        raise TrainingError(f"saved training state {path} does not match this run's models; {fresh}")
+    loaded = []
     for model, saved in zip(models, state["models"], strict=True):
         params = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-        if set(params) != set(saved):
-            raise TrainingError(f"saved state {path} does not match this run's LoRA layers")
-        with torch.no_grad():
+        if not isinstance(saved, dict) or set(params) != set(saved) or any(
+                not isinstance(saved[n], torch.Tensor) or saved[n].shape != p.shape for n, p in params.items()):
+            raise TrainingError(f"saved state {path} does not match this run's LoRA layers; {fresh}")
+        loaded.append((params, saved))
+    with torch.no_grad():
+        for params, saved in loaded:
             for name, param in params.items():
                 param.copy_(saved[name])
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if state.get("scaler") and getattr(accelerator, "scaler", None):
-        accelerator.scaler.load_state_dict(state["scaler"])
-    validation = state.get("validation")
-    return int(state["step"]), validation if isinstance(validation, dict) else None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if state.get("scaler") and getattr(accelerator, "scaler", None):
+            accelerator.scaler.load_state_dict(state["scaler"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise TrainingError(f"saved training state {path}: its optimizer or schedule does not fit this run "
+                            f"({type(exc).__name__}); {fresh}") from None
+    return step, validation
+
+
+def _non_finite_at(value: Any, where: str = "") -> str | None:
+    """The path of the first NaN or infinite number or tensor element in ``value`` (nested dicts, lists,
+    tuples), else None."""
+    import torch
+
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, torch.Tensor):
+            if (item.is_floating_point() or item.is_complex()) and not bool(torch.isfinite(item).all()):
+                return at or "the state"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return at or "the state"
+        elif isinstance(item, dict):
+            stack.extend((v, f"{at}.{k}" if at else str(k)) for k, v in item.items())
+        elif isinstance(item, list | tuple):
+            stack.extend((v, f"{at}[{i}]") for i, v in enumerate(item))
+    return None
 
 
 def _remove_state(out_dir: Path) -> None:

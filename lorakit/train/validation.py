@@ -200,28 +200,45 @@ class ValidationScores:
                 "stoppedEarly": self.stopped_early, "seconds": self.seconds, "timed": self.timed}
 
     @classmethod
-    def from_state(cls, state: Any) -> ValidationScores:
-        """The scores a saved state holds; ``ValueError`` when it is not what :meth:`to_state` wrote."""
+    def from_state(cls, state: Any, last_step: int | None = None) -> ValidationScores:
+        """The scores a saved state holds; ``ValueError`` (saying which value) when it is not what :meth:`to_state`
+        wrote: every loss a finite number, every count a non-negative integer, the curve in step order up to
+        ``last_step`` (the state's step), and the best score one of its points."""
         if not isinstance(state, dict) or not isinstance(state.get("curve"), list):
             raise ValueError("no validation scores")
-        numbers = (int, float)
         curve = []
-        for point in state["curve"]:
-            if not (isinstance(point, dict) and isinstance(point.get("step"), int)
-                    and isinstance(point.get("epoch"), int) and isinstance(point.get("loss"), numbers)
-                    and isinstance(point.get("trainingLoss", 0.0), numbers)):
-                raise ValueError("a validation curve point is not {step, epoch, loss}")
-            curve.append(dict(point))
-        for key in ("bestLoss", "seconds"):
-            if not isinstance(state.get(key), numbers):
-                raise ValueError(f"validation {key} is not a number")
-        for key in ("base", "baseTraining"):
-            if state.get(key) is not None and not isinstance(state[key], numbers):
-                raise ValueError(f"validation {key} is not a number")
-        return cls(base=state["base"], base_training=state.get("baseTraining"), curve=curve,
-                   best_step=int(state.get("bestStep", 0)), best_loss=float(state["bestLoss"]),
-                   since_best=int(state.get("sinceBest", 0)), stopped_early=bool(state.get("stoppedEarly")),
-                   seconds=float(state["seconds"]), timed=int(state.get("timed", 0)))
+        for i, point in enumerate(state["curve"]):
+            where = f"curve point {i}"
+            if not isinstance(point, dict) or not {"step", "epoch", "loss"} <= set(point) or \
+                    not set(point) <= {"step", "epoch", "loss", "trainingLoss"}:
+                raise ValueError(f"{where} is not {{step, epoch, loss, trainingLoss?}}")
+            step = _count(point["step"], f"{where} step")
+            if curve and step < curve[-1]["step"] or last_step is not None and step > last_step:
+                raise ValueError(f"{where} step {step} is out of order (the state is at step {last_step})")
+            checked = {"step": step, "epoch": _count(point["epoch"], f"{where} epoch"),
+                       "loss": _finite_number(point["loss"], f"{where} loss")}
+            if "trainingLoss" in point:
+                checked["trainingLoss"] = _finite_number(point["trainingLoss"], f"{where} trainingLoss")
+            curve.append(checked)
+        best_step = _count(state.get("bestStep", 0), "bestStep")
+        best_loss = state.get("bestLoss")
+        if curve:
+            best_loss = _finite_number(best_loss, "bestLoss")
+            if not any(p["step"] == best_step and p["loss"] == best_loss for p in curve):
+                raise ValueError(f"bestStep {best_step} with bestLoss {best_loss} is no point of the curve")
+        elif best_loss != math.inf:
+            raise ValueError(f"bestLoss {best_loss!r} without a curve")
+        base = {key: None if state.get(key) is None else _finite_number(state[key], key)
+                for key in ("base", "baseTraining")}
+        seconds = _finite_number(state.get("seconds"), "seconds")
+        if seconds < 0:
+            raise ValueError(f"seconds {seconds} is negative")
+        stopped = state.get("stoppedEarly", False)
+        if not isinstance(stopped, bool):
+            raise ValueError(f"stoppedEarly {stopped!r} is not true or false")
+        return cls(base=base["base"], base_training=base["baseTraining"], curve=curve, best_step=best_step,
+                   best_loss=float(best_loss), since_best=_count(state.get("sinceBest", 0), "sinceBest"),
+                   stopped_early=stopped, seconds=float(seconds), timed=_count(state.get("timed", 0), "timed"))
 
     def released(self, keeps_best: bool) -> dict:
         """The curve point of the weights the release holds: the best score's with early stopping, else the
@@ -229,6 +246,18 @@ class ValidationScores:
         if keeps_best:
             return next(p for p in self.curve if p["step"] == self.best_step)
         return self.curve[-1]
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} {value!r} is not a non-negative integer")
+    return value
+
+
+def _finite_number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{what} {value!r} is not a finite number")
+    return float(value)
 
 
 def validation_record(scores: ValidationScores, *, held_out: bool, split: float, seed: int, draws: int, every: int,

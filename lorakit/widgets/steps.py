@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..catalog import tag_key
 from ..errors import LorakitError, RecordNotFoundError, WizardRefusal
 from ..gate import review_state
 from ..ids import check_id
@@ -320,12 +321,13 @@ def add_required_tag(tags: Sequence[str], typed: str, known: Sequence[str]) -> t
     if not text:
         return tuple(tags)
     if known:
-        spelled = next((k for k in known if k == text), None) or next(
-            (k for k in known if k.lower() == text.lower()), None)
+        key = tag_key(text)
+        spelled = next((k for k in known if tag_key(k) == key), None) or next(
+            (k for k in known if tag_key(k).lower() == key.lower()), None)
         if spelled is None:
             raise WizardRefusal(f"no asset of this project has the tag {text!r}: pick one from the list as you type")
         text = spelled
-    return tuple(tags) if text in tags else (*tags, text)
+    return tuple(tags) if tag_key(text) in {tag_key(t) for t in tags} else (*tags, text)
 
 
 def next_steps_html(project: str, lora_id: str, release_id: str) -> str:
