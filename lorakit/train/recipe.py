@@ -33,11 +33,12 @@ import os
 import random
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,10 @@ from ..locks import pid_alive
 from ..loras import add_release, find_lora, get_release, has_release, make_release
 from ..store import atomic_path, now_iso, write_atomic
 from ..workspace import Workspace, as_workspace
-from .config import DEFAULTS, numeric_config_diff, resolve_config
+from .config import DEFAULTS, finalize_config, numeric_config_diff, resolve_config
 from .data import TrainItem, check_items, epoch_batches, make_buckets, padded_batches, pick_bucket, step_seed
 from .inputs import RunInputs, release_dataset_fields, resolve_run_inputs
-from .progress import LOG_NAME, StepCallback, StepReport
+from .progress import LOG_NAME, StepCallback, StepReport, read_loss_log
 from .settings import ABSENT_MEANS
 from .validation import (
     BATCH_FACTOR,
@@ -241,6 +242,8 @@ def plan_training(
                                 f"{lora} --resume {resumed.run['releaseId']}` finishes its bookkeeping")
         inputs = _resumed_inputs(ws, resumed.run, scope=scope, preset=preset, config=config, config_file=config_file,
                                  overrides=overrides, force=force)
+        if (resumed.out_dir / LOG_NAME).exists():
+            read_loss_log(resumed.out_dir / LOG_NAME)  # a damaged log is refused now, not after the models load
         notes = notes if notes is not None else resumed.run.get("notes")
         set_active = set_active or resumed.run.get("setActive", False)
         preset = resumed.run.get("preset")
@@ -330,6 +333,18 @@ def _resumed_inputs(ws: Workspace, run: dict, *, scope: str | None, preset: str 
     inputs = resolve_run_inputs(ws, run["loraId"], stored_path or run["dataset"]["id"],
                                 project=run["dataset"]["projectId"] or run.get("loraProject"), scope=scope,
                                 release_id=release, force=force, settings=stored, resuming=True)
+    # The stored config was final when written: a value that finalizing would still change (a null a default
+    # fills) was edited since, and would train something else than the run started.
+    try:
+        final = finalize_config(inputs.settings, inputs.family)
+        unsettled = [k for k in numeric_config_diff(final, inputs.settings) if k in run["config"]]
+        if unsettled:
+            raise TrainingError(f"{', '.join(unsettled)} not as a finished run config holds them")
+    except TrainingError as exc:
+        out_dir = ws.config.loras_root / run["loraId"] / release
+        raise TrainingError(f"{out_dir / RUN_FILE}: its stored config cannot be used ({exc}); it is damaged or not "
+                            f"lorakit's: {_start_afresh(out_dir)}") from None
+    inputs = replace(inputs, settings=final)
     if run["dataset"]["manifestHash"] != inputs.dataset["manifestHash"]:
         raise TrainingError(f"cannot resume {release}: dataset {inputs.dataset['id']!r} changed since the run started")
     if any(v is not None for v in (config, config_file)) or any(v is not None for v in (overrides or {}).values()):
@@ -1288,7 +1303,99 @@ def _write_run(out_dir: Path, run: dict) -> None:
 
 
 def _read_run(out_dir: Path) -> dict:
-    return json.loads((out_dir / RUN_FILE).read_text(encoding="utf-8"))
+    """The run folder's ``run.json``, checked (see :func:`_checked_run`)."""
+    path = out_dir / RUN_FILE
+    fresh = _start_afresh(out_dir)
+    try:
+        # Non-blocking, so a FIFO planted in its place is refused instead of waited on.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise TrainingError(f"{path} is not a regular file; {fresh}")
+            raw = handle.read(_MAX_RUN_BYTES + 1)
+    except OSError as exc:
+        raise TrainingError(f"{path} cannot be read ({exc.strerror or exc}); {fresh}") from None
+    if len(raw) > _MAX_RUN_BYTES:
+        raise TrainingError(f"{path} is larger than {_MAX_RUN_BYTES // 2**20} MiB, which no run writes; {fresh}")
+    try:
+        run = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TrainingError(f"{path}: not UTF-8 text (byte {exc.start}); {fresh}") from None
+    except json.JSONDecodeError as exc:
+        raise TrainingError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); it is "
+                            f"damaged (cut short?); {fresh}") from None
+    except RecursionError:
+        raise TrainingError(f"{path}: nested too deeply to be a run's file; {fresh}") from None
+    problem = _run_problem(run, out_dir)
+    if problem:
+        raise TrainingError(f"{path}: {problem}; it is damaged or not lorakit's: {fresh}")
+    return run
+
+
+_MAX_RUN_BYTES = 16 * 2**20
+_RUN_STATUSES = ("running", "interrupted", "failed", "complete")
+_MAX_PID = 2**31 - 1  # pid_t; os.kill refuses more, and 0 or less would signal a process group
+_MAX_COUNT = 2**53
+
+
+def _start_afresh(out_dir: Path) -> str:
+    return (f"to start the run afresh, delete the run folder {out_dir} (or train without --resume, which starts a "
+            "new run)")
+
+
+def _run_problem(run: Any, out_dir: Path) -> str | None:
+    """What makes ``run`` (a parsed ``run.json``) unusable, as ``at $.field: ...``, else None. The fields the
+    resume reads must have the types lorakit writes: the file sits in a folder anyone may have edited."""
+    if not isinstance(run, dict):
+        return f"not a JSON object (a {type(run).__name__})"
+
+    def is_text(value: Any) -> bool:
+        return isinstance(value, str)
+
+    def is_count(low: int, high: int) -> Any:
+        return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+    def maybe(check: Any) -> Any:
+        return lambda v: v is None or check(v)
+
+    required = {
+        "releaseId": (lambda v: v == out_dir.name, f"the run folder's name, {out_dir.name!r}"),
+        "loraId": (lambda v: v == out_dir.parent.name, f"the LoRA folder's name, {out_dir.parent.name!r}"),
+        "status": (lambda v: v in _RUN_STATUSES, f"one of {', '.join(_RUN_STATUSES)}"),
+        "step": (is_count(0, _MAX_COUNT), "an integer >= 0"),
+        "startedAt": (is_text, "a time (a string)"),
+        "config": (lambda v: isinstance(v, dict), "an object of training settings"),
+        "dataset": (lambda v: isinstance(v, dict), "an object"),
+    }
+    optional = {
+        "loraProject": (maybe(is_text), "a project id or null"),
+        "worldSize": (is_count(1, 2**16), "a positive integer (processes)"),
+        "host": (is_text, "a host name (a string)"),
+        "pid": (is_count(1, _MAX_PID), f"a process id (an integer from 1 to {_MAX_PID})"),
+        "notes": (maybe(is_text), "a string or null"),
+        "setActive": (lambda v: isinstance(v, bool), "true or false"),
+        "preset": (maybe(is_text), "a preset name or null"),
+    }
+    for key, (check, expected) in (required | optional).items():
+        if key not in run:
+            if key in required:
+                return f"at $.{key}: missing (expected {expected})"
+            continue
+        if not check(run[key]):
+            return f"at $.{key}: {_shown(run[key])} is not {expected}"
+    dataset = {"id": (is_text, "a dataset id"), "manifestHash": (is_text, "a hash (a string)"),
+               "path": (maybe(is_text), "a manifest path or null"), "projectId": (maybe(is_text), "a project id or null")}
+    for key, (check, expected) in dataset.items():
+        if not check(run["dataset"].get(key)):
+            return f"at $.dataset.{key}: {_shown(run['dataset'].get(key))} is not {expected}"
+    unknown = sorted(k for k in run["config"] if k not in DEFAULTS)
+    if unknown:
+        return f"at $.config: unknown training setting(s) {_shown(', '.join(map(str, unknown)))}"
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _update_run(out_dir: Path, **changes) -> None:
@@ -1302,7 +1409,7 @@ def _find_run(runs_root: Path, resume: bool | str) -> dict:
         path = runs_root / resume / RUN_FILE
         if not path.exists():
             raise TrainingError(f"no run {resume!r} to resume under {runs_root}")
-        run = json.loads(path.read_text(encoding="utf-8"))
+        run = _read_run(path.parent)
         if run["status"] not in RESUMABLE:
             raise TrainingError(f"run {resume!r} is {run['status']}; only interrupted runs can be resumed")
         if _still_running(run):
@@ -1310,7 +1417,7 @@ def _find_run(runs_root: Path, resume: bool | str) -> dict:
         return run
     runs = []
     for path in runs_root.glob(f"*/{RUN_FILE}"):
-        run = json.loads(path.read_text(encoding="utf-8"))
+        run = _read_run(path.parent)
         if run.get("status") in RESUMABLE and not _still_running(run):
             runs.append(run)
     if not runs:
