@@ -288,3 +288,39 @@ def test_a_damaged_run_json_in_a_subprocess_is_one_error_line(ws):
                            "--resume", "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith(f"error: {folder / 'run.json'}: not valid JSON"), done.stderr
+
+
+# ---- 2: settings whose values could only hang a run -----------------------------------------------------------
+HANGING_SETTINGS = {
+    "validation_draws": ({"validation_draws": 100_000_000}, "validation_draws must be at most 1000"),
+    "sample_steps": ({"sample_steps": 10**9}, "sample_steps must be at most 1000"),
+    "repeats": ({"repeats": 10**9}, "repeats must be at most 1000"),
+    "steps": ({"steps": 10**12}, "steps must be at most 1000000"),
+    "epochs": ({"epochs": 10**12}, "epochs must be at most 1000000"),
+    "epochs x steps per epoch": ({"epochs": 999_999, "batch_size": 1}, "more than the 1000000 a run may take"),
+    "rank": ({"rank": 10**9}, "rank must be at most 1024"),
+    "conv_rank": ({"conv_rank": 10**9}, "conv_rank must be at most 1024"),
+    "gradient_accumulation_steps": ({"gradient_accumulation_steps": 10_000},
+                                    "gradient_accumulation_steps 10000 takes 10000 batches per optimizer step, but an "
+                                    "epoch has only 3"),
+    "gradient_accumulation_steps x repeats": ({"gradient_accumulation_steps": 7, "repeats": 2, "batch_size": 2},
+                                              "set gradient_accumulation_steps to at most 6"),
+    "batch_size": ({"batch_size": 10**6}, "batch_size 1000000 is larger than an epoch (6 training image(s) x "
+                                          "repeats 1)"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(HANGING_SETTINGS))
+def test_a_setting_that_could_only_hang_is_refused_at_planning(ws, capsys, name):
+    settings, expected = HANGING_SETTINGS[name]
+    err = error_line(capsys, ["lora", "train", "--lora", "hero", "--dataset", "gems", "--project", "demo",
+                              "--dry-run", "--release", "plan", "--config", json.dumps({**FAST, **settings})])
+    assert expected in err
+
+
+@pytest.mark.slow
+def test_the_largest_accumulation_the_dataset_holds_is_planned(ws, capsys):
+    assert main(["lora", "train", "--lora", "hero", "--dataset", "gems", "--project", "demo", "--dry-run",
+                 "--release", "plan", "--config", json.dumps({**FAST, "gradient_accumulation_steps": 3})]) == 0
+    assert json.loads(capsys.readouterr().out)["stepsPerEpoch"] == 1

@@ -52,7 +52,7 @@ from .config import DEFAULTS, finalize_config, numeric_config_diff, resolve_conf
 from .data import TrainItem, check_items, epoch_batches, make_buckets, padded_batches, pick_bucket, step_seed
 from .inputs import RunInputs, release_dataset_fields, resolve_run_inputs
 from .progress import LOG_NAME, StepCallback, StepReport, read_loss_log
-from .settings import ABSENT_MEANS
+from .settings import ABSENT_MEANS, MAX_STEPS
 from .validation import (
     BATCH_FACTOR,
     ValidationScores,
@@ -262,10 +262,14 @@ def plan_training(
                                               step=cfg["bucket_step"]) for it in group] for group in (items, held_out))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     micro_per_step = cfg["gradient_accumulation_steps"] * world_size
-    batches_per_epoch = len(padded_batches(epoch_batches(buckets, cfg["batch_size"], cfg["repeats"], cfg["seed"], 0),
-                                           micro_per_step))
+    batches = epoch_batches(buckets, cfg["batch_size"], cfg["repeats"], cfg["seed"], 0)
+    _check_batches_fit(cfg, len(items), len(batches), world_size)
+    batches_per_epoch = len(padded_batches(batches, micro_per_step))
     steps_per_epoch = batches_per_epoch // micro_per_step
     total_steps = cfg["steps"] or cfg["epochs"] * steps_per_epoch
+    if total_steps > MAX_STEPS:
+        raise TrainingError(f"epochs {cfg['epochs']} x {steps_per_epoch} steps per epoch is {total_steps} optimizer "
+                            f"steps, more than the {MAX_STEPS} a run may take; lower epochs (or set steps)")
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     return TrainingPlan(
         modules=_module_counts(ws, inputs),
@@ -277,6 +281,23 @@ def plan_training(
         validation_every=_validation_every(cfg, items, held_out, steps_per_epoch, num_epochs, total_steps,
                                            micro_per_step),
     )
+
+
+def _check_batches_fit(cfg: dict, images: int, batches: int, world_size: int) -> None:
+    """Refuse a batch size or an accumulation larger than the dataset holds: an epoch would be padded by
+    cycling the same few batches, so a step would take thousands of copies of them (a run that only seems to hang)."""
+    size = f"{images} training image(s) x repeats {cfg['repeats']}"
+    if cfg["batch_size"] > images * cfg["repeats"]:
+        raise TrainingError(f"batch_size {cfg['batch_size']} is larger than an epoch ({size}); set batch_size to at "
+                            f"most {images * cfg['repeats']}, or add images")
+    micro = cfg["gradient_accumulation_steps"] * world_size
+    if micro > batches:
+        processes = f" x {world_size} processes" if world_size > 1 else ""
+        raise TrainingError(
+            f"gradient_accumulation_steps {cfg['gradient_accumulation_steps']}{processes} takes {micro} batches per "
+            f"optimizer step, but an epoch has only {batches} ({size}, batch_size {cfg['batch_size']}, one bucket "
+            f"shape per batch); set gradient_accumulation_steps to at most {max(1, batches // world_size)}, or lower "
+            "batch_size")
 
 
 def _validation_every(cfg: dict, items: Sequence[TrainItem], held_out: Sequence[TrainItem], steps_per_epoch: int,
