@@ -324,3 +324,74 @@ def test_the_largest_accumulation_the_dataset_holds_is_planned(ws, capsys):
     assert main(["lora", "train", "--lora", "hero", "--dataset", "gems", "--project", "demo", "--dry-run",
                  "--release", "plan", "--config", json.dumps({**FAST, "gradient_accumulation_steps": 3})]) == 0
     assert json.loads(capsys.readouterr().out)["stepsPerEpoch"] == 1
+
+
+# ---- 3: cleanup-eval --images racing workers -------------------------------------------------------------------
+def start_worker() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lorakit", "worker", "--project", "demo", "--once",
+                             "--poll-seconds", "0.1", "--lease-seconds", "600"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def grid_jobs(ws, eval_id: str) -> list[dict]:
+    jobs = [ws.store.read("job", i, "demo", validate=False) for i in ws.store.list_ids("job", "demo")]
+    return [j for j in jobs if j["input"]["evalId"] == eval_id]
+
+
+@pytest.mark.slow
+def test_cleanup_with_images_while_two_workers_render_leaves_no_image_and_a_settled_eval(ws):
+    from lorakit.evals import cleanup_eval, create_eval_grid, normalize_evals
+
+    plan = create_eval_grid(ws, "demo", "hero", "done", prompts=["icon, gem", "icon, sword"], seeds=[1, 2, 3],
+                            strengths=[1.0], steps=25, batch_size=1, eval_id="race")
+    assert len(plan.jobs) == 12
+    workers = [start_worker() for _ in range(2)]
+    try:
+        # Both workers warm (one image is on the eval) and each in the middle of a render.
+        wait_for(lambda: ws.store.read("eval", "race", "demo")["outputs"]
+                 and sum(j["status"] == "running" for j in grid_jobs(ws, "race")) == 2, 240, "two busy workers")
+        report = cleanup_eval(ws, "demo", "race", images=True)
+        assert report.running_jobs
+        for worker in workers:
+            out, _ = worker.communicate(timeout=240)
+            assert worker.returncode == 0, out
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
+    record = ws.store.read("eval", "race", "demo")
+    folder = ws.store.file_path(record["grid"]["imagesDir"])
+    assert not folder.exists() or list(folder.iterdir()) == []  # nothing written after the cleanup
+    assert grid_jobs(ws, "race") == []
+    assert all(o["images"] == [] for o in record["outputs"]) and record["status"] == "pending"
+    assert normalize_evals(ws, "project", "demo") == []
+
+
+@pytest.mark.slow
+def test_normalize_settles_an_eval_left_running_with_no_jobs(ws, capsys):
+    from lorakit.evals import create_eval_grid
+    from lorakit.worker import run_worker
+
+    plan = create_eval_grid(ws, "demo", "hero", "done", prompts=["icon, gem"], seeds=[1, 2], strengths=[1.0],
+                            steps=2, batch_size=1, eval_id="left")
+    run_worker(ws, "demo", max_jobs=2, once=True, log=lambda _m: None)
+    assert ws.store.read("eval", "left", "demo")["status"] == "running"
+    for job in plan.jobs:  # removed by hand, or by a cleanup that raced a worker before it took the eval's lock
+        ws.store.delete("job", job["id"], "demo")
+    assert main(["lora", "normalize-evals", "--project", "demo", "--scope", "project"]) == 0
+    assert "left" in capsys.readouterr().out
+    record = ws.store.read("eval", "left", "demo")
+    assert record["status"] == "pending" and sum(bool(o["images"]) for o in record["outputs"]) == 2
+    assert main(["lora", "normalize-evals", "--project", "demo", "--scope", "project"]) == 0
+    assert "left" not in capsys.readouterr().out
