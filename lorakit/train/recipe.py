@@ -284,12 +284,10 @@ def plan_training(
 
 
 def _check_batches_fit(cfg: dict, images: int, batches: int, world_size: int) -> None:
-    """Refuse a batch size or an accumulation larger than the dataset holds: an epoch would be padded by
-    cycling the same few batches, so a step would take thousands of copies of them (a run that only seems to hang)."""
+    """Refuse an accumulation of more batches than an epoch holds: the epoch would be padded by cycling the same
+    few batches, so a step could take thousands of copies of them (a run that only seems to hang). A batch_size
+    larger than the dataset needs no check: batches are cut from the images, never padded to batch_size."""
     size = f"{images} training image(s) x repeats {cfg['repeats']}"
-    if cfg["batch_size"] > images * cfg["repeats"]:
-        raise TrainingError(f"batch_size {cfg['batch_size']} is larger than an epoch ({size}); set batch_size to at "
-                            f"most {images * cfg['repeats']}, or add images")
     micro = cfg["gradient_accumulation_steps"] * world_size
     if micro > batches:
         processes = f" x {world_size} processes" if world_size > 1 else ""
@@ -728,6 +726,9 @@ def _setup_optimizer(training: TrainingPlan, run: RunContext, model: Model) -> O
     state_path = training.out_dir / "state" / STATE_FILE
     if training.resumed and state_path.exists():
         start_step, saved_validation = _load_state(state_path, model.trained, optimizer, lr_scheduler, run.accelerator)
+        if start_step > training.total_steps:
+            raise TrainingError(f"saved training state {state_path} is at step {start_step}, past this run's "
+                                f"{training.total_steps} steps; delete {state_path.parent} and train again")
     unet_forward = trained_models[0]
     if cfg["compile_unet"]:
         import torch
@@ -820,7 +821,8 @@ class Validation:
         names = [set(_trained_parameters(m)) for m in self.model.trained]
         if best and not (isinstance(best, list) and all(isinstance(b, dict) for b in best)
                          and [set(b) for b in best] == names):
-            raise TrainingError(f"saved state {path} does not match this run's LoRA layers")
+            raise TrainingError(f"saved state {path} does not match this run's LoRA layers; delete {path.parent} "
+                                "and train again without --resume")
         self.best_models = best
 
     def to_state(self) -> dict:
@@ -1485,21 +1487,32 @@ def _load_state(path: Path, models, optimizer, lr_scheduler, accelerator) -> tup
             f"saved training state {path} cannot be read as plain tensors and numbers ({type(exc).__name__}); it "
             f"is damaged or was not written by lorakit: delete {path.parent} and train again without --resume"
         ) from None
-    if not isinstance(state, dict) or not isinstance(state.get("models"), list) or "step" not in state:
+    step = state.get("step") if isinstance(state, dict) else None
+    if (not isinstance(state, dict) or not isinstance(state.get("models"), list)
+            or len(state["models"]) != len(models) or not all(isinstance(m, dict) for m in state["models"])
+            or not isinstance(step, int) or isinstance(step, bool) or step < 0
+            or not isinstance(state.get("optimizer"), dict) or not isinstance(state.get("lr_scheduler"), dict)):
         raise TrainingError(f"saved training state {path} is not lorakit's; delete {path.parent} and train again")
     for model, saved in zip(models, state["models"], strict=True):
         params = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-        if set(params) != set(saved):
-            raise TrainingError(f"saved state {path} does not match this run's LoRA layers")
+        if set(params) != set(saved) or any(not isinstance(saved[n], torch.Tensor) or saved[n].shape != p.shape
+                                            for n, p in params.items()):
+            raise TrainingError(f"saved state {path} does not match this run's LoRA layers; delete {path.parent} "
+                                "and train again without --resume")
         with torch.no_grad():
             for name, param in params.items():
                 param.copy_(saved[name])
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if state.get("scaler") and getattr(accelerator, "scaler", None):
-        accelerator.scaler.load_state_dict(state["scaler"])
+    # Their own load_state_dict checks the optimizer's and scheduler's parts; what they refuse is damage.
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if state.get("scaler") and getattr(accelerator, "scaler", None):
+            accelerator.scaler.load_state_dict(state["scaler"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise TrainingError(f"saved training state {path}: its optimizer or schedule does not fit this run "
+                            f"({type(exc).__name__}); delete {path.parent} and train again without --resume") from None
     validation = state.get("validation")
-    return int(state["step"]), validation if isinstance(validation, dict) else None
+    return step, validation if isinstance(validation, dict) else None
 
 
 def _remove_state(out_dir: Path) -> None:
