@@ -88,7 +88,7 @@ def config_path() -> Path | None:
     """The config file lorakit reads: ``LORAKIT_CONFIG``, ``./config/local.json``, the checkout's; None if none."""
     env = os.environ.get("LORAKIT_CONFIG")
     if env:
-        return Path(os.path.abspath(Path(env).expanduser()))
+        return Path(os.path.abspath(_root_path(env, "LORAKIT_CONFIG")))
     candidates = [Path.cwd() / "config" / "local.json"]
     if CHECKOUT_ROOT is not None:
         candidates.append(CHECKOUT_ROOT / "config" / "local.json")
@@ -135,15 +135,35 @@ def _read_config_file(path: Path | None) -> dict:
     return raw
 
 
+def _root_path(value: str | Path, where: str) -> Path:
+    """``value`` as a path, ``~`` expanded. A name no file system can hold (a NUL byte, a lone surrogate that
+    has no bytes) or a ``~user`` that names no user is refused here, naming where it was set, instead of
+    failing later wherever the path is first used."""
+    text = os.fspath(value)
+    try:
+        unusable = "\0" in text or not os.fsencode(text)
+    except UnicodeEncodeError:
+        unusable = True
+    if unusable:
+        raise ConfigError(f"{where} is {text!r}, which no folder can be named (a NUL byte or characters with no "
+                          "file-name bytes): set it to the folder's path")
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):
+        user = expanded.split("/", 1)[0]
+        raise ConfigError(f"{where} starts with {user!r}, but this machine knows no such user's home folder; "
+                          "write the folder's full path")
+    return Path(expanded)
+
+
 def _choose_data_root(data_root: str | Path | None, raw: dict, source: Path | None) -> tuple[Path, str]:
     """The data root and the rule that chose it (see the module docstring for the order)."""
     if data_root:
-        return Path(os.path.abspath(Path(data_root).expanduser())), "the --data-root argument"
+        return Path(os.path.abspath(_root_path(data_root, "--data-root"))), "the --data-root argument"
     env = os.environ.get("LORAKIT_DATA_ROOT")
     if env:
-        return Path(os.path.abspath(Path(env).expanduser())), "LORAKIT_DATA_ROOT"
+        return Path(os.path.abspath(_root_path(env, "LORAKIT_DATA_ROOT"))), "LORAKIT_DATA_ROOT"
     if raw.get("dataRoot") and source is not None:
-        return config_base(source) / Path(raw["dataRoot"]).expanduser(), f"dataRoot in {source}"
+        return config_base(source) / _root_path(raw["dataRoot"], f"dataRoot in {source}"), f"dataRoot in {source}"
     here = Path.cwd() / "data"
     if here.is_dir() or CHECKOUT_ROOT is None:
         return here, "the default ./data"
@@ -161,7 +181,7 @@ def load_config(data_root: str | Path | None = None) -> Config:
 
     def from_file(name: str, default: Path) -> Path:
         value = paths.get(name)
-        return (base / Path(value).expanduser()) if value and base is not None else default
+        return (base / _root_path(value, f"paths.{name} in {path}")) if value and base is not None else default
 
     models = from_file("modelsRoot", chosen.parent / "models")
     roots = {

@@ -19,6 +19,7 @@ pure functions; the functions that read and write records are thin wrappers arou
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -326,6 +327,26 @@ def eval_status(eval_record: dict) -> str:
     if expected and len(done) == len(expected):
         return "complete"
     return "running" if done else "pending"
+
+
+def settled_status(eval_record: dict, jobs: Sequence[dict]) -> str:
+    """:func:`eval_status`, knowing the eval's ``jobs``: a grid eval whose missing cells no queued or running
+    job will render, and no failure accounts for, is ``pending`` (its rendering stopped: its jobs were cleaned
+    up or removed), not ``running`` forever.
+
+    >>> grid = {"grid": {"cells": [{"key": "a"}, {"key": "b"}]}, "outputs": [{"cellKey": "a", "images": ["x.png"]}]}
+    >>> settled_status(grid, []), settled_status(grid, [{"status": "queued", "input": {"cellKey": "b"}}])
+    ('pending', 'running')
+    """
+    status = eval_status(eval_record)
+    if status != "running" or not isinstance(eval_record.get("grid"), dict):
+        return status
+    done = {o.get("cellKey") for o in eval_record.get("outputs") or [] if isinstance(o, dict) and o.get("images")}
+    accounted = {f.get("cellKey") for f in eval_record.get("failures") or [] if isinstance(f, dict)}
+    accounted |= {(j.get("input") or {}).get("cellKey") for j in jobs
+                  if isinstance(j, dict) and j.get("status") in ("queued", "running", "failed")}
+    missing = set(expected_cells(eval_record)) - done
+    return "running" if missing <= accounted else "pending"
 
 
 def upsert_output(eval_record: dict, output: dict) -> dict:
@@ -752,6 +773,15 @@ def cleanup_eval(
         eval_record, eval_project = find_eval(ws, eval_id, project)
     except RecordNotFoundError:
         eval_record, eval_project = None, project
+    # Under the eval's lock, which a worker holds while it writes a batch's images and outputs (and checks
+    # it still holds their jobs): a cleanup never interleaves with a worker's writes.
+    with contextlib.nullcontext() if dry_run else store.claim("eval", eval_id, eval_project):
+        return _cleanup_eval_locked(ws, project, eval_id, eval_record, eval_project, report, images)
+
+
+def _cleanup_eval_locked(ws: Workspace, project: str, eval_id: str, eval_record: dict | None,
+                         eval_project: str | None, report: CleanupReport, images: bool) -> CleanupReport:
+    store, dry_run = ws.store, report.dry_run
     for path, job in store.iter_records("job", project, validate=False):
         if job_eval_id(job) == eval_id:
             report.jobs.append(path)
@@ -821,8 +851,8 @@ def normalize_evals(
     *,
     dry_run: bool = False,
 ) -> list[StatusChange]:
-    """Recompute each eval's status from its grid cells (or prompts) against its outputs, and note the failures
-    of failed jobs an eval missed; return the changes.
+    """Recompute each eval's status from its grid cells (or prompts) against its outputs and its jobs
+    (:func:`settled_status`), and note the failures of failed jobs an eval missed; return the changes.
 
     ``scope``: ``all`` (shared and every project, or only ``project``'s with one), ``baseline`` or ``project``.
     """
@@ -841,8 +871,8 @@ def normalize_evals(
     changes = []
     for place in places:
         for path, record in ws.store.iter_records("eval", place):
-            status = eval_status(record)
             jobs = jobs_by_eval.get(record["id"], [])
+            status = settled_status(record, jobs)
             missed = missed_failures(record, jobs)
             if status == record.get("status") and record.get("updatedAt") and not missed:
                 continue
@@ -852,7 +882,7 @@ def normalize_evals(
                     added = missed_failures(r, jobs)
                     if added:
                         r = {**r, "failures": [*(r.get("failures") or []), *added]}
-                    return {**r, "status": eval_status(r)}
+                    return {**r, "status": settled_status(r, jobs)}
 
                 ws.store.update("eval", record["id"], repair, place)
     return changes

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from datetime import UTC, datetime
@@ -26,6 +27,8 @@ except ImportError:  # pragma: no cover - Windows: filelock's own locking, witho
     fcntl = None  # type: ignore[assignment]  # the module or None; mypy types the name as the module
 
 _POLL_S = 0.01
+_NOTE_BYTES = 512  # a holder note is ~90 bytes; more than this is not lorakit's note
+_NOTE_FIELD_CHARS = 80
 _held = threading.local()  # lock path -> [RecordLock, depth] of this thread: a nested lock of one record is free
 
 
@@ -154,16 +157,44 @@ class RecordLock:
                               "command again (and do not delete .lorakit/locks while lorakit runs)")
 
     def _timeout_message(self) -> str:
-        try:
-            holder = json.loads(self.path.read_text(encoding="utf-8") or "{}")
-        except (OSError, ValueError):
-            holder = {}
-        if isinstance(holder, dict) and holder.get("pid"):
-            who = f"process {holder['pid']} on {holder.get('host', '?')} since {holder.get('since', '?')}"
-        else:
-            who = "another process"
-        return (f"{self.what} is locked by {who}; waited {self.timeout:g} s. If that process is still working, wait "
+        return (f"{self.what} is locked by {lock_holder(self.path)}; waited {self.timeout:g} s. If that process is still working, wait "
                 f"and try again; if it is gone (killed, another machine's stale lock), delete {self.path}")
+
+
+def lock_holder(lock_path: Path) -> str:
+    """Who holds a lock, as its note says ("process 12 on host since ..."), else "another process".
+
+    The note sits in the shared data folder, so anyone may have written it: only its first bytes are read, from
+    a regular file only, and only a small object of plain values counts.
+    """
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return "another process"
+    try:
+        raw = os.read(fd, _NOTE_BYTES) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        raw = b""
+    finally:
+        os.close(fd)
+    try:
+        holder = json.loads(raw.decode("utf-8")) if raw.strip() else None
+    except (ValueError, RecursionError):
+        holder = None
+    if not isinstance(holder, dict):
+        return "another process"
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
+        return "another process"
+    return f"process {pid} on {_note_text(holder.get('host'))} since {_note_text(holder.get('since'))}"
+
+
+def _note_text(value: object) -> str:
+    """A string from a lock note as it may go into a message: printable, and short."""
+    if not isinstance(value, str) or not value:
+        return "?"
+    text = "".join(c if c.isprintable() else "?" for c in value[:_NOTE_FIELD_CHARS])
+    return text + ("..." if len(value) > _NOTE_FIELD_CHARS else "")
 
 
 def held_lock(lock_path: Path) -> RecordLock | None:

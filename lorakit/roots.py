@@ -268,7 +268,8 @@ class Root:
         """A text file at ``path`` (created when missing) opened to read and rewrite in place, such as a log that
         grows as a run goes; the caller closes it. A link, a special file or a file with more than one hard link
         there is refused, never read or written through."""
-        return os.fdopen(self.open_lock(path, mode=0o666 & ~_UMASK), "r+", encoding="utf-8", newline="")
+        return os.fdopen(self.open_lock(path, mode=0o666 & ~_UMASK), "r+", encoding="utf-8", errors="surrogateescape",
+                         newline="")
 
     def open_log(self, path: str | os.PathLike) -> IO[bytes]:
         """A binary file at ``path`` opened to write from empty (a tool's output log), refusing what

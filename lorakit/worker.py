@@ -578,26 +578,36 @@ def process_batch(ws: Workspace, cache: PipelineCache, claims: list[Claim], owne
             targets = [cell_image_path(ws, claim.job["input"]) for claim in claims]  # checked before rendering
             images, scheduler = render_batch(cache, claims[0].job)
             seconds = round(time.perf_counter() - started, 3)
-            outputs = []
-            for claim, target in zip(claims, targets, strict=True):
-                data = claim.job["input"]
-                settings = {**data["settings"], "scheduler": scheduler}
-                write_png(images[data["cellKey"]], target, settings, ws.store.fs)
-                outputs.append({**settings, "images": [data["imagePath"]], "cellKey": data["cellKey"],
-                                "jobId": claim.job["id"], "worker": owner, "renderedAt": now_iso(),
-                                "renderSeconds": seconds})
-        eval_record = record_outputs(ws, eval_id, eval_project, outputs)
+            # cleanup-eval removes an eval's jobs and images under the eval's lock; under the same lock, only
+            # the cells whose jobs this worker still holds are written, so a batch whose jobs were removed (or
+            # taken over) while it rendered leaves no image and no output behind the cleanup.
+            with ws.store.claim("eval", eval_id, eval_project):
+                held = [(c, t) for c, t in zip(claims, targets, strict=True) if _still_held(ws, c, owner)]
+                outputs = []
+                for claim, target in held:
+                    data = claim.job["input"]
+                    settings = {**data["settings"], "scheduler": scheduler}
+                    write_png(images[data["cellKey"]], target, settings, ws.store.fs)
+                    outputs.append({**settings, "images": [data["imagePath"]], "cellKey": data["cellKey"],
+                                    "jobId": claim.job["id"], "worker": owner, "renderedAt": now_iso(),
+                                    "renderSeconds": seconds})
+                eval_record = record_outputs(ws, eval_id, eval_project, outputs) if outputs else None
         recorded.update({c.job["id"]: {"image": c.job["input"]["imagePath"], "evalId": eval_id, "scheduler": scheduler}
-                         for c in claims})
+                         for c, _ in held})
     except Exception as exc:  # noqa: BLE001 - any failure of one batch is recorded on its jobs; the queue goes on
         return [], _record_batch_failure(ws, claims, owner, eval_id, eval_project, exc, log)
     elapsed = time.perf_counter() - started
+    for claim in claims:
+        if claim.job["id"] not in recorded:
+            log(f"[{owner}] job {claim.job['id']} cell {claim.job['input']['cellKey']} was removed (cleanup-eval) or "
+                "taken over while it rendered; its image is not written")
+    claims = [c for c, _ in held]
     for claim in claims:
         data = claim.job["input"]
         _succeed(ws, claim, owner, recorded[claim.job["id"]])
         log(f"[{owner}] job {claim.job['id']} cell {data['cellKey']} rendered in {elapsed:.2f}s "
             f"(batch of {len(images)}) -> {data['imagePath']}")
-    if eval_record["status"] == "complete" and eval_record.get("autoCleanup"):
+    if eval_record is not None and eval_record["status"] == "complete" and eval_record.get("autoCleanup"):
         report = cleanup_eval(ws, claims[0].project, eval_id)
         log(f"[{owner}] eval {eval_id} complete: auto-cleanup removed {len(report.jobs)} job(s)")
     return [c.job["id"] for c in claims], []
@@ -631,11 +641,23 @@ def _record_batch_failure(ws: Workspace, claims: list[Claim], owner: str, eval_i
                 f"({write_error}); its lease will expire and it will be retried")
     if failures:
         try:
-            record_failures(ws, eval_id, eval_project, failures)
+            # Under the eval's lock, as outputs are: a job cleanup-eval removed meanwhile is not noted.
+            with ws.store.claim("eval", eval_id, eval_project):
+                failures = [f for f in failures if ws.store.exists("job", f["jobId"], claims[0].project)]
+                if failures:
+                    record_failures(ws, eval_id, eval_project, failures)
         except (LorakitError, OSError) as write_error:
             log(f"[{owner}] eval {eval_id}: the failures could not be noted ({write_error}); "
                 "run `lorakit lora normalize-evals` once the disk has room")
     return [c.job["id"] for c in claims]
+
+
+def _still_held(ws: Workspace, claim: Claim, owner: str) -> bool:
+    """Whether this worker still holds ``claim``'s job (it exists, is running and the lease is ours)."""
+    try:
+        return _own(ws.store.read("job", claim.job["id"], claim.project, validate=False), owner)
+    except LorakitError:
+        return False
 
 
 def _succeed(ws: Workspace, claim: Claim, owner: str, output: dict) -> None:

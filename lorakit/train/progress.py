@@ -8,17 +8,19 @@ progress bar are such callbacks; none of them reads another's output.
 from __future__ import annotations
 
 import csv
-import io
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
-from ..errors import TrainingError
+from ..errors import RecordError, TrainingError
 from ..roots import Root, open_regular
 
 LOG_NAME = "train_log.csv"
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "elapsed_s")
+MAX_LOG_BYTES = 128 * 2**20  # rows are under 64 bytes: room for more steps than the steps setting allows
+_MAX_COUNT = 2**53  # steps and epochs: beyond this a float no longer holds them exactly
 
 
 @dataclass(frozen=True)
@@ -95,18 +97,85 @@ class LossLog:
 
 
 def read_loss_log(path: str | Path) -> list[dict]:
-    """The rows of a loss log as dicts with numbers."""
-    with open_regular(path, "loss log") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as handle:
-        return loss_log_rows(handle, path)
+    """The rows of a loss log as dicts with numbers.
+
+    A run folder may come from someone else, so the log is checked as it is read: its header is
+    :data:`LOG_COLUMNS`, every cell a finite number >= 0 (step and epoch positive integers, steps rising), and the
+    file at most :data:`MAX_LOG_BYTES`; anything else is a :class:`TrainingError` naming the file and line.
+    A last line cut short (a run killed mid-write, a full disk) is left out.
+    """
+    path = Path(path)
+    try:
+        # Non-blocking and checked on the handle, so a FIFO planted in its place is refused, not waited on.
+        with open_regular(path, "loss log") as handle:
+            return loss_log_rows(handle, path)
+    except RecordError as exc:
+        raise TrainingError(f"{exc}; {_LOG_FIX}") from None
+    except OSError as exc:
+        raise TrainingError(f"loss log {path} cannot be read: {exc.strerror or exc}") from None
 
 
-def loss_log_rows(handle: IO[str], path: str | Path) -> list[dict]:
-    """The rows of an open loss log (``path`` names it in errors)."""
-    return [
-        {"step": int(r["step"]), "epoch": int(r["epoch"]), "loss": float(r["loss"]), "lr": float(r["lr"]),
-         "elapsed_s": float(r["elapsed_s"])}
-        for r in csv.DictReader(handle)
-    ]
+_LOG_FIX = "it is only the run's loss history: delete it, or replace it with the log the run wrote"
+
+
+def loss_log_rows(handle: IO[bytes] | IO[str], path: str | Path) -> list[dict]:
+    """The checked rows of an open loss log (``path`` names it in errors), read up to :data:`MAX_LOG_BYTES`."""
+    path, fix = Path(path), _LOG_FIX
+    raw = handle.read(MAX_LOG_BYTES + 1)
+    if len(raw) > MAX_LOG_BYTES:
+        raise TrainingError(f"loss log {path} is larger than {MAX_LOG_BYTES // 2**20} MiB, more than any run "
+                            f"writes; {fix}")
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogateescape")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TrainingError(f"loss log {path}: not UTF-8 text (byte {exc.start}); {fix}") from None
+    lines = text.splitlines()
+    if lines and not text.endswith(("\n", "\r")):
+        try:
+            _log_row(next(csv.reader([lines[-1]])), len(lines), path, 0, fix)
+        except (TrainingError, csv.Error, StopIteration):
+            lines = lines[:-1]
+    try:
+        rows = list(csv.reader(lines))
+    except csv.Error as exc:
+        raise TrainingError(f"loss log {path}: not CSV ({exc}); {fix}") from None
+    if not rows:
+        return []
+    if tuple(rows[0]) != LOG_COLUMNS:
+        header = ",".join(rows[0])
+        raise TrainingError(f"loss log {path}: line 1 has the columns {_clip(header)!r}, not "
+                            f"{','.join(LOG_COLUMNS)!r}; {fix}")
+    out: list[dict] = []
+    for number, cells in enumerate(rows[1:], 2):
+        out.append(_log_row(cells, number, path, out[-1]["step"] if out else 0, fix))
+    return out
+
+
+def _log_row(cells: list[str], number: int, path: Path, previous_step: int, fix: str) -> dict:
+    """One checked row of a loss log (``number`` is its line, for the message)."""
+    where = f"loss log {path}: line {number}"
+    if len(cells) != len(LOG_COLUMNS):
+        raise TrainingError(f"{where} has {len(cells)} cells, not {len(LOG_COLUMNS)} ({', '.join(LOG_COLUMNS)}); {fix}")
+    row: dict = {}
+    for name, cell in zip(LOG_COLUMNS, cells, strict=True):
+        try:
+            value: float = int(cell) if name in ("step", "epoch") else float(cell)
+        except ValueError:
+            value = math.nan
+        low_ok = 0 < value <= _MAX_COUNT if name in ("step", "epoch") else value >= 0
+        if not low_ok or not math.isfinite(value):
+            kind = "a positive integer" if name in ("step", "epoch") else "a finite number >= 0"
+            raise TrainingError(f"{where}: {name} is {_clip(cell)!r}, not {kind}; {fix}")
+        row[name] = value
+    if row["step"] <= previous_step:
+        raise TrainingError(f"{where}: step {row['step']} does not follow step {previous_step}; {fix}")
+    return row
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def smooth(values: list[float], weight: float) -> list[float]:

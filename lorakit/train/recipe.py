@@ -41,18 +41,25 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import LorakitError, TrainingError
+from ..errors import LorakitError, RecordError, TrainingError
 from ..ids import check_id
 from ..locks import pid_alive
 from ..loras import add_release, find_lora, get_release, has_release, make_release
 from ..roots import Root
 from ..store import now_iso
 from ..workspace import Workspace, as_workspace
-from .config import DEFAULTS, RESUME_SAFE_KEYS, requested_settings, resumed_config
+from .config import (
+    DEFAULTS,
+    RESUME_SAFE_KEYS,
+    finalize_config,
+    numeric_config_diff,
+    requested_settings,
+    resumed_config,
+)
 from .data import TrainItem, check_items, epoch_batches, make_buckets, padded_batches, pick_bucket, step_seed
 from .inputs import RunInputs, release_dataset_fields, resolve_run_inputs, run_root
-from .progress import LOG_NAME, StepCallback, StepReport
-from .settings import ABSENT_MEANS
+from .progress import LOG_NAME, StepCallback, StepReport, read_loss_log
+from .settings import ABSENT_MEANS, MAX_STEPS
 from .validation import (
     BATCH_FACTOR,
     ValidationScores,
@@ -69,7 +76,6 @@ from .validation import (
 RUN_FILE = "run.json"
 STATE_FILE = "state.pt"
 RESUMABLE = ("running", "interrupted")
-MAX_RUN_FILE_BYTES = 16 << 20  # run.json holds a config and a few fields: kilobytes
 
 
 @dataclass
@@ -243,6 +249,8 @@ def plan_training(
                                 f"{lora} --resume {resumed.run['releaseId']}` finishes its bookkeeping")
         inputs = _resumed_inputs(ws, resumed.run, scope=scope, preset=preset, config=config, config_file=config_file,
                                  overrides=overrides, force=force)
+        if (resumed.out_dir / LOG_NAME).exists():
+            read_loss_log(resumed.out_dir / LOG_NAME)  # a damaged log is refused now, not after the models load
         notes = notes if notes is not None else resumed.run.get("notes")
         set_active = set_active or resumed.run.get("setActive", False)
         preset = resumed.run.get("preset")
@@ -261,10 +269,14 @@ def plan_training(
                                               step=cfg["bucket_step"]) for it in group] for group in (items, held_out))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     micro_per_step = cfg["gradient_accumulation_steps"] * world_size
-    batches_per_epoch = len(padded_batches(epoch_batches(buckets, cfg["batch_size"], cfg["repeats"], cfg["seed"], 0),
-                                           micro_per_step))
+    batches = epoch_batches(buckets, cfg["batch_size"], cfg["repeats"], cfg["seed"], 0)
+    _check_batches_fit(cfg, len(items), len(batches), world_size)
+    batches_per_epoch = len(padded_batches(batches, micro_per_step))
     steps_per_epoch = batches_per_epoch // micro_per_step
     total_steps = cfg["steps"] or cfg["epochs"] * steps_per_epoch
+    if total_steps > MAX_STEPS:
+        raise TrainingError(f"epochs {cfg['epochs']} x {steps_per_epoch} steps per epoch is {total_steps} optimizer "
+                            f"steps, more than the {MAX_STEPS} a run may take; lower epochs (or set steps)")
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     return TrainingPlan(
         modules=_module_counts(ws, inputs),
@@ -276,6 +288,21 @@ def plan_training(
         validation_every=_validation_every(cfg, items, held_out, steps_per_epoch, num_epochs, total_steps,
                                            micro_per_step),
     )
+
+
+def _check_batches_fit(cfg: dict, images: int, batches: int, world_size: int) -> None:
+    """Refuse an accumulation of more batches than an epoch holds: the epoch would be padded by cycling the same
+    few batches, so a step could take thousands of copies of them (a run that only seems to hang). A batch_size
+    larger than the dataset needs no check: batches are cut from the images, never padded to batch_size."""
+    size = f"{images} training image(s) x repeats {cfg['repeats']}"
+    micro = cfg["gradient_accumulation_steps"] * world_size
+    if micro > batches:
+        processes = f" x {world_size} processes" if world_size > 1 else ""
+        raise TrainingError(
+            f"gradient_accumulation_steps {cfg['gradient_accumulation_steps']}{processes} takes {micro} batches per "
+            f"optimizer step, but an epoch has only {batches} ({size}, batch_size {cfg['batch_size']}, one bucket "
+            f"shape per batch); set gradient_accumulation_steps to at most {max(1, batches // world_size)}, or lower "
+            "batch_size")
 
 
 def _validation_every(cfg: dict, items: Sequence[TrainItem], held_out: Sequence[TrainItem], steps_per_epoch: int,
@@ -332,6 +359,18 @@ def _resumed_inputs(ws: Workspace, run: dict, *, scope: str | None, preset: str 
     inputs = resolve_run_inputs(ws, run["loraId"], stored_path or run["dataset"]["id"],
                                 project=run["dataset"]["projectId"] or run.get("loraProject"), scope=scope,
                                 release_id=release, force=force, settings=stored, resuming=True)
+    # The stored config was final when written: a value that finalizing would still change (a null a default
+    # fills) was edited since, and would train something else than the run started.
+    try:
+        final = finalize_config(inputs.settings, inputs.family)
+        unsettled = [k for k in numeric_config_diff(final, inputs.settings) if k in run["config"]]
+        if unsettled:
+            raise TrainingError(f"{', '.join(unsettled)} not as a finished run config holds them")
+    except TrainingError as exc:
+        out_dir = ws.config.loras_root / run["loraId"] / release
+        raise TrainingError(f"{out_dir / RUN_FILE}: its stored config cannot be used ({exc}); it is damaged or not "
+                            f"lorakit's: {_start_afresh(out_dir)}") from None
+    inputs = replace(inputs, settings=final)
     if run["dataset"]["manifestHash"] != inputs.dataset["manifestHash"]:
         raise TrainingError(f"cannot resume {release}: dataset {inputs.dataset['id']!r} changed since the run started")
     # Only what is asked for now is compared (and applied): the run's own preset, config and flags are in its
@@ -1306,8 +1345,100 @@ def _write_run(out_dir: Path, run: dict) -> None:
 
 
 def _read_run(out_dir: Path) -> dict:
-    with run_root(out_dir).open_read(out_dir / RUN_FILE, "run file", max_bytes=MAX_RUN_FILE_BYTES) as handle:
-        return json.loads(handle.read())
+    """The run folder's ``run.json``, checked (see :func:`_checked_run`)."""
+    path = out_dir / RUN_FILE
+    fresh = _start_afresh(out_dir)
+    try:
+        # Through lorasRoot's directory handles, as it was written: a run.json (or a folder above it) that is a
+        # link, a FIFO or a hard link to a file elsewhere is refused, never read.
+        with run_root(out_dir).open_read(path, "run file", max_bytes=_MAX_RUN_BYTES) as handle:
+            raw = handle.read()
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except RecordError as exc:
+        raise TrainingError(f"{exc}; {fresh}") from None
+    except OSError as exc:
+        raise TrainingError(f"{path} cannot be read ({exc.strerror or exc}); {fresh}") from None
+    try:
+        run = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TrainingError(f"{path}: not UTF-8 text (byte {exc.start}); {fresh}") from None
+    except json.JSONDecodeError as exc:
+        raise TrainingError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); it is "
+                            f"damaged (cut short?); {fresh}") from None
+    except RecursionError:
+        raise TrainingError(f"{path}: nested too deeply to be a run's file; {fresh}") from None
+    problem = _run_problem(run, out_dir)
+    if problem:
+        raise TrainingError(f"{path}: {problem}; it is damaged or not lorakit's: {fresh}")
+    return run
+
+
+_MAX_RUN_BYTES = 16 * 2**20
+_RUN_STATUSES = ("running", "interrupted", "failed", "complete")
+_MAX_PID = 2**31 - 1  # pid_t; os.kill refuses more, and 0 or less would signal a process group
+_MAX_COUNT = 2**53
+
+
+def _start_afresh(out_dir: Path) -> str:
+    return (f"to start the run afresh, delete the run folder {out_dir} (or train without --resume, which starts a "
+            "new run)")
+
+
+def _run_problem(run: Any, out_dir: Path) -> str | None:
+    """What makes ``run`` (a parsed ``run.json``) unusable, as ``at $.field: ...``, else None. The fields the
+    resume reads must have the types lorakit writes: the file sits in a folder anyone may have edited."""
+    if not isinstance(run, dict):
+        return f"not a JSON object (a {type(run).__name__})"
+
+    def is_text(value: Any) -> bool:
+        return isinstance(value, str)
+
+    def is_count(low: int, high: int) -> Any:
+        return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+    def maybe(check: Any) -> Any:
+        return lambda v: v is None or check(v)
+
+    required = {
+        "releaseId": (lambda v: v == out_dir.name, f"the run folder's name, {out_dir.name!r}"),
+        "loraId": (lambda v: v == out_dir.parent.name, f"the LoRA folder's name, {out_dir.parent.name!r}"),
+        "status": (lambda v: v in _RUN_STATUSES, f"one of {', '.join(_RUN_STATUSES)}"),
+        "step": (is_count(0, _MAX_COUNT), "an integer >= 0"),
+        "startedAt": (is_text, "a time (a string)"),
+        "config": (lambda v: isinstance(v, dict), "an object of training settings"),
+        "dataset": (lambda v: isinstance(v, dict), "an object"),
+    }
+    optional = {
+        "loraProject": (maybe(is_text), "a project id or null"),
+        "worldSize": (is_count(1, 2**16), "a positive integer (processes)"),
+        "host": (is_text, "a host name (a string)"),
+        "pid": (is_count(1, _MAX_PID), f"a process id (an integer from 1 to {_MAX_PID})"),
+        "notes": (maybe(is_text), "a string or null"),
+        "setActive": (lambda v: isinstance(v, bool), "true or false"),
+        "preset": (maybe(is_text), "a preset name or null"),
+    }
+    for key, (check, expected) in (required | optional).items():
+        if key not in run:
+            if key in required:
+                return f"at $.{key}: missing (expected {expected})"
+            continue
+        if not check(run[key]):
+            return f"at $.{key}: {_shown(run[key])} is not {expected}"
+    dataset = {"id": (is_text, "a dataset id"), "manifestHash": (is_text, "a hash (a string)"),
+               "path": (maybe(is_text), "a manifest path or null"), "projectId": (maybe(is_text), "a project id or null")}
+    for key, (check, expected) in dataset.items():
+        if not check(run["dataset"].get(key)):
+            return f"at $.dataset.{key}: {_shown(run['dataset'].get(key))} is not {expected}"
+    unknown = sorted(k for k in run["config"] if k not in DEFAULTS)
+    if unknown:
+        return f"at $.config: unknown training setting(s) {_shown(', '.join(map(str, unknown)))}"
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _update_run(out_dir: Path, **changes) -> None:

@@ -40,6 +40,11 @@ CONV_MODULE_SETS: dict[str, tuple[str, ...]] = {
     "3x3": ("conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv"),
 }
 MAX_SEED = 2**32 - 1  # what kohya, A1111 and numpy take; torch's own limit is larger
+# Bounds of settings whose larger values can only hang a run or exhaust its memory:
+MAX_STEPS = 1_000_000      # optimizer steps of one run (a LoRA takes thousands)
+MAX_TIMESTEPS = 1000       # the SD schedules' training timesteps: more draws or denoising steps than this repeat them
+MAX_REPEATS = 1000         # an epoch lists every image this many times
+MAX_RANK = 1024            # wider than the narrowest layer an adapter goes on (320 in SD1.5 and SDXL)
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,7 @@ SETTINGS: tuple[Setting, ...] = (
       "upscaled", "data"),
     S("background", "#ffffff", "colour", "alpha is composited onto this colour", "data"),
     S("repeats", 1, "int", "each image is seen this many times per epoch", "data", bound="positive",
-      aliases=("num_repeats",)),
+      maximum=MAX_REPEATS, aliases=("num_repeats",)),
     S("shuffle_tags", False, "bool", "shuffle the comma-separated tags of each caption, every time it is used",
       "data", aliases=("shuffle_caption",)),
     S("keep_tokens", 0, "int", "... keeping the first N tags in place (trigger words)", "data", bound="non_negative"),
@@ -172,7 +177,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("latent_cache_dir", None, "path", "where latents are cached (default: <dataRoot>/.lorakit/cache/latents)",
       "data", optional=True, resume_safe=True),
     # ---- network ----
-    S("rank", 16, "int", "LoRA rank (network dim)", "network", bound="positive",
+    S("rank", 16, "int", "LoRA rank (network dim)", "network", bound="positive", maximum=MAX_RANK,
       aliases=("network_dim", "lora_rank"), flag="--rank", kohya="network_dim", wizard="rank"),
     S("alpha", 8.0, "float", "LoRA alpha; the update is scaled by alpha / rank", "network", bound="positive",
       aliases=("network_alpha", "lora_alpha"), flag="--alpha", kohya="network_alpha", wizard="alpha"),
@@ -189,7 +194,7 @@ SETTINGS: tuple[Setting, ...] = (
       "those plus conv_in, conv_out and the time embedding; 3x3: only the 3x3 convolutions) or a list of names",
       "network", choices=tuple(CONV_MODULE_SETS), absent_means=list(CONV_MODULE_SETS["3x3"])),
     S("conv_rank", None, "int", "rank of the convolution adapters with a kernel larger than 1x1 (default: rank)",
-      "network", bound="positive", optional=True, derived_from="rank", aliases=("conv_dim",)),
+      "network", bound="positive", optional=True, maximum=MAX_RANK, derived_from="rank", aliases=("conv_dim",)),
     S("conv_alpha", None, "float", "alpha of those convolution adapters (default: alpha)", "network",
       bound="positive", optional=True, derived_from="alpha"),
     S("lokr_factor", None, "int", "lokr only: the Kronecker factor of each dimension (default: the most balanced "
@@ -203,10 +208,11 @@ SETTINGS: tuple[Setting, ...] = (
     S("lora_dropout", 0.0, "float", "dropout on the LoRA path", "network", bound="probability"),
     # ---- optimisation ----
     S("steps", None, "int", "optimizer steps (default: epochs x steps per epoch)", "optimisation", bound="positive",
-      optional=True, aliases=("max_train_steps",), flag="--steps", kohya="max_train_steps",
+      optional=True, maximum=MAX_STEPS, aliases=("max_train_steps",), flag="--steps", kohya="max_train_steps",
       wizard="steps (0: epochs)"),
     S("epochs", 1, "int", "passes over the dataset (when steps is not set)", "optimisation", bound="positive",
-      aliases=("max_train_epochs", "num_train_epochs"), flag="--epochs", kohya="max_train_epochs", wizard="epochs"),
+      maximum=MAX_STEPS, aliases=("max_train_epochs", "num_train_epochs"), flag="--epochs", kohya="max_train_epochs",
+      wizard="epochs"),
     S("batch_size", 1, "int", "batch size per process", "optimisation", bound="positive",
       aliases=("train_batch_size", "batch"), flag="--batch", kohya="train_batch_size", wizard="batch size"),
     S("gradient_accumulation_steps", 1, "int", "micro-batches per optimizer step", "optimisation",
@@ -252,7 +258,7 @@ SETTINGS: tuple[Setting, ...] = (
       "validation_seed) and score them; 0 scores the training images", "validation", bound="probability",
       flag="--validation-split", adapters=("native",)),
     S("validation_draws", 4, "int", "seeded (noise, timestep) draws per image, the timesteps spread evenly over the "
-      "schedule", "validation", bound="positive"),
+      "schedule", "validation", bound="positive", maximum=MAX_TIMESTEPS),
     S("validation_every", None, "int", "optimizer steps between scores (default: every epoch, or every k-th epoch "
       "so that a run has at most 10 scores and they cost at most 10% of its training compute)", "validation", bound="positive", optional=True, resume_safe=True),
     S("validation_seed", 0, "int", "seed of the hold-out and the draws; keep it to compare releases of one LoRA",
@@ -268,7 +274,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("sample_prompts", [], "prompts", "render these after each epoch (fixed seeds)", "output", resume_safe=True),
     S("sample_every_n_epochs", 1, "int", "epochs between sample renders", "output", bound="positive",
       resume_safe=True),
-    S("sample_steps", 20, "int", "denoising steps of a sample", "output", bound="positive", resume_safe=True),
+    S("sample_steps", 20, "int", "denoising steps of a sample", "output", bound="positive", maximum=MAX_TIMESTEPS,
+      resume_safe=True),
     S("sample_seed", 0, "int", "seed of the first sample prompt (the next ones count up)", "output",
       bound="non_negative", maximum=MAX_SEED, resume_safe=True),
     S("sample_guidance_scale", 7.0, "float", "classifier-free guidance of the samples", "output",
