@@ -25,6 +25,7 @@ import lorakit
 from lorakit.cli import main
 from lorakit.errors import RecordError, TrainingError
 from lorakit.locks import RecordLock
+from lorakit.roots import Root
 from lorakit.models import TINY_RESOLUTION, make_tiny_checkpoint
 from lorakit.store import now_iso
 from lorakit.train import read_loss_log, train_lora
@@ -91,7 +92,7 @@ def test_a_hostile_lock_note_still_gives_a_plain_timeout_message(tmp_path, name)
     holder = os.open(path, os.O_RDWR)  # another open file holds the flock, as another process would
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)
-        with pytest.raises(RecordError) as caught, RecordLock(path, "lora m", timeout=0.05):
+        with pytest.raises(RecordError) as caught, RecordLock(path, "lora m", timeout=0.05, root=Root(tmp_path)):
             pass
     finally:
         os.close(holder)
@@ -107,7 +108,7 @@ def test_a_well_formed_lock_note_names_its_holder(tmp_path):
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)
         with pytest.raises(RecordError, match=r"locked by process 4242 on studio-7\?\?\[2J since 2026-01-01"), \
-                RecordLock(path, "lora m", timeout=0.05):
+                RecordLock(path, "lora m", timeout=0.05, root=Root(tmp_path)):
             pass
     finally:
         os.close(holder)

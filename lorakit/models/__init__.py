@@ -9,11 +9,11 @@ from ..lazy import lazy_exports
 
 _EXPORTS = {
     "checkpoint_config_folder": ".loading", "describe_pipeline": ".loading", "load_lora_file": ".loading", "load_pipeline": ".loading", "verify_checkpoint": ".loading",
-    "add_checkpoint": ".registry", "checkpoint_family": ".registry", "checkpoint_weights_hash": ".registry",
+    "add_checkpoint": ".registry", "checkpoint_family": ".registry", "checkpoint_objective": ".registry", "checkpoint_weights_hash": ".registry",
     "get_checkpoint": ".registry", "list_checkpoints": ".registry", "make_tiny_checkpoint": ".registry",
     "weights_sha256": ".registry",
     "export_single_file": ".single_file",
-    "FAMILIES": ".tiny", "TINY_RESOLUTION": ".tiny", "build_tiny_pipeline": ".tiny", "save_tiny_pipeline": ".tiny",
+    "FAMILIES": ".registry", "TINY_RESOLUTION": ".tiny", "build_tiny_pipeline": ".tiny", "save_tiny_pipeline": ".tiny",
     "write_clip_tokenizer": ".tokenizer",
 }
 __all__ = sorted(_EXPORTS)

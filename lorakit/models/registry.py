@@ -17,6 +17,9 @@ from filelock import FileLock
 
 from ..config import ROOT_NAMES, resolve_weights
 from ..errors import ConfigError, RecordError, RecordNotFoundError
+from ..families import NAMES as FAMILIES
+from ..families import Objective
+from ..families import get as get_family
 from ..hashing import (
     PICKLE_SUFFIXES,
     SAFE_SUFFIXES,
@@ -27,10 +30,10 @@ from ..hashing import (
     weights_sha256,
 )
 from ..ids import check_id
-from ..roots import check_regular
+from ..roots import check_regular, read_regular
 from ..store import now_iso
 from ..workspace import Workspace, as_workspace
-from .tiny import FAMILIES, TINY_RESOLUTION, save_tiny_pipeline
+from .tiny import TINY_RESOLUTION, save_tiny_pipeline
 
 # Written last into a tiny checkpoint folder: its presence means "complete", its content says what was built.
 TINY_MARKER = "lorakit-tiny.json"
@@ -119,6 +122,43 @@ def check_weights_files(path: Path, family: str | None, what: str) -> None:
 
 
 # ---- hashing -------------------------------------------------------------------------------------------
+
+
+def detect_objective(path: Path) -> Objective | None:
+    """What a checkpoint's own files say its denoiser predicts, when they say: a single ``.safetensors`` file by
+    its ``v_pred`` and ``ztsnr`` keys (what ComfyUI reads), a diffusers folder by its scheduler config
+    (``prediction_type``, ``rescale_betas_zero_snr``). None when the files say nothing."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            config = json.loads(read_regular(path / "scheduler" / "scheduler_config.json", "scheduler config",
+                                             max_bytes=1 << 20))
+        except (OSError, ValueError, RecordError):
+            return None
+        if not isinstance(config, dict) or "prediction_type" not in config:
+            return None
+        return Objective("v" if config["prediction_type"] == "v_prediction" else "epsilon",
+                         config.get("rescale_betas_zero_snr") is True)
+    header = safetensors_header(path) if path.suffix.lower() in SAFE_SUFFIXES else None
+    if header and ("v_pred" in header or "ztsnr" in header):
+        return Objective("v" if "v_pred" in header else "epsilon", "ztsnr" in header)
+    return None
+
+
+def checkpoint_objective(ws: Workspace | str | Path | None, record: dict) -> Objective:
+    """The objective a checkpoint trains and renders with. The record says it (``prediction``,
+    ``zeroTerminalSnr``: set by ``checkpoint add`` from its flags or its files); a record from before those
+    fields asks the files, and files that say nothing mean epsilon."""
+    family = get_family(checkpoint_family(record))
+    if "prediction" in record or "zeroTerminalSnr" in record:
+        return family.objective(record.get("prediction", "epsilon"), bool(record.get("zeroTerminalSnr", False)))
+    from .loading import checkpoint_paths
+
+    try:
+        found = detect_objective(checkpoint_paths(as_workspace(ws), record)["weights"])
+    except (ConfigError, RecordError, OSError):
+        found = None
+    return found or family.objective()
 
 
 def checkpoint_family(record: dict) -> str:

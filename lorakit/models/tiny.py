@@ -13,7 +13,6 @@ from pathlib import Path
 
 from .tokenizer import VOCAB_SIZE, write_clip_tokenizer
 
-FAMILIES = ("sd15", "sdxl")
 TINY_RESOLUTION = 64  # pixels; latents are 8x8
 
 
@@ -40,46 +39,57 @@ def _vae(scaling_factor: float, force_upcast: bool):
 
 
 def build_tiny_pipeline(family: str, seed: int = 0):
-    """A tiny ``StableDiffusionPipeline`` (``sd15``) or ``StableDiffusionXLPipeline`` (``sdxl``) in fp32.
+    """The tiny pipeline of ``family`` (a family name) in fp32; the same ``family`` and ``seed`` always give the
+    same weights. Each family module builds its own (see ``Family.build_tiny``)."""
+    from ..families import get
 
-    The same ``family`` and ``seed`` always give the same weights.
-    """
+    try:
+        return get(family).build_tiny(seed)
+    except ValueError:
+        raise ValueError(f"unknown model family {family!r}") from None
+
+
+_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+def build_tiny_sd15(seed: int = 0):
+    """A tiny ``StableDiffusionPipeline``: one CLIP text encoder, a two-level UNet, the SD1.5 VAE layout."""
     import torch
-    from diffusers import (
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer"))
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        torch.manual_seed(seed + 1)
+        vae = _vae(0.18215, force_upcast=False)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(_text_config(49407, "quick_gelu"))
+        # The scheduler the real SD1.5 repository ships.
+        scheduler = PNDMScheduler(**_BETAS, steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False)
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+
+def build_tiny_sdxl(seed: int = 0, *, prediction: str = "epsilon", zero_terminal_snr: bool = False):
+    """A tiny ``StableDiffusionXLPipeline``: two CLIP text encoders, size and crop conditioning. ``prediction``
+    ``"v"`` (and ``zero_terminal_snr``) gives a v-prediction checkpoint: the same weights, with a scheduler
+    config that says so, as NoobAI-XL v-pred's diffusers folder does."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r} (expected one of {', '.join(FAMILIES)})")
-    betas = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
     with tempfile.TemporaryDirectory() as tmp:
-        tok_dir = write_clip_tokenizer(Path(tmp) / "tokenizer")
-        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-        if family == "sd15":
-            torch.manual_seed(seed)
-            unet = UNet2DConditionModel(
-                sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=1,
-                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
-                norm_num_groups=32,
-            )
-            torch.manual_seed(seed + 1)
-            vae = _vae(0.18215, force_upcast=False)
-            torch.manual_seed(seed + 2)
-            text_encoder = CLIPTextModel(_text_config(49407, "quick_gelu"))
-            # The schedulers the real SD1.5 and SDXL repositories ship.
-            scheduler = PNDMScheduler(**betas, steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False)
-            return StableDiffusionPipeline(
-                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )
-        tok2_dir = write_clip_tokenizer(Path(tmp) / "tokenizer_2", pad_token="!")
-        tokenizer_2 = CLIPTokenizer.from_pretrained(tok2_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer"))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer_2", pad_token="!"))
         torch.manual_seed(seed)
         # SDXL's layout: linear projections in the transformers, more transformer layers deeper down,
         # and pooled text + (size, crop, target size) embeddings added to the timestep embedding.
@@ -97,10 +107,17 @@ def build_tiny_pipeline(family: str, seed: int = 0):
         text_encoder = CLIPTextModel(_text_config(49407, "quick_gelu"))
         torch.manual_seed(seed + 3)
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(0, "gelu"))
-        xl_scheduler = EulerDiscreteScheduler(**betas, steps_offset=1, timestep_spacing="leading")
+        # The scheduler the real SDXL repository ships; a v-prediction one says so in the same config.
+        objective: dict = {}
+        if prediction == "v":
+            objective["prediction_type"] = "v_prediction"
+        if zero_terminal_snr:
+            objective |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+        scheduler = EulerDiscreteScheduler(**_BETAS, steps_offset=1,
+                                           **({"timestep_spacing": "leading"} | objective))
         return StableDiffusionXLPipeline(
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, unet=unet, scheduler=xl_scheduler,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
         )
 
 
