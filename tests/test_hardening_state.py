@@ -25,8 +25,8 @@ import lorakit
 from lorakit.cli import main
 from lorakit.errors import RecordError, TrainingError
 from lorakit.locks import RecordLock
-from lorakit.roots import Root
 from lorakit.models import TINY_RESOLUTION, make_tiny_checkpoint
+from lorakit.roots import Root
 from lorakit.store import now_iso
 from lorakit.train import read_loss_log, train_lora
 from lorakit.train.progress import LOG_NAME
