@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_train import _workspace
 
 import lorakit
-from lorakit.models import make_tiny_checkpoint
 from lorakit.store import now_iso
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
@@ -38,21 +38,10 @@ def ws(tmp_path_factory):
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the golden values were made on one thread; more could reorder reductions
-    root = tmp_path_factory.mktemp("golden")
     with pytest.MonkeyPatch.context() as mp:
-        config = root / "local.json"
-        models = root / "models"
-        config.write_text(json.dumps({"paths": {"modelsRoot": str(models), "checkpointsRoot": str(models / "ck"),
-                                                "lorasRoot": str(models / "loras")}}))
-        mp.setenv("LORAKIT_DATA_ROOT", str(root / "data"))
-        mp.setenv("LORAKIT_CONFIG", str(config))
-        mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("OMP_NUM_THREADS", "1")
-        ws = lorakit.init_data_root()
-        now = now_iso()
-        ws.store.write("project", {"id": "demo", "name": "Demo", "createdAt": now, "updatedAt": now})
+        ws = _workspace(tmp_path_factory.mktemp("golden"), mp)  # tiny_sd15 and tiny_sdxl, project demo
         for family in FAMILIES:
-            make_tiny_checkpoint(ws, f"tiny_{family}", family, asset_types=["icon"])
             _dataset(ws, f"gems_{family}")
         yield ws
     torch.set_num_threads(threads)

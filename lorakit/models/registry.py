@@ -105,7 +105,11 @@ def check_weights_files(path: Path, family: str | None, what: str) -> None:
     model folders) whose header does not hold up against the file (see :func:`lorakit.hashing.check_safetensors`),
     or files of another model family than the record says (``family`` None: any)."""
     path = Path(path)
-    for _, file in weight_files(path):  # on the open handle: a FIFO or a device is refused, never read
+    try:
+        files = weight_files(path)
+    except ConfigError:  # a folder without weights: the loader names what it lacks
+        files = []
+    for _, file in files:  # on the open handle: a FIFO or a device is refused, never read
         check_regular(file, f"{what} weights file")
     if path.is_file() and path.suffix.lower() in SAFE_SUFFIXES:
         check_safetensors(path, what)
