@@ -6,6 +6,7 @@ Real tiny checkpoints, real files, the real command line in this process."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -245,3 +246,15 @@ def test_a_pipeline_is_named_by_its_class_not_its_components():
 
     with pytest.raises(LorakitError, match="StableDiffusion3Pipeline is not the pipeline of any model family"):
         pipeline_family(StableDiffusion3Pipeline())
+
+
+def test_a_missing_tiny_checkpoint_is_rebuilt_with_its_objective(ws):
+    from lorakit.notebook_helpers import ensure_demo_checkpoint
+
+    make_tiny_checkpoint(ws, "vxl", "sdxl", prediction="v", zero_terminal_snr=True)
+    folder = ws.config.checkpoints_root / "vxl"
+    shutil.rmtree(folder)   # a fresh clone: the record is shared, the weights are not
+    assert "built the tiny random-weight pipeline" in ensure_demo_checkpoint(ws, "vxl")
+    assert detect_objective(folder) == get("sdxl").objective("v", zero_terminal_snr=True)
+    record = get_checkpoint(ws, "vxl")
+    assert record["prediction"] == "v" and record["zeroTerminalSnr"] is True

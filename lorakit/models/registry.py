@@ -581,3 +581,13 @@ def make_tiny_checkpoint(
         "defaultGenerationParams": None if exists else dict(DEFAULT_TINY_PARAMS),
     }
     return register_checkpoint(ws, checkpoint_id, fields)
+
+
+def rebuild_tiny_checkpoint(ws: Workspace | str | Path | None, checkpoint_id: str) -> dict:
+    """Build a registered tiny checkpoint's weights again (after a fresh clone, say), as its record describes
+    it: its family and its objective (a v-prediction tiny checkpoint stays one)."""
+    ws = as_workspace(ws)
+    record = get_checkpoint(ws, checkpoint_id)
+    objective = checkpoint_objective(ws, record)
+    return make_tiny_checkpoint(ws, checkpoint_id, checkpoint_family(record), prediction=objective.prediction,
+                                zero_terminal_snr=objective.zero_terminal_snr)
