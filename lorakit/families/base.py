@@ -116,6 +116,14 @@ class Family:
         extra conditioning. ``size_rows`` holds, per sample, (original h, w, crop top, left, target h, w)."""
         return {"encoder_hidden_states": text["encoder_hidden_states"].to(device, dtype)}
 
+    def text_inputs_like(self, batch: int, denoiser_config: dict, device: Any, dtype: Any) -> dict[str, Any]:
+        """Random text inputs of the shapes :meth:`encode_text` gives, for sizing a training step (memory
+        estimates) without tokenizers or text encoders."""
+        import torch
+
+        width = denoiser_config["cross_attention_dim"]
+        return {"encoder_hidden_states": torch.randn(batch, 77, width, device=device, dtype=dtype)}
+
     def objective(self, prediction: str = "epsilon", zero_terminal_snr: bool = False) -> Objective:
         return Objective(prediction, zero_terminal_snr)
 

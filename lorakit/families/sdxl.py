@@ -70,6 +70,14 @@ class SDXL(Family):
                 "added_cond_kwargs": {"text_embeds": text["text_embeds"].to(device, dtype),
                                       "time_ids": torch.tensor(size_rows, dtype=dtype, device=device)}}
 
+    def text_inputs_like(self, batch: int, denoiser_config: dict, device: Any, dtype: Any) -> dict[str, Any]:
+        import torch
+
+        text = super().text_inputs_like(batch, denoiser_config, device, dtype)
+        # The pooled embedding is what the added-condition projection takes besides the six size and crop ids.
+        pooled = denoiser_config["projection_class_embeddings_input_dim"] - 6 * denoiser_config["addition_time_embed_dim"]
+        return text | {"text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype)}
+
     def kohya_module_name(self, module_path: str, denoiser_config: dict | None = None) -> str:
         """kohya's SDXL names follow the original (SGM) UNet's block numbering, not diffusers'."""
         from ..train.kohya_format import diffusers_to_sgm, kohya_name
