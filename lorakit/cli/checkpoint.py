@@ -48,8 +48,8 @@ def register(subparsers, common) -> None:
                    help="accept .ckpt/.pt/.bin weights (pickle files can run code: only if you trust the source)")
     a.add_argument("--absolute", action="store_true",
                    help="store absolute paths (machine-specific) instead of paths relative to --base")
-    _objective_flags(a, "default: what the files say (a single file's v_pred/ztsnr keys, a folder's scheduler "
-                        "config), else the record's, else epsilon")
+    _objective_flags(a, "default: the record's when it names the same files, else what the files say (a single "
+                        "file's v_pred/ztsnr keys, a folder's scheduler config), else epsilon")
     a.set_defaults(func=cmd_add)
 
     ls = commands.add_parser("list", parents=[common], help="list registered checkpoints")
