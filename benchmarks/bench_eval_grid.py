@@ -46,17 +46,16 @@ PROMPTS = ["ui icon of a shield", "ui icon of a potion"]
 def make_lora_file(family: str, folder: Path) -> Path:
     """A random, non-zero peft LoRA on the tiny UNet's attention projections, saved as diffusers writes it."""
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft import LoraConfig, get_peft_model_state_dict
 
+    from lorakit.families import get
     from lorakit.models.tiny import build_tiny_pipeline
 
     unet = build_tiny_pipeline(family).unet
     torch.manual_seed(7)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                 init_lora_weights=False))
-    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    cls.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
+    get(family).pipeline_class().save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
     return folder / "pytorch_lora_weights.safetensors"
 
 
@@ -79,8 +78,10 @@ def setup(root: Path, family: str):
 
 
 def main() -> int:
+    from lorakit.families import NAMES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", choices=["sd15", "sdxl", "both"], default="both")
+    parser.add_argument("--family", choices=[*NAMES, "both"], default="both")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--steps", type=int, help="inference steps (default: the tiny checkpoint's, 4)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -100,7 +101,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     ok = True
-    for family in (["sd15", "sdxl"] if args.family == "both" else [args.family]):
+    for family in (NAMES if args.family == "both" else [args.family]):
         ok = run_one(args, family) and ok
     return 0 if ok else 1
 

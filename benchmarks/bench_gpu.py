@@ -77,10 +77,11 @@ class Result:
 # ---- the workspace ------------------------------------------------------------------------------------------
 def make_workspace(root: Path):
     import lorakit
+    from lorakit.families import NAMES
     from lorakit.models import make_tiny_checkpoint
 
     ws = bench_workspace(root, PROJECT)
-    for family in ("sd15", "sdxl"):
+    for family in NAMES:
         make_tiny_checkpoint(ws, f"tiny_{family}", family, asset_types=["icon"])
         lorakit.create_lora(ws, f"bench_{family}", name=f"Bench {family}", scope="project", project=PROJECT,
                             checkpoint=f"tiny_{family}", asset_types=["icon"])
@@ -115,28 +116,28 @@ def write_dataset(ws, dataset_id: str, size: int, count: int) -> None:
 # ---- the models ---------------------------------------------------------------------------------------------
 def full_size_pipeline(ws, family: str, device: str, dtype):
     """A full-size pipeline of ``family`` from the shipped configs, random weights, built on ``device``."""
+    import inspect
+
     import diffusers
     from transformers import CLIPTokenizer
 
+    from lorakit.families import get
     from lorakit.models.loading import CONFIGS_DIR, complete_config_folder, config_cache_root, models_from_config
 
+    model_family = get(family)
     folder = complete_config_folder(CONFIGS_DIR / family, family, config_cache_root(ws))  # adds the tokenizers
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
     models = models_from_config(folder, family, device, vae=True)
-    unet, vae, text_encoder, text_encoder_2 = (models["unet"], models["vae"], models["text_encoder"],
-                                               models.get("text_encoder_2"))
-    for model in (unet, text_encoder, text_encoder_2):
-        if model is not None:
+    for name, model in models.items():
+        if name != "vae":
             model.to(dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    if family == "sdxl":
-        return diffusers.StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"), unet=unet, scheduler=scheduler)
-    return diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    tokenizers = {e.tokenizer: CLIPTokenizer.from_pretrained(folder / e.tokenizer) for e in model_family.text_encoders}
+    cls = model_family.pipeline_class()
+    # SD1.5's pipeline also asks for its safety checker, which a benchmark leaves out.
+    optional = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**models, **tokenizers, scheduler=scheduler, **{k: v for k, v in optional.items() if k in accepted})
 
 
 def strip_adapters(pipe) -> None:
@@ -152,21 +153,19 @@ def step_flops_per_image(pipe, family: str, resolution: int, device: str, dtype)
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from lorakit.families import get
+
     unet = pipe.unet
     side = resolution // 8
     latents = torch.randn(1, unet.config.in_channels, side, side, device=device, dtype=dtype)
-    hidden = torch.randn(1, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
-    extra = {}
-    if family == "sdxl":
-        c = unet.config   # the pooled embedding is what the add embedding takes besides the six size ids
-        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, device=device, dtype=dtype),
-                                      "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
-                                                               device=device, dtype=dtype)}
+    model_family = get(family)
+    text = model_family.text_inputs_like(1, dict(unet.config), device, dtype)
+    conditioning = model_family.denoiser_kwargs(text, [[resolution, resolution, 0, 0, resolution, resolution]],
+                                                dtype, device)
     checkpointing = unet.is_gradient_checkpointing
     unet.disable_gradient_checkpointing()
     with FlopCounterMode(display=False) as counter:
-        out = unet(latents, torch.tensor([500], device=device), hidden, **extra).sample
+        out = unet(latents, torch.tensor([500], device=device), **conditioning).sample
         out.float().square().mean().backward()
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -180,6 +179,7 @@ def train_row(ws, row: Row, pipe, *, smoke: bool, steps: int, warmup: int, devic
     import torch
 
     import lorakit
+    from lorakit.families import get
 
     result = Result(row.name, row.family, row.resolution, row.batch, row.gradient_checkpointing, row.compile_unet)
     dataset = f"ds_{row.family}_{row.resolution}_{row.batch}"
@@ -189,7 +189,7 @@ def train_row(ws, row: Row, pipe, *, smoke: bool, steps: int, warmup: int, devic
         "resolution": row.resolution, "batch_size": row.batch, "steps": warmup + steps, "rank": 16, "alpha": 8,
         "lr": 1e-4, "lr_scheduler": "constant", "mixed_precision": "no" if smoke else "bf16",
         "gradient_checkpointing": row.gradient_checkpointing, "compile_unet": row.compile_unet,
-        "vae_fp32": row.family == "sdxl", "validation": False, "save_state_every": 0,
+        "vae_fp32": get(row.family).vae_fp32, "validation": False, "save_state_every": 0,
         "latent_cache_dir": str(cache_dir), "bucket_min_side": row.resolution, "bucket_max_side": row.resolution,
     }
     plan = lorakit.plan_training(ws, f"bench_{row.family}", dataset, project=PROJECT, config=config)
@@ -334,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             print(f"{row.name}: {result.images_per_s} images/s{' (' + result.note + ')' if result.note else ''}",
                   file=sys.stderr, flush=True)
-        if not args.no_grid and "sdxl" in pipes:
-            grids.append(grid_row(ws, "sdxl", pipes["sdxl"], smoke=args.smoke, device=device))
+        # The grid renders with the pipeline still loaded: the last row's family (SDXL in the default rows).
+        for family, pipe in ([] if args.no_grid else pipes.items()):
+            grids.append(grid_row(ws, family, pipe, smoke=args.smoke, device=device))
     environment = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                    "smoke": args.smoke, "steps": steps, "warmup": warmup, "peak_tflops": args.peak_tflops,
                    "seconds": round(time.perf_counter() - started, 1)}

@@ -76,6 +76,7 @@ def bare_loop_step_times(ws, family: str, steps: int, batch: int, rank: int, alp
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
+    from lorakit.families import get as get_family
     from lorakit.models import load_pipeline
     from lorakit.train.config import resolve_config
     from lorakit.train.networks import add_network, unet_targets
@@ -92,22 +93,18 @@ def bare_loop_step_times(ws, family: str, steps: int, batch: int, rank: int, alp
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     latents = torch.randn(batch, 4, 8, 8)
+    model_family = get_family(family)
     with torch.no_grad():
-        ids = pipe.tokenizer(["icon, gem, red"] * batch, padding="max_length", max_length=77, return_tensors="pt").input_ids
-        if family == "sdxl":
-            h1 = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
-            out2 = pipe.text_encoder_2(ids, output_hidden_states=True)
-            embeds, extra = torch.cat([h1, out2.hidden_states[-2]], -1), {
-                "added_cond_kwargs": {"text_embeds": out2[0], "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * batch,
-                                                                                        dtype=torch.float32)}}
-        else:
-            embeds, extra = pipe.text_encoder(ids)[0], {}
+        tokenizers, encoders = model_family.tokenizers_and_encoders(pipe)
+        text = model_family.encode_text(tokenizers, encoders, ["icon, gem, red"] * batch, "cpu")
+        # What the denoiser takes besides latents and timesteps (SDXL adds its size and crop ids).
+        conditioning = model_family.denoiser_kwargs(text, [[64, 64, 0, 0, 64, 64]] * batch, torch.float32, "cpu")
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (batch,))
-        pred = unet(scheduler.add_noise(latents, noise, t), t, embeds, **extra).sample
+        pred = unet(scheduler.add_noise(latents, noise, t), t, **conditioning).sample
         loss = F.mse_loss(pred, noise)
         loss.backward()
         optimizer.step()
@@ -122,8 +119,10 @@ def summary(times: list[float], warmup: int) -> tuple[float, float]:
 
 
 def main() -> int:
+    from lorakit.families import NAMES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--family", default="sd15", choices=("sd15", "sdxl"))
+    parser.add_argument("--family", default="sd15", choices=NAMES)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)

@@ -164,20 +164,23 @@ def parameter_bytes(model, dtype_bytes: int) -> int:
 
 def estimate(preset: str, *, batch: int | None = None, checkpointing: bool | None = None, rank: int | None = None,
              smoke: bool = False, scratch: Path | None = None, device: str = "meta",
-             settings: dict | None = None) -> Estimate:
+             settings: dict | None = None, family: str | None = None) -> Estimate:
     """The estimate for ``preset`` with the given changes (``settings``: any other training settings).
     ``device="cpu"`` runs the same steps on real tensors (for the tiny checkpoints: it checks that the meta count
-    is what real tensors allocate)."""
+    is what real tensors allocate). ``family`` is for a preset made for any family (tiny-demo); default the
+    first lorakit knows."""
     import diffusers
     import torch
 
+    from lorakit import families
     from lorakit.models.loading import models_from_config
     from lorakit.train.config import load_preset, resolve_config
     from lorakit.train.networks import add_network, unet_targets
     from lorakit.train.recipe import loss_step
 
     started = time.perf_counter()
-    family = load_preset(preset).get("family") or "sd15"
+    family = load_preset(preset).get("family") or family or families.NAMES[0]
+    model_family = families.get(family)
     overrides = dict(settings or {}) | {k: v for k, v in {"batch_size": batch, "gradient_checkpointing": checkpointing, "rank": rank,
                                    "conv_rank": rank}.items() if v is not None}
     if smoke:
@@ -219,13 +222,9 @@ def estimate(preset: str, *, batch: int | None = None, checkpointing: bool | Non
         # Two steps: the second runs with the optimizer's state already allocated, as every later one does.
         for _ in range(2):
             latents = torch.randn(b, unet.config.in_channels, side, side, device=device, dtype=bf16)
-            conditioning: dict = {"encoder_hidden_states": torch.randn(b, 77, unet.config.cross_attention_dim,
-                                                                       device=device, dtype=bf16)}
-            if family == "sdxl":
-                c = unet.config
-                pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-                conditioning["added_cond_kwargs"] = {"text_embeds": torch.randn(b, pooled, device=device, dtype=bf16),
-                                                     "time_ids": torch.zeros(b, 6, device=device, dtype=bf16)}
+            text = model_family.text_inputs_like(b, dict(unet.config), device, bf16)
+            size = cfg["resolution"]
+            conditioning = model_family.denoiser_kwargs(text, [[size, size, 0, 0, size, size]] * b, bf16, device)
             loss = loss_step(unet, noise_scheduler, latents, conditioning, None, noise_offset=cfg["noise_offset"],
                              min_snr_gamma=cfg["min_snr_gamma"], dtype=bf16)
             (loss / cfg["gradient_accumulation_steps"]).backward()

@@ -201,7 +201,7 @@ def ensure_demo_checkpoint(ws: Workspace, checkpoint_id: str, build_tiny: bool =
     Returns a sentence saying what was found or done. Missing weights of any other checkpoint (or of a tiny
     one with ``build_tiny=False``) are an error that says where they were looked for.
     """
-    from .models import checkpoint_family, get_checkpoint, make_tiny_checkpoint
+    from .models import get_checkpoint, rebuild_tiny_checkpoint
 
     record = get_checkpoint(ws, checkpoint_id)
     path, present = checkpoint_weights(ws, record)
@@ -209,7 +209,7 @@ def ensure_demo_checkpoint(ws: Workspace, checkpoint_id: str, build_tiny: bool =
         return f"checkpoint {checkpoint_id!r}: weights at {path}"
     if not (build_tiny and is_tiny_checkpoint(record)):
         raise ConfigError(f"checkpoint {checkpoint_id!r}: weights not found at {path} (see `lorakit checkpoint`)")
-    make_tiny_checkpoint(ws, checkpoint_id, checkpoint_family(record))
+    rebuild_tiny_checkpoint(ws, checkpoint_id)
     path, _ = checkpoint_weights(ws, get_checkpoint(ws, checkpoint_id))
     return f"checkpoint {checkpoint_id!r}: built the tiny random-weight pipeline at {path}"
 

@@ -359,4 +359,4 @@ def test_a_pickle_that_is_not_a_checkpoint_fails_verify_with_an_error(ws, no_net
     assert main(["checkpoint", "verify", "bare"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert "error: checkpoint 'bare': " in err and "does not load as an sd15 checkpoint" in err
+    assert "error: checkpoint 'bare': " in err and "does not load as an SD1.5 checkpoint" in err

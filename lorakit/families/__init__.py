@@ -21,7 +21,10 @@ def families() -> list[Family]:
 
 
 def get(name: object) -> Family:
-    """The family called ``name``; an unknown name is a :class:`ValueError` listing the known ones."""
+    """The family called ``name`` (a family itself is returned as it is); an unknown name is a
+    :class:`ValueError` listing the known ones."""
+    if isinstance(name, Family):
+        return name
     family = _REGISTRY.get(name) if isinstance(name, str) else None
     if family is None:
         raise ValueError(f"unknown model family {name!r} (expected one of {', '.join(NAMES)})")
@@ -33,6 +36,11 @@ def from_index_class(class_name: object) -> Family | None:
     return next((f for f in _REGISTRY.values() if isinstance(class_name, str) and f.matches_index(class_name)), None)
 
 
+def from_pipeline(pipe: object) -> Family | None:
+    """The family whose pipeline class ``pipe`` is, else None."""
+    return next((f for f in _REGISTRY.values() if f.is_pipeline(pipe)), None)
+
+
 def from_keys(keys: object) -> Family | None:
     """The family whose original-layout single files hold keys like these, else None."""
     names = list(keys) if keys is not None else []
@@ -40,4 +48,4 @@ def from_keys(keys: object) -> Family | None:
 
 
 __all__ = ["NAMES", "PREDICTIONS", "Family", "Objective", "TextEncoder", "families", "from_index_class", "from_keys",
-           "get"]
+           "from_pipeline", "get"]

@@ -16,13 +16,17 @@ from .objectives import Objective
 @dataclass(frozen=True)
 class TextEncoder:
     """One text encoder of a pipeline: its attribute, its tokenizer's attribute and the padding token a
-    tokenizer folder written for it uses, its model class in transformers, and its key prefix in kohya files."""
+    tokenizer folder written for it uses, its model class in transformers, its key prefix in kohya files, and
+    where its weights sit in an original-layout single file (``openclip``: under OpenCLIP's names, with fused
+    q/k/v, rather than transformers' CLIP names)."""
 
     attribute: str
     tokenizer: str
     pad_token: str
     model_class: str
     kohya_prefix: str
+    single_file_prefix: str = ""
+    openclip: bool = False
 
 
 class Family:
@@ -57,6 +61,10 @@ class Family:
 
         return getattr(diffusers, self.pipeline_class_name)
 
+    def is_pipeline(self, pipe: Any) -> bool:
+        """Whether ``pipe`` is this family's pipeline (by its class, never by which components it happens to have)."""
+        return type(pipe).__name__ == self.pipeline_class_name
+
     def tokenizers_and_encoders(self, pipe: Any) -> tuple[list, list]:
         """The pipeline's tokenizers and text encoders, in the family's order."""
         return ([getattr(pipe, e.tokenizer) for e in self.text_encoders],
@@ -70,9 +78,15 @@ class Family:
         return bool(self.single_file_marker) and any(k.startswith(self.single_file_marker) for k in keys)
 
     # ---- models ------------------------------------------------------------------------------------------------
-    def build_tiny(self, seed: int = 0) -> Any:
-        """A tiny random-weight pipeline of this family in fp32; the same seed gives the same weights."""
+    def build_tiny(self, seed: int = 0, objective: Objective | None = None) -> Any:
+        """A tiny random-weight pipeline of this family in fp32; the same seed gives the same weights.
+        ``objective`` (default epsilon) is what its scheduler config says the denoiser predicts."""
         raise NotImplementedError
+
+    def single_file_components(self, weights_file: Path, config_folder: Path, dtype: Any) -> dict[str, Any]:
+        """Pipeline components lorakit loads itself from an original-layout single file, to hand to diffusers'
+        ``from_single_file`` instead of letting it convert them; none by default."""
+        return {}
 
     def models_from_config(self, folder: Path) -> dict[str, Any]:
         """The denoiser and text encoders of a diffusers config folder, built from their configs (the caller picks
@@ -101,6 +115,14 @@ class Family:
         """The denoiser's keyword arguments besides the noisy latents and timesteps: the text inputs and any
         extra conditioning. ``size_rows`` holds, per sample, (original h, w, crop top, left, target h, w)."""
         return {"encoder_hidden_states": text["encoder_hidden_states"].to(device, dtype)}
+
+    def text_inputs_like(self, batch: int, denoiser_config: dict, device: Any, dtype: Any) -> dict[str, Any]:
+        """Random text inputs of the shapes :meth:`encode_text` gives, for sizing a training step (memory
+        estimates) without tokenizers or text encoders."""
+        import torch
+
+        width = denoiser_config["cross_attention_dim"]
+        return {"encoder_hidden_states": torch.randn(batch, 77, width, device=device, dtype=dtype)}
 
     def objective(self, prediction: str = "epsilon", zero_terminal_snr: bool = False) -> Objective:
         return Objective(prediction, zero_terminal_snr)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import ConfigError
 from .base import Family, TextEncoder
+from .objectives import Objective
 
 
 class SD15(Family):
@@ -15,8 +17,10 @@ class SD15(Family):
     label = "SD1.5"
     pipeline_class_name = "StableDiffusionPipeline"
     index_class_names = ("StableDiffusionPipeline",)
-    single_file_marker = "cond_stage_model."   # the original layout's CLIP text encoder
-    text_encoders = (TextEncoder("text_encoder", "tokenizer", "<|endoftext|>", "CLIPTextModel", "lora_te"),)
+    # The original layout's CLIP text encoder; SD2 files hold an OpenCLIP one under cond_stage_model.model.
+    single_file_marker = "cond_stage_model.transformer."
+    text_encoders = (TextEncoder("text_encoder", "tokenizer", "<|endoftext|>", "CLIPTextModel", "lora_te",
+                                 single_file_prefix="cond_stage_model.transformer."),)
     native_resolution = 512
     vae_fp32 = False
     uses_clip_skip = True
@@ -26,9 +30,15 @@ class SD15(Family):
     modelspec_architecture = "stable-diffusion-v1/lora"
     modelspec_implementation = "diffusers"
 
-    def build_tiny(self, seed: int = 0) -> Any:
+    def build_tiny(self, seed: int = 0, objective: Objective | None = None) -> Any:
         from ..models.tiny import build_tiny_sd15
 
+        if objective is not None and objective != Objective():
+            # A v-prediction SD-architecture model (SD2-768-v style) is a valid checkpoint, but the tiny builder
+            # only ships SD1.5's epsilon scheduler.
+            raise ConfigError(f"the tiny {self.label} checkpoint is built for epsilon prediction only, not "
+                              f"{objective.describe()}; leave out --prediction/--zero-terminal-snr, or build a "
+                              "tiny v-prediction SDXL checkpoint (--family sdxl)")
         return build_tiny_sd15(seed)
 
     def encode_text(self, tokenizers: list, encoders: list, captions: list[str], device: Any,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Family, TextEncoder
+from .objectives import Objective
 
 
 class SDXL(Family):
@@ -19,9 +20,11 @@ class SDXL(Family):
     index_class_names = ("StableDiffusionXLPipeline",)
     single_file_marker = "conditioner.embedders.1."   # the original layout's second (OpenCLIP) text encoder
     text_encoders = (
-        TextEncoder("text_encoder", "tokenizer", "<|endoftext|>", "CLIPTextModel", "lora_te1"),
+        TextEncoder("text_encoder", "tokenizer", "<|endoftext|>", "CLIPTextModel", "lora_te1",
+                    single_file_prefix="conditioner.embedders.0.transformer."),
         # The second encoder also projects the pooled embedding the UNet takes; OpenCLIP pads with "!".
-        TextEncoder("text_encoder_2", "tokenizer_2", "!", "CLIPTextModelWithProjection", "lora_te2"),
+        TextEncoder("text_encoder_2", "tokenizer_2", "!", "CLIPTextModelWithProjection", "lora_te2",
+                    single_file_prefix="conditioner.embedders.1.model.", openclip=True),
     )
     native_resolution = 1024
     vae_fp32 = True    # SDXL's VAE overflows in fp16
@@ -32,10 +35,20 @@ class SDXL(Family):
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
 
-    def build_tiny(self, seed: int = 0) -> Any:
+    def build_tiny(self, seed: int = 0, objective: Objective | None = None) -> Any:
         from ..models.tiny import build_tiny_sdxl
 
-        return build_tiny_sdxl(seed)
+        objective = objective or Objective()
+        return build_tiny_sdxl(seed, prediction=objective.prediction, zero_terminal_snr=objective.zero_terminal_snr)
+
+    def single_file_components(self, weights_file: Any, config_folder: Any, dtype: Any) -> dict[str, Any]:
+        """The OpenCLIP text encoder, loaded by lorakit: diffusers' single-file loader picks its converter by
+        comparing the two encoders' widths, and so takes the first encoder's weights when both are as wide (the
+        tiny checkpoints)."""
+        from ..models.loading import load_openclip_text_encoder
+
+        encoder = self.text_encoders[1]
+        return {encoder.attribute: load_openclip_text_encoder(weights_file, config_folder, dtype, encoder)}
 
     def encode_text(self, tokenizers: list, encoders: list, captions: list[str], device: Any,
                     clip_skip: int = 1) -> dict[str, Any]:
@@ -56,6 +69,14 @@ class SDXL(Family):
         return {"encoder_hidden_states": text["encoder_hidden_states"].to(device, dtype),
                 "added_cond_kwargs": {"text_embeds": text["text_embeds"].to(device, dtype),
                                       "time_ids": torch.tensor(size_rows, dtype=dtype, device=device)}}
+
+    def text_inputs_like(self, batch: int, denoiser_config: dict, device: Any, dtype: Any) -> dict[str, Any]:
+        import torch
+
+        text = super().text_inputs_like(batch, denoiser_config, device, dtype)
+        # The pooled embedding is what the added-condition projection takes besides the six size and crop ids.
+        pooled = denoiser_config["projection_class_embeddings_input_dim"] - 6 * denoiser_config["addition_time_embed_dim"]
+        return text | {"text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype)}
 
     def kohya_module_name(self, module_path: str, denoiser_config: dict | None = None) -> str:
         """kohya's SDXL names follow the original (SGM) UNet's block numbering, not diffusers'."""

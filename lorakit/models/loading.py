@@ -22,13 +22,14 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 from filelock import FileLock
 
-from ..config import resolve_weights
+from .. import families
 from ..errors import ConfigError, LorakitError
+from ..families import Family, TextEncoder
 from ..hashing import SAFE_SUFFIXES, check_safetensors
 from ..roots import check_regular
 from ..workspace import Workspace, as_workspace
@@ -37,21 +38,16 @@ from .registry import (
     check_pickle_allowed,
     check_weights_files,
     checkpoint_family,
+    checkpoint_objective,
+    checkpoint_paths,
     get_checkpoint,
+    objective_label,
     weights_format,
 )
 from .tokenizer import write_clip_tokenizer
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 CONFIG_CACHE_NAME = ".lorakit-configs"
-# Tokenizer sub-folders per family and the padding token each uses (SDXL's OpenCLIP encoder pads with "!").
-TOKENIZERS = {"sd15": {"tokenizer": "<|endoftext|>"}, "sdxl": {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}}
-# Where each text encoder sits in a single-file checkpoint (original LDM / SGM layouts).
-SD15_CLIP_PREFIX = "cond_stage_model.transformer."
-SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
-SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
 
 
 # ---- config folders for single files ---------------------------------------------------------------------
@@ -59,23 +55,24 @@ def config_cache_root(ws: Workspace) -> Path:
     return ws.config.models_root / CONFIG_CACHE_NAME
 
 
-def complete_config_folder(source: Path, family: str, cache_root: Path) -> Path:
-    """``source`` if it is a complete diffusers config folder, else a copy with the CLIP tokenizers added.
+def complete_config_folder(source: Path, family: str | Family, cache_root: Path) -> Path:
+    """``source`` if it is a complete diffusers config folder, else a copy with the family's CLIP tokenizers added.
 
     The copy lives in ``cache_root/<family>-<hash of source's files>/``, so a changed source gets a new copy,
     and is written into a temporary folder and renamed, so concurrent loaders never see half of one.
     """
     source = Path(source)
+    family = families.get(family)
     if not (source / "model_index.json").is_file():
         raise ConfigError(f"{source}: not a diffusers config folder (no model_index.json)")
-    missing = [name for name in TOKENIZERS[family]
-               if not any((source / name / f).is_file() for f in ("vocab.json", "tokenizer.json"))]
+    missing = [encoder for encoder in family.text_encoders
+               if not any((source / encoder.tokenizer / f).is_file() for f in ("vocab.json", "tokenizer.json"))]
     if not missing:
         return source
     digest = hashlib.sha256()
     for file in sorted(p for p in source.rglob("*") if p.is_file()):
         digest.update(file.relative_to(source).as_posix().encode() + b"\0" + file.read_bytes())
-    target = cache_root / f"{family}-{digest.hexdigest()[:16]}"
+    target = cache_root / f"{family.name}-{digest.hexdigest()[:16]}"
     if (target / "model_index.json").is_file():
         return target
     try:
@@ -88,8 +85,8 @@ def complete_config_folder(source: Path, family: str, cache_root: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".{target.name}."))
         try:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
-            for name in missing:
-                write_clip_tokenizer(tmp / name, pad_token=TOKENIZERS[family][name])
+            for encoder in missing:
+                write_clip_tokenizer(tmp / encoder.tokenizer, pad_token=encoder.pad_token)
             tmp.rename(target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -97,7 +94,7 @@ def complete_config_folder(source: Path, family: str, cache_root: Path) -> Path:
     return target
 
 
-def single_file_config_source(weights_file: Path, family: str, explicit: Path | None = None) -> Path:
+def single_file_config_source(weights_file: Path, family: str | Family, explicit: Path | None = None) -> Path:
     """Which config folder describes a single-file checkpoint: explicit, else ``<file>.config/``, else shipped."""
     if explicit is not None:
         if not Path(explicit).is_dir():
@@ -106,15 +103,13 @@ def single_file_config_source(weights_file: Path, family: str, explicit: Path | 
     sidecar = weights_file.with_name(weights_file.name + SIDECAR_CONFIG_SUFFIX)
     if sidecar.is_dir():
         return sidecar
-    return CONFIGS_DIR / family
+    return CONFIGS_DIR / families.get(family).name
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
-def pipeline_class(family: str):
+def pipeline_class(family: str | Family) -> Any:
     """The diffusers pipeline class of a model family."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    return families.get(family).pipeline_class()
 
 
 def _read_state_dict(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -131,31 +126,30 @@ def _read_state_dict(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     return {key: value for key, value in state.items() if key.startswith(prefix)}
 
 
-def load_openclip_text_encoder(weights_file: Path, config_dir: Path, torch_dtype: torch.dtype):
-    """SDXL's second text encoder from a single file.
-
-    Loaded here rather than by diffusers' pipeline loader, which picks the converter by comparing hidden
-    sizes and so takes the first encoder's weights when both encoders are the same width (tiny checkpoints).
-    """
+def load_openclip_text_encoder(weights_file: Path, config_dir: Path, torch_dtype: torch.dtype, encoder: TextEncoder):
+    """A text encoder stored under OpenCLIP's names in a single file (``encoder.single_file_prefix``), as the
+    transformers model ``encoder.model_class`` that ``config_dir/<encoder.attribute>`` describes."""
+    import transformers
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    state = _read_state_dict(weights_file, SDXL_OPENCLIP_PREFIX)
+    prefix, where = encoder.single_file_prefix, config_dir / encoder.attribute
+    state = _read_state_dict(weights_file, prefix)
     if not state:
-        raise ConfigError(f"{weights_file}: no SDXL OpenCLIP text encoder ({SDXL_OPENCLIP_PREFIX}*) in this file")
-    model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2"))
-    converted = convert_open_clip_checkpoint(model, state, prefix=SDXL_OPENCLIP_PREFIX)
+        raise ConfigError(f"{weights_file}: no OpenCLIP text encoder ({prefix}*) for {encoder.attribute} in this file")
+    model_class = getattr(transformers, encoder.model_class)
+    model = model_class(model_class.config_class.from_pretrained(where))
+    converted = convert_open_clip_checkpoint(model, state, prefix=prefix)
     try:
         missing, unexpected = model.load_state_dict(converted, strict=False)
     except RuntimeError as exc:  # shape mismatches: the file is another architecture than the config
         raise ConfigError(
-            f"{weights_file}: SDXL text encoder 2 does not fit the config folder {config_dir} ({str(exc)[:300]}); "
+            f"{weights_file}: {encoder.attribute} does not fit the config folder {config_dir} ({str(exc)[:300]}); "
             f"a non-default architecture needs its config folder as {weights_file.name}{SIDECAR_CONFIG_SUFFIX}/"
         ) from exc
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ConfigError(
-            f"{weights_file}: SDXL text encoder 2 does not match its config {config_dir / 'text_encoder_2'} "
+            f"{weights_file}: {encoder.attribute} does not match its config {where} "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     return model.to(torch_dtype)  # type: ignore[arg-type]  # @wraps(nn.Module.to) types PreTrainedModel.to unbound
@@ -209,7 +203,7 @@ def load_pipeline(
     ws = as_workspace(ws)
     record = get_checkpoint(ws, checkpoint) if isinstance(checkpoint, str) else checkpoint
     what = f"checkpoint {record.get('id')!r}"
-    family = checkpoint_family(record)
+    family = families.get(checkpoint_family(record))
     allow = bool(record.get("allowPickle", False)) if allow_pickle is None else allow_pickle
     paths = checkpoint_paths(ws, record, config_dir)
     weights = paths["weights"]
@@ -219,7 +213,7 @@ def load_pipeline(
     if vae is not None:
         check_pickle_allowed(vae, allow, f"{what} vaeWeights")
         check_weights_files(vae, None, f"{what} vaeWeights")
-    cls = pipeline_class(family)
+    cls = family.pipeline_class()
     extra = {}
     config_folder = None
     with warnings.catch_warnings():
@@ -232,8 +226,7 @@ def load_pipeline(
         else:
             source = single_file_config_source(weights, family, paths["config"])
             config_folder = complete_config_folder(source, family, config_cache_root(ws))
-            if family == "sdxl":
-                extra["text_encoder_2"] = load_openclip_text_encoder(weights, config_folder, torch_dtype)
+            extra |= family.single_file_components(weights, config_folder, torch_dtype)
         if vae is not None:
             extra["vae"] = load_vae(vae, config_folder, torch_dtype)
         if weights.is_dir():
@@ -255,7 +248,7 @@ def load_pipeline(
     return pipe if str(device) == "cpu" else pipe.to(device)
 
 
-def load_lora_file(pipe, path: str | Path, adapter_name: str) -> None:
+def load_lora_file(pipe, path: str | Path, adapter_name: str, *, family: str | Family | None = None) -> None:
     """Load a LoRA ``.safetensors`` file into ``pipe`` as adapter ``adapter_name``, so ``pipe.set_adapters``
     weighs it like any other.
 
@@ -264,7 +257,8 @@ def load_lora_file(pipe, path: str | Path, adapter_name: str) -> None:
     ``HF_HUB_OFFLINE`` is set). diffusers reads no LoHa or LoKr file of an SD1.5/SDXL pipeline and drops a DoRA
     file's ``dora_scale`` (it would render as plain LoRA), so those are put on the pipeline's UNet and text
     encoders as peft adapters of their type, the file's kohya names mapped back to the pipeline's modules.
-    A plain file cannot go on top of a LoHa/LoKr one (see :func:`needs_unload_before`).
+    A plain file cannot go on top of a LoHa/LoKr one (see :func:`needs_unload_before`). ``family`` is the
+    checkpoint's (default: the family of the pipeline's class).
     """
     path = Path(path)
     check_regular(path, "LoRA weights file")  # on the open handle: a FIFO or a device is refused, never read
@@ -277,7 +271,7 @@ def load_lora_file(pipe, path: str | Path, adapter_name: str) -> None:
         return
     from safetensors.torch import load_file
 
-    add_file_adapter(pipe, load_file(str(path)), network, adapter_name, what=str(path))
+    add_file_adapter(pipe, load_file(str(path)), network, adapter_name, what=str(path), family=family)
 
 
 # The file types peft puts on a model as LoRA layers (DoRA is a LoRA layer with a magnitude).
@@ -300,8 +294,8 @@ def has_lycoris_layers(pipe) -> bool:
     """Whether a LoHa or LoKr adapter is on any of the pipeline's models."""
     from peft.tuners.lycoris_utils import LycorisLayer
 
-    return any(isinstance(m, LycorisLayer) for attr in ("unet", "text_encoder", "text_encoder_2")
-               if (model := getattr(pipe, attr, None)) is not None for m in model.modules())
+    return any(isinstance(m, LycorisLayer) for model in pipe.components.values()
+               if isinstance(model, torch.nn.Module) for m in model.modules())
 
 
 def needs_unload_before(pipe, path: str | Path) -> bool:
@@ -311,23 +305,37 @@ def needs_unload_before(pipe, path: str | Path) -> bool:
     return lora_file_network(path) in LORA_LAYER_TYPES and has_lycoris_layers(pipe)
 
 
-def pipeline_module_names(pipe) -> dict[str, tuple[str, str]]:
-    """``kohya name -> (pipeline component, module path)`` for every Linear and Conv2d of the pipeline's UNet and
-    text encoders (a module that already carries adapters counts by its own path), computed with the names the
-    trainer writes, so the two agree by construction."""
+def pipeline_family(pipe: Any, family: str | Family | None = None) -> Family:
+    """The family of a loaded pipeline: the one the caller names, else the one whose pipeline class it is (a
+    pipeline of a class no family claims is an error, never a guess from the components it has)."""
+    if family is not None:
+        return families.get(family)
+    found = families.from_pipeline(pipe)
+    if found is None:
+        raise LorakitError(f"a {type(pipe).__name__} is not the pipeline of any model family lorakit knows "
+                           f"({', '.join(families.NAMES)}); load the checkpoint with lorakit.load_pipeline")
+    return found
+
+
+def pipeline_module_names(pipe: Any, *, family: str | Family | None = None) -> dict[str, tuple[str, str]]:
+    """``kohya name -> (pipeline component, module path)`` for every Linear and Conv2d of the pipeline's denoiser
+    and text encoders (a module that already carries adapters counts by its own path), computed with the names
+    the trainer writes, so the two agree by construction. ``family`` is the checkpoint's (default: the family
+    of the pipeline's class)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from ..train.kohya_format import TEXT_ENCODER_PREFIXES, text_encoder_module_name, unet_module_name
+    from ..train.kohya_format import text_encoder_module_name
 
-    family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
-    unet_config = dict(pipe.unet.config)
-    components = [("unet", pipe.unet)] + [
-        (attr, getattr(pipe, attr, None)) for attr in ("text_encoder", "text_encoder_2")[:len(TEXT_ENCODER_PREFIXES[family])]]
+    family = pipeline_family(pipe, family)
+    denoiser = getattr(pipe, family.denoiser)
+    denoiser_config = dict(denoiser.config)
+    components = [(family.denoiser, denoiser, None)] + [
+        (encoder.attribute, getattr(pipe, encoder.attribute, None), encoder.kohya_prefix)
+        for encoder in family.text_encoders]
     names: dict[str, tuple[str, str]] = {}
-    for attr, model in components:
+    for attr, model, prefix in components:
         if model is None:
             continue
-        prefix = None if attr == "unet" else TEXT_ENCODER_PREFIXES[family][attr == "text_encoder_2"]
         tuned: list[str] = []
         for path, module in model.named_modules():
             # The Linear layers inside an adapter (and the wrapped base layer) are not modules of the model.
@@ -338,7 +346,7 @@ def pipeline_module_names(pipe) -> dict[str, tuple[str, str]]:
             elif not isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
                 continue
             try:
-                name = (unet_module_name(path, family, unet_config) if prefix is None
+                name = (family.kohya_module_name(path, denoiser_config) if prefix is None
                         else text_encoder_module_name(prefix, model, path))
             except ValueError:  # a module with no place in the original layout gets no kohya name
                 continue
@@ -347,14 +355,14 @@ def pipeline_module_names(pipe) -> dict[str, tuple[str, str]]:
 
 
 def add_file_adapter(pipe, tensors: dict[str, torch.Tensor], network: str, adapter_name: str, *,
-                     what: str = "the LoRA file") -> None:
+                     what: str = "the LoRA file", family: str | Family | None = None) -> None:
     """Put the DoRA, LoHa or LoKr layers of a kohya/LyCORIS state dict on ``pipe`` as peft adapter
     ``adapter_name`` (one peft config per component, every layer's tensors as the file has them)."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name, _, suffix = key.partition(".")
         layers.setdefault(name, {})[suffix] = tensor
-    modules = pipeline_module_names(pipe)
+    modules = pipeline_module_names(pipe, family=family)
     unknown = sorted(n for n in layers if n not in modules)
     if unknown:
         raise LorakitError(f"{what} adapts {len(unknown)} module(s) this pipeline does not have (e.g. {unknown[0]}); "
@@ -447,47 +455,16 @@ def folder_variant(folder: Path) -> str | None:
     return "fp16" if any(".fp16." in p.name for p in unet.iterdir()) else None
 
 
-class CheckpointPaths(TypedDict):
-    """The local files of a checkpoint record, as :func:`checkpoint_paths` resolves them."""
-
-    weights: Path
-    vae: Path | None
-    config: Path | None
-
-
-def checkpoint_paths(ws: Workspace, record: dict, config_dir: str | Path | None = None) -> CheckpointPaths:
-    """The local paths of a checkpoint record: ``weights``, ``vae`` (or None) and ``config`` (or None)."""
-    what = f"checkpoint {record.get('id')!r}"
-    ref = record.get("weights")
-    if not isinstance(ref, dict):
-        raise ConfigError(f"{what} has no 'weights' reference; register its files with `lorakit checkpoint add`")
-    weights = resolve_weights(ref, ws.config, what=what)
-    config = Path(config_dir) if config_dir is not None else None
-    if config is None and ref.get("config"):
-        config = resolve_weights({**ref, "path": ref["config"]}, ws.config, what=f"{what} weights.config")
-    vae_ref = record.get("vaeWeights")
-    vae = resolve_weights(vae_ref, ws.config, what=f"{what} vaeWeights") if isinstance(vae_ref, dict) else None
-    return {"weights": weights, "vae": vae, "config": config}
-
-
-def models_from_config(config_folder: str | Path, family: str, device: str = "meta", *,
+def models_from_config(config_folder: str | Path, family: str | Family, device: str = "meta", *,
                        vae: bool = False) -> dict[str, Any]:
-    """The UNet, the text encoder(s) and, with ``vae``, the VAE of a diffusers config folder, with random weights,
-    built on ``device``. On ``meta`` (the default) that is every module and shape with no weights allocated (a
-    full-size SDXL UNet in under a second), which is what counting modules or memory needs."""
+    """The denoiser, the text encoder(s) and, with ``vae``, the VAE of a diffusers config folder, with random
+    weights, built on ``device``. On ``meta`` (the default) that is every module and shape with no weights
+    allocated (a full-size SDXL UNet in under a second), which is what counting modules or memory needs."""
     import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     folder = Path(config_folder)
     with torch.device(device):
-        models: dict[str, Any] = {
-            "unet": diffusers.UNet2DConditionModel.from_config(diffusers.UNet2DConditionModel.load_config(
-                folder / "unet")),
-            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))}
-        if family == "sdxl":
-            # SDXL's second encoder also projects the pooled embedding its UNet takes.
-            models["text_encoder_2"] = CLIPTextModelWithProjection(
-                CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+        models = families.get(family).models_from_config(folder)
         if vae:
             models["vae"] = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(folder / "vae"))
     return models
@@ -533,8 +510,10 @@ def verify_checkpoint(
 ) -> dict:
     """Load checkpoint ``checkpoint_id`` offline, hash its weights and record the hash; return what was found.
 
-    The report has ``id, family, format, path, pipeline, components{name: {class, parameters, dtype}},
-    parameters, dtype, sha256`` (and ``vaeSha256`` with a separate VAE). The hashes are stored on the
+    The report has ``id, family, format, path, objective`` (``epsilon``, ``v`` or ``v+ztsnr``: what it trains
+    and renders with, see :func:`lorakit.models.checkpoint_objective`) ``, prediction, zeroTerminalSnr, pipeline,
+    components{name: {class, parameters, dtype}}, parameters, dtype, sha256`` (and ``vaeSha256`` with a separate
+    VAE). The hashes are stored on the
     record as ``weights.sha256`` / ``vaeWeights.sha256`` with ``hashOf`` (``file`` or ``folder``).
     """
     from .registry import record_weights_hash, weights_sha256
@@ -543,17 +522,20 @@ def verify_checkpoint(
     record = get_checkpoint(ws, checkpoint_id)
     paths = checkpoint_paths(ws, record)
     what = f"checkpoint {checkpoint_id!r}"
-    family = checkpoint_family(record)
+    family = families.get(checkpoint_family(record))
     try:
         pipe = load_pipeline(ws, record, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
     except LorakitError:
         raise
     except Exception as exc:  # diffusers, safetensors and torch raise many kinds for a file they cannot read
-        raise ConfigError(f"{what}: {paths['weights']} does not load as an {family} checkpoint "
+        raise ConfigError(f"{what}: {paths['weights']} does not load as an {family.label} checkpoint "
                           f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}); "
-                          "check that it is a complete SD1.5/SDXL checkpoint of that family") from None
-    report = {"id": checkpoint_id, "family": checkpoint_family(record), "format": weights_format(paths["weights"]),
-              "path": str(paths["weights"]), **describe_pipeline(pipe)}
+                          f"check that it is a complete {family.label} checkpoint, or register it again with the right "
+                          "--family") from None
+    objective = checkpoint_objective(ws, record)
+    report = {"id": checkpoint_id, "family": family.name, "format": weights_format(paths["weights"]),
+              "path": str(paths["weights"]), "objective": objective_label(objective), **objective.record(),
+              **describe_pipeline(pipe)}
     del pipe
     report["sha256"] = weights_sha256(paths["weights"])
     record_weights_hash(ws, checkpoint_id, "weights", record["weights"], report["sha256"],

@@ -12,13 +12,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TypedDict
 
 from filelock import FileLock
 
+from .. import families
 from ..config import ROOT_NAMES, resolve_weights
 from ..errors import ConfigError, RecordError, RecordNotFoundError
 from ..families import NAMES as FAMILIES
-from ..families import Objective
+from ..families import PREDICTIONS, Family, Objective
 from ..families import get as get_family
 from ..hashing import (
     PICKLE_SUFFIXES,
@@ -76,31 +78,22 @@ def check_pickle_allowed(path: Path, allow_pickle: bool, what: str) -> None:
         )
 
 
-FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
-# Keys only one family's original-layout single files have: SDXL's second text encoder, SD1.5's one.
-_FAMILY_KEY_PREFIXES = (("sdxl", "conditioner.embedders.1."), ("sd15", "cond_stage_model."))
-
-
-def detect_family(path: Path) -> str | None:
-    """The family a checkpoint's files say they are, when they say: a diffusers folder by its pipeline class,
-    a ``.safetensors`` file by its tensor names (read from the header, nothing loaded). None when unknown."""
+def detect_family(path: Path) -> Family | None:
+    """The family a checkpoint's files say they are, when they say: a diffusers folder by its pipeline class in
+    ``model_index.json``, a ``.safetensors`` file by its tensor names (read from the header, nothing loaded).
+    None when no family claims them (an SD3 or FLUX folder, a pickle file, an unreadable one)."""
     path = Path(path)
     if path.is_dir():
         try:
-            name = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
-        except (OSError, ValueError, AttributeError):
+            index = json.loads(read_regular(path / "model_index.json", "model_index.json", max_bytes=1 << 20))
+        except (OSError, ValueError, RecordError):
             return None
-        if not isinstance(name, str):
-            return None
-        return "sdxl" if "XL" in name else "sd15" if name.startswith("StableDiffusion") else None
+        return families.from_index_class(index.get("_class_name") if isinstance(index, dict) else None)
     header = safetensors_header(path) if path.suffix.lower() in SAFE_SUFFIXES else None
-    for family, prefix in _FAMILY_KEY_PREFIXES:
-        if header and any(key.startswith(prefix) for key in header):
-            return family
-    return None
+    return families.from_keys(header) if header else None
 
 
-def check_weights_files(path: Path, family: str | None, what: str) -> None:
+def check_weights_files(path: Path, family: str | Family | None, what: str) -> None:
     """Refuse weights that are not what they claim: a ``.safetensors`` file (or one in a diffusers folder's
     model folders) whose header does not hold up against the file (see :func:`lorakit.hashing.check_safetensors`),
     or files of another model family than the record says (``family`` None: any)."""
@@ -119,10 +112,11 @@ def check_weights_files(path: Path, family: str | None, what: str) -> None:
                 check_safetensors(member, what)
     if family is None:
         return
+    told = families.get(family)
     found = detect_family(path)
-    if found is not None and found != family:
-        raise ConfigError(f"{what}: {path} is an {FAMILY_NAMES[found]} checkpoint, registered as "
-                          f"{FAMILY_NAMES.get(family, family)}; add it with --family {found}")
+    if found is not None and found is not told:
+        raise ConfigError(f"{what}: {path} is an {found.label} checkpoint, registered as {told.label}; "
+                          f"add it with --family {found.name}")
 
 
 # ---- hashing -------------------------------------------------------------------------------------------
@@ -144,9 +138,51 @@ def detect_objective(path: Path) -> Objective | None:
         return Objective("v" if config["prediction_type"] == "v_prediction" else "epsilon",
                          config.get("rescale_betas_zero_snr") is True)
     header = safetensors_header(path) if path.suffix.lower() in SAFE_SUFFIXES else None
-    if header and ("v_pred" in header or "ztsnr" in header):
-        return Objective("v" if "v_pred" in header else "epsilon", "ztsnr" in header)
+    # ComfyUI reads ztsnr only beside v_pred (zero terminal SNR needs v: epsilon cannot be predicted from pure
+    # noise), so a lone ztsnr key says nothing.
+    if header and "v_pred" in header:
+        return Objective("v", "ztsnr" in header)
     return None
+
+
+def objective_label(objective: Objective) -> str:
+    """The short form ``checkpoint list`` and ``verify`` show.
+
+    >>> objective_label(Objective("v", zero_terminal_snr=True)), objective_label(Objective())
+    ('v+ztsnr', 'epsilon')
+    """
+    return objective.prediction + ("+ztsnr" if objective.zero_terminal_snr else "")
+
+
+def told_objective(prediction: str, zero_terminal_snr: bool, what: str) -> Objective:
+    """The objective a user asked for, refused when it cannot be trained: an unknown prediction, or zero terminal
+    SNR with epsilon (at its last timestep the input is pure noise, so predicting the noise teaches nothing;
+    kohya and diffusers use it only with v)."""
+    if prediction not in PREDICTIONS:
+        raise ConfigError(f"{what}: unknown prediction {prediction!r} (expected one of {', '.join(PREDICTIONS)})")
+    if zero_terminal_snr and prediction != "v":
+        raise ConfigError(f"{what}: zero terminal SNR needs v-prediction, and this would be trained with {prediction} "
+                          "prediction; give --prediction v with --zero-terminal-snr, or leave --zero-terminal-snr out")
+    return Objective(prediction, bool(zero_terminal_snr))
+
+
+def choose_objective(path: Path, prediction: str | None, zero_terminal_snr: bool | None,
+                     kept: dict | None, what: str) -> Objective:
+    """The objective ``checkpoint add`` records: what it was told (``prediction``, ``zero_terminal_snr``; None:
+    not told); else what the ``kept`` record said (the record being updated, when it names the same files:
+    what a user told once is not undone by registering the files again); else what the files at ``path`` say
+    (:func:`detect_objective`); else epsilon."""
+    if kept is not None and ("prediction" in kept or "zeroTerminalSnr" in kept):
+        found = Objective(kept.get("prediction", "epsilon"), kept.get("zeroTerminalSnr") is True)
+    else:
+        found = detect_objective(path) or Objective()
+    if prediction is None and zero_terminal_snr is None:
+        return found
+    if prediction is None:
+        prediction = found.prediction
+    if zero_terminal_snr is None:
+        zero_terminal_snr = found.zero_terminal_snr and prediction == "v"
+    return told_objective(prediction, zero_terminal_snr, what)
 
 
 def checkpoint_objective(ws: Workspace | str | Path | None, record: dict) -> Objective:
@@ -156,13 +192,34 @@ def checkpoint_objective(ws: Workspace | str | Path | None, record: dict) -> Obj
     family = get_family(checkpoint_family(record))
     if "prediction" in record or "zeroTerminalSnr" in record:
         return family.objective(record.get("prediction", "epsilon"), bool(record.get("zeroTerminalSnr", False)))
-    from .loading import checkpoint_paths
-
     try:
         found = detect_objective(checkpoint_paths(as_workspace(ws), record)["weights"])
     except (ConfigError, RecordError, OSError):
         found = None
     return found or family.objective()
+
+
+class CheckpointPaths(TypedDict):
+    """The local files of a checkpoint record, as :func:`checkpoint_paths` resolves them."""
+
+    weights: Path
+    vae: Path | None
+    config: Path | None
+
+
+def checkpoint_paths(ws: Workspace, record: dict, config_dir: str | Path | None = None) -> CheckpointPaths:
+    """The local paths of a checkpoint record: ``weights``, ``vae`` (or None) and ``config`` (or None)."""
+    what = f"checkpoint {record.get('id')!r}"
+    ref = record.get("weights")
+    if not isinstance(ref, dict):
+        raise ConfigError(f"{what} has no 'weights' reference; register its files with `lorakit checkpoint add`")
+    weights = resolve_weights(ref, ws.config, what=what)
+    config = Path(config_dir) if config_dir is not None else None
+    if config is None and ref.get("config"):
+        config = resolve_weights({**ref, "path": ref["config"]}, ws.config, what=f"{what} weights.config")
+    vae_ref = record.get("vaeWeights")
+    vae = resolve_weights(vae_ref, ws.config, what=f"{what} vaeWeights") if isinstance(vae_ref, dict) else None
+    return {"weights": weights, "vae": vae, "config": config}
 
 
 def checkpoint_family(record: dict) -> str:
@@ -183,9 +240,10 @@ def checkpoint_family(record: dict) -> str:
 
 def check_family(family: str) -> str:
     """Return ``family`` if lorakit can train it, else raise a :class:`ConfigError` listing the families."""
-    if family not in FAMILIES:
-        raise ConfigError(f"unknown model family {family!r} (expected one of {', '.join(FAMILIES)})")
-    return family
+    try:
+        return get_family(family).name
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def get_checkpoint(ws: Workspace | str | Path | None, checkpoint_id: str) -> dict:
@@ -299,7 +357,7 @@ def weights_reference(ws: Workspace, path: str | Path, base: str = "checkpointsR
 def add_checkpoint(
     ws: Workspace | str | Path | None,
     checkpoint_id: str,
-    family: str,
+    family: str | None,
     path: str | Path,
     *,
     base: str = "checkpointsRoot",
@@ -310,8 +368,16 @@ def add_checkpoint(
     config_path: str | Path | None = None,
     allow_pickle: bool = False,
     absolute: bool = False,
+    prediction: str | None = None,
+    zero_terminal_snr: bool | None = None,
 ) -> dict:
     """Register (or update) a checkpoint whose weights are a diffusers folder or a single file.
+
+    ``family`` None reads it from the files (:func:`detect_family`) and refuses files that do not say.
+    ``prediction`` (``epsilon`` or ``v``) and ``zero_terminal_snr`` say what the denoiser was trained to
+    predict; None keeps what the record said for the same files, else reads it from the files too (a single
+    file's ``v_pred`` / ``ztsnr`` keys, a folder's scheduler config), else epsilon. The record always gets
+    ``prediction``, and ``zeroTerminalSnr`` when it is true.
 
     ``path`` is relative to ``base`` (or absolute under it). ``vae_path`` registers a separate VAE
     (``vaeWeights``, relative to ``vae_base``, default ``base``); ``config_path`` a diffusers config folder
@@ -323,15 +389,22 @@ def add_checkpoint(
     """
     ws = as_workspace(ws)
     check_id(checkpoint_id, "checkpoint id")
-    check_family(family)
+    if family is not None:
+        check_family(family)
     what = f"checkpoint {checkpoint_id!r}"
     weights = weights_reference(ws, path, base, absolute)
     local = resolve_weights(weights, ws.config, what=what)
+    if local.is_dir() and not (local / "model_index.json").is_file():
+        raise ConfigError(f"{what}: {local} is a folder but not a diffusers pipeline (no model_index.json)")
     uses_pickle = weights_format(local) == "pickle"
     check_pickle_allowed(local, allow_pickle, what)
     check_weights_files(local, family, what)
-    if local.is_dir() and not (local / "model_index.json").is_file():
-        raise ConfigError(f"{what}: {local} is a folder but not a diffusers pipeline (no model_index.json)")
+    if family is None:
+        found = detect_family(local)
+        if found is None:
+            raise ConfigError(f"{what}: cannot tell the model family of {local}: give --family "
+                              f"{'|'.join(FAMILIES)} (family= in Python)")
+        family = found.name
     if config_path is not None:
         if local.is_dir():
             raise ConfigError(f"{what}: a config folder is only needed for a single-file checkpoint")
@@ -347,12 +420,20 @@ def add_checkpoint(
         uses_pickle = uses_pickle or weights_format(vae_local) == "pickle"
         check_pickle_allowed(vae_local, allow_pickle, f"{what} vaeWeights")
         check_weights_files(vae_local, None, f"{what} vaeWeights")
+    current = ws.store.read("checkpoint", checkpoint_id) if ws.store.exists("checkpoint", checkpoint_id) else None
+    same_files = current is not None and _same_reference(current.get("weights"), weights)
+    objective = choose_objective(local, prediction, zero_terminal_snr, current if same_files else None, what)
     fields = {
         "family": family, "name": name, "weights": weights, "vaeWeights": vae,
+        "prediction": objective.prediction, "zeroTerminalSnr": True if objective.zero_terminal_snr else REMOVE,
         "supportedAssetTypes": list(asset_types) if asset_types is not None else None,
         "allowPickle": True if uses_pickle else REMOVE,
     }
     return register_checkpoint(ws, checkpoint_id, fields)
+
+
+def _same_reference(old: object, new: dict) -> bool:
+    return isinstance(old, dict) and all(old.get(k) == new.get(k) for k in ("kind", "base", "path", "config"))
 
 
 def record_weights_hash(ws: Workspace, checkpoint_id: str, field: str, ref: dict, sha256: str, hash_of: str) -> dict:
@@ -414,13 +495,16 @@ def tiny_folder_state(folder: Path) -> dict | None:
         return None
 
 
-def build_tiny_folder(folder: Path, family: str, seed: int) -> bool:
-    """Make ``folder`` hold the tiny ``family`` pipeline for ``seed``; False when it already did.
+def build_tiny_folder(folder: Path, family: str, seed: int, objective: Objective | None = None) -> bool:
+    """Make ``folder`` hold the tiny ``family`` pipeline for ``seed`` and ``objective`` (default epsilon); False
+    when it already did.
 
     The pipeline is saved into a temporary sibling and renamed into place, under a lock, so a trainer and a
-    worker asking at the same time never see a half-written folder. The marker file is written last.
+    worker asking at the same time never see a half-written folder. The marker file is written last; it names
+    the objective too, since a v-prediction folder has the same weights but another scheduler config.
     """
-    wanted = {"family": family, "seed": seed, "format": TINY_FORMAT}
+    objective = objective or Objective()
+    wanted = {"family": family, "seed": seed, "format": TINY_FORMAT, **objective.record()}
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder.parent / f".{folder.name}.lock")):
         if tiny_folder_state(folder) == wanted:
@@ -432,7 +516,8 @@ def build_tiny_folder(folder: Path, family: str, seed: int) -> bool:
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.building."))
         try:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint folder is not
-            save_tiny_pipeline(family, tmp, seed=seed)
+            save_tiny_pipeline(family, tmp, seed=seed, prediction=objective.prediction,
+                               zero_terminal_snr=objective.zero_terminal_snr)
             (tmp / TINY_MARKER).write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
             if folder.exists():
                 shutil.rmtree(folder)
@@ -441,6 +526,10 @@ def build_tiny_folder(folder: Path, family: str, seed: int) -> bool:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return True
+
+
+def _objective_words(objective: Objective) -> str:
+    return "" if objective == Objective() else f" {objective.describe()}"
 
 
 def _umask() -> int:
@@ -456,11 +545,16 @@ def make_tiny_checkpoint(
     seed: int = 0,
     asset_types: list[str] | None = None,
     name: str | None = None,
+    *,
+    prediction: str = "epsilon",
+    zero_terminal_snr: bool = False,
 ) -> dict:
     """Build the tiny random-weight ``family`` pipeline under ``checkpointsRoot/<id>/`` and register it.
 
     Offline and deterministic: the same family and seed give byte-identical weights files. A folder already
-    built with the same family and seed is reused (a marker file, ``lorakit-tiny.json``, records both).
+    built with the same family, seed and objective is reused (a marker file, ``lorakit-tiny.json``, records
+    them). ``prediction="v"`` (with ``zero_terminal_snr``) builds a v-prediction checkpoint: the same weights,
+    a scheduler config that says so, and the record's ``prediction`` / ``zeroTerminalSnr``.
     ``asset_types`` defaults to the record's current list, else the asset types of the workspace's project
     catalogs (empty when there are none yet). The weights hash is recorded on ``weights.sha256``.
 
@@ -472,19 +566,32 @@ def make_tiny_checkpoint(
     check_family(family)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    objective = told_objective(prediction, zero_terminal_snr, f"tiny checkpoint {checkpoint_id!r}")
     folder = ws.config.checkpoints_root / checkpoint_id
-    build_tiny_folder(folder, family, seed)
+    build_tiny_folder(folder, family, seed, objective)
     exists = ws.store.exists("checkpoint", checkpoint_id)
     if asset_types is None and not exists:
         asset_types = workspace_asset_types(ws)
     fields = {
         "family": family,
-        "name": name or (None if exists else f"Tiny {family} (random weights, seed {seed})"),
+        "name": name or (None if exists else f"Tiny {family}{_objective_words(objective)} (random weights, seed {seed})"),
         "weights": {"kind": "config_relative", "base": "checkpointsRoot", "path": checkpoint_id,
                     "sha256": weights_sha256(folder), "hashOf": "folder"},
         "vaeWeights": REMOVE,
         "allowPickle": REMOVE,
+        "prediction": objective.prediction,
+        "zeroTerminalSnr": True if objective.zero_terminal_snr else REMOVE,
         "supportedAssetTypes": list(asset_types) if asset_types is not None else None,
         "defaultGenerationParams": None if exists else dict(DEFAULT_TINY_PARAMS),
     }
     return register_checkpoint(ws, checkpoint_id, fields)
+
+
+def rebuild_tiny_checkpoint(ws: Workspace | str | Path | None, checkpoint_id: str) -> dict:
+    """Build a registered tiny checkpoint's weights again (after a fresh clone, say), as its record describes
+    it: its family and its objective (a v-prediction tiny checkpoint stays one)."""
+    ws = as_workspace(ws)
+    record = get_checkpoint(ws, checkpoint_id)
+    objective = checkpoint_objective(ws, record)
+    return make_tiny_checkpoint(ws, checkpoint_id, checkpoint_family(record), prediction=objective.prediction,
+                                zero_terminal_snr=objective.zero_terminal_snr)

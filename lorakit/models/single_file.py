@@ -1,11 +1,16 @@
 """Writing a diffusers pipeline as one ``.safetensors`` file in the original Stable Diffusion key layout.
 
 This is the inverse of diffusers' single-file loaders (``from_single_file``): UNet keys under
-``model.diffusion_model.``, VAE under ``first_stage_model.``, the CLIP text encoder under
-``cond_stage_model.transformer.`` (SD1.5) or ``conditioner.embedders.0.transformer.`` (SDXL), SDXL's OpenCLIP
-encoder under ``conditioner.embedders.1.model.``. The mapping is derived from each component's config, so it
-works for the tiny checkpoints as well as full-size ones. lorakit uses it to test single-file loading offline,
-and it lets a tiny checkpoint be handed to tools that only read single files.
+``model.diffusion_model.``, VAE under ``first_stage_model.``, each text encoder where its family puts it
+(``TextEncoder.single_file_prefix``: ``cond_stage_model.transformer.`` for SD1.5's CLIP,
+``conditioner.embedders.0.transformer.`` and, in OpenCLIP's names, ``conditioner.embedders.1.model.`` for SDXL's
+two). The mapping is derived from each component's config, so it works for the tiny checkpoints as well as
+full-size ones. lorakit uses it to test single-file loading offline, and it lets a tiny checkpoint be handed to
+tools that only read single files.
+
+A v-prediction checkpoint carries what ComfyUI reads to know it: empty tensors named ``v_pred`` (and ``ztsnr``
+for a zero-terminal-SNR schedule) beside the weights, as ComfyUI's own checkpoint saver and NoobAI-XL v-pred's
+file have them, and ``modelspec.predict_key: v`` in the metadata.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from ..families import Family, Objective
 
 UNET_KEY = "model.diffusion_model."
 VAE_KEY = "first_stage_model."
@@ -149,29 +156,51 @@ def openclip_to_ldm(state: dict) -> dict:
     return out
 
 
-def pipeline_to_ldm_state_dict(pipe) -> dict[str, torch.Tensor]:
-    """All weights of a StableDiffusion(XL)Pipeline, keyed as an original single-file checkpoint."""
+def pipeline_to_ldm_state_dict(pipe, *, family: str | Family | None = None) -> dict[str, torch.Tensor]:
+    """All weights of a StableDiffusion(XL)Pipeline, keyed as an original single-file checkpoint. ``family``
+    is the checkpoint's (default: the family of the pipeline's class)."""
+    from .loading import pipeline_family
+
+    family = pipeline_family(pipe, family)
     state = {UNET_KEY + k: v for k, v in unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config)).items()}
     state |= {VAE_KEY + k: v for k, v in vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)).items()}
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        state |= {"conditioner.embedders.0.transformer." + k: v for k, v in clip_to_ldm(pipe.text_encoder.state_dict()).items()}
-        state |= {"conditioner.embedders.1.model." + k: v for k, v in openclip_to_ldm(pipe.text_encoder_2.state_dict()).items()}
-    else:
-        state |= {"cond_stage_model.transformer." + k: v for k, v in clip_to_ldm(pipe.text_encoder.state_dict()).items()}
+    for encoder in family.text_encoders:
+        weights = getattr(pipe, encoder.attribute).state_dict()
+        converted = openclip_to_ldm(weights) if encoder.openclip else clip_to_ldm(weights)
+        state |= {encoder.single_file_prefix + k: v for k, v in converted.items()}
     return {key: value.detach().contiguous() for key, value in state.items()}
 
 
-def export_single_file(pipe, path: str | Path, *, with_config: bool = True) -> Path:
+def objective_keys(objective: Objective) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The marker tensors and metadata a single file of this objective carries (none for epsilon, which is what
+    a file without them means)."""
+    if objective.prediction != "v":
+        return {}, {}
+    keys = {"v_pred": torch.tensor([])}
+    if objective.zero_terminal_snr:
+        keys["ztsnr"] = torch.tensor([])
+    return keys, {"modelspec.predict_key": "v"}
+
+
+def export_single_file(pipe, path: str | Path, *, with_config: bool = True, family: str | Family | None = None,
+                       prediction: str = "epsilon", zero_terminal_snr: bool = False) -> Path:
     """Save ``pipe`` as one ``.safetensors`` file; ``with_config`` also writes ``<file>.config/`` beside it.
 
     The config folder (configs and tokenizers, no weights) lets lorakit load a non-default architecture,
-    such as the tiny checkpoints, from the single file without a model hub.
+    such as the tiny checkpoints, from the single file without a model hub. ``prediction="v"`` (and
+    ``zero_terminal_snr``) adds the ``v_pred`` (and ``ztsnr``) keys v-prediction files carry; the config folder
+    is written as the pipeline has it, as a v-prediction file's downloaded configs usually are.
+
+    >>> export_single_file(build_tiny_pipeline("sdxl"), "vpred.safetensors", prediction="v",
+    ...                    zero_terminal_snr=True)   # doctest: +SKIP
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(pipeline_to_ldm_state_dict(pipe), str(path), metadata={"format": "pt"})
+    markers, metadata = objective_keys(Objective(prediction, zero_terminal_snr))
+    state = pipeline_to_ldm_state_dict(pipe, family=family) | markers
+    save_file(state, str(path), metadata={"format": "pt", **metadata})
     if with_config:
         config_dir = path.with_name(path.name + ".config")
         if config_dir.exists():

@@ -38,15 +38,17 @@ def _vae(scaling_factor: float, force_upcast: bool):
     )
 
 
-def build_tiny_pipeline(family: str, seed: int = 0):
-    """The tiny pipeline of ``family`` (a family name) in fp32; the same ``family`` and ``seed`` always give the
-    same weights. Each family module builds its own (see ``Family.build_tiny``)."""
-    from ..families import get
+def build_tiny_pipeline(family: str, seed: int = 0, *, prediction: str = "epsilon", zero_terminal_snr: bool = False):
+    """The tiny pipeline of ``family`` (a family or its name) in fp32; the same ``family`` and ``seed`` always give
+    the same weights, whatever the objective (``prediction``, ``zero_terminal_snr``) its scheduler config says.
+    Each family module builds its own (see ``Family.build_tiny``)."""
+    from ..families import Objective, get
 
     try:
-        return get(family).build_tiny(seed)
+        builder = get(family)
     except ValueError:
         raise ValueError(f"unknown model family {family!r}") from None
+    return builder.build_tiny(seed, Objective(prediction, zero_terminal_snr))
 
 
 _BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -121,8 +123,10 @@ def build_tiny_sdxl(seed: int = 0, *, prediction: str = "epsilon", zero_terminal
         )
 
 
-def save_tiny_pipeline(family: str, folder: str | Path, seed: int = 0) -> Path:
+def save_tiny_pipeline(family: str, folder: str | Path, seed: int = 0, *, prediction: str = "epsilon",
+                       zero_terminal_snr: bool = False) -> Path:
     """Build the tiny pipeline and save it as a diffusers folder (safetensors weights)."""
     folder = Path(folder)
-    build_tiny_pipeline(family, seed).save_pretrained(folder, safe_serialization=True)
+    pipe = build_tiny_pipeline(family, seed, prediction=prediction, zero_terminal_snr=zero_terminal_snr)
+    pipe.save_pretrained(folder, safe_serialization=True)
     return folder

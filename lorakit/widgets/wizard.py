@@ -31,8 +31,16 @@ import traitlets
 from ..datasets import BuildResult, build_manifest
 from ..errors import DatasetError, LorakitError, WizardRefusal
 from ..evals import contact_sheet, create_eval_grid
+from ..families import get as get_family
 from ..loras import ensure_lora, get_lora, get_release
-from ..models import checkpoint_family, get_checkpoint, list_checkpoints, make_tiny_checkpoint
+from ..models import (
+    checkpoint_family,
+    checkpoint_objective,
+    get_checkpoint,
+    list_checkpoints,
+    objective_label,
+    rebuild_tiny_checkpoint,
+)
 from ..notebook_helpers import checkpoint_weights, figure_png, gallery_html, image_bytes, is_tiny_checkpoint
 from ..select import asset_type_options, load_asset_types
 from ..train import StepReport, list_presets, plan_training, plot_loss, run_plan
@@ -324,11 +332,13 @@ class Wizard(widgets.VBox):
             return
         record = get_checkpoint(self.ws, s.checkpoint)
         path, present = checkpoint_weights(self.ws, record)
-        family = checkpoint_family(record)
+        family = get_family(checkpoint_family(record)).label
+        objective = objective_label(checkpoint_objective(self.ws, record))
         types = ", ".join(record.get("supportedAssetTypes") or []) or "any"
         weights = (f"weights found at <code>{html.escape(str(path))}</code>" if present
                    else f"<b>weights missing</b> (looked at <code>{html.escape(str(path))}</code>)")
-        self.checkpoint_info.value = _box(f"family <b>{family}</b>; asset types: {html.escape(types)}; {weights}",
+        self.checkpoint_info.value = _box(f"family <b>{family}</b> ({objective}); asset types: {html.escape(types)}; "
+                                          f"{weights}",
                                           "info" if present else "warn")
         _hidden(self.build_button, present or not is_tiny_checkpoint(record))
         self._offer_asset_types()
@@ -338,7 +348,7 @@ class Wizard(widgets.VBox):
         """Build the tiny random-weight demo checkpoint (seconds), in the background."""
         record = get_checkpoint(self.ws, self.state.checkpoint)
         self._run("building the tiny weights",
-                  lambda: make_tiny_checkpoint(self.ws, record["id"], checkpoint_family(record)),
+                  lambda: rebuild_tiny_checkpoint(self.ws, record["id"]),
                   done=lambda _r: self._on_checkpoint())
 
     # ---- page 2: dataset ---------------------------------------------------------------------------------------
