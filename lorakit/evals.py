@@ -28,6 +28,8 @@ from typing import Any
 
 from .config import release_weights_path, resolve_weights
 from .errors import ConfigError, EvalError, LorakitError, RecordError, RecordNotFoundError
+from .families import Family, Objective, as_family
+from .families.objectives import DEFAULT_GUIDANCE_RESCALE
 from .hashing import file_sha256
 from .ids import check_id, given_or_new_id, new_ulid
 from .loras import get_release, recorded_sha256, release_validation, validation_facts, validation_summary
@@ -44,9 +46,9 @@ DEFAULT_MAX_ATTEMPTS = 3
 # a batched render is not bit-identical to a single one, so a cell's pixels must not depend on which worker
 # took it or what else was in its queue.
 DEFAULT_BATCH_SIZE = 4
-# Used when neither the command line nor the checkpoint's defaultGenerationParams say otherwise.
-FAMILY_DEFAULTS = {"sd15": {"width": 512, "height": 512}, "sdxl": {"width": 1024, "height": 1024}}
-FALLBACK_PARAMS = {"width": 512, "height": 512, "steps": 20, "cfg": 7.0}
+# Used when neither the command line nor the checkpoint's defaultGenerationParams (nor, for the size, the
+# checkpoint's family) say otherwise.
+FALLBACK_PARAMS = {"width": 512, "height": 512, "steps": 20, "cfg": 7.0, "guidanceRescale": DEFAULT_GUIDANCE_RESCALE}
 BASELINE_FOLDER = "baseline"  # files/evals/<this>/ holds images of baseline evals
 # What an eval copies from its release's training.validation, so the grid shows the drop of the weights it renders.
 VALIDATION_HEADLINE = ("set", "images", "baseLoss", "finalLoss", "drop", "stoppedEarly", "stoppedAt")
@@ -242,7 +244,9 @@ def plan_cells(
 
 def cell_settings(cell: GridCell, *, checkpoint: dict, checkpoint_hash: str | None, lora_id: str,
                   release_sha256: str | None, params: dict) -> dict:
-    """The settings that produce one cell's image, stored on its job, its eval output and in its PNG."""
+    """The settings that produce one cell's image, stored on its job, its eval output and in its PNG: the
+    grid's ``params`` (with the checkpoint's ``objective`` the worker renders for, and ``guidanceRescale``
+    where that objective uses one) and the cell's own."""
     positive, negative = apply_prompt_templates(cell.prompt, checkpoint.get("promptTemplates"), cell.asset_type)
     return {
         "prompt": cell.prompt,
@@ -261,6 +265,7 @@ def cell_settings(cell: GridCell, *, checkpoint: dict, checkpoint_hash: str | No
         "cfg": params["cfg"],
         "width": params["width"],
         "height": params["height"],
+        **{key: params[key] for key in ("objective", "guidanceRescale") if key in params},
     }
 
 
@@ -283,16 +288,18 @@ def plan_batches(cells: Sequence[GridCell], negatives: Sequence[str], batch_size
     return [members[i:i + batch_size] for members in groups.values() for i in range(0, len(members), batch_size)]
 
 
-def grid_params(checkpoint: dict, family: str | None, overrides: dict) -> dict:
-    """Size, steps, cfg and scheduler of a grid: the given values, else the checkpoint's defaults, else the family's.
+def grid_params(checkpoint: dict, family: str | Family | None, overrides: dict) -> dict:
+    """Size, steps, cfg, guidance rescale and scheduler of a grid: the given values, else the checkpoint's
+    defaults, else the family's (its ``eval_size``), else :data:`FALLBACK_PARAMS`.
 
     >>> grid_params({"defaultGenerationParams": {"steps": 4}}, "sd15", {"cfg": 3.0, "width": None})["steps"]
     4
     """
-    defaults = {**FALLBACK_PARAMS, **FAMILY_DEFAULTS.get(family or "", {}),
+    size = {} if family is None else dict(zip(("width", "height"), as_family(family).eval_size, strict=True))
+    defaults = {**FALLBACK_PARAMS, **size,
                 **{k: v for k, v in (checkpoint.get("defaultGenerationParams") or {}).items() if v is not None}}
     params: dict[str, Any] = {k: (overrides.get(k) if overrides.get(k) is not None else defaults.get(k))
-              for k in ("width", "height", "steps", "cfg", "scheduler")}
+              for k in ("width", "height", "steps", "cfg", "guidanceRescale", "scheduler")}
     for key in ("width", "height"):
         params[key] = int(params[key])
         if params[key] <= 0 or params[key] % 8:
@@ -301,7 +308,29 @@ def grid_params(checkpoint: dict, family: str | None, overrides: dict) -> dict:
     if params["steps"] < 1:
         raise EvalError(f"steps must be at least 1, got {params['steps']}")
     params["cfg"] = float(params["cfg"])
+    params["guidanceRescale"] = float(params["guidanceRescale"])
+    if not 0 <= params["guidanceRescale"] <= 1:
+        raise EvalError(f"guidance rescale must be between 0 and 1, got {params['guidanceRescale']:g}")
     params["scheduler"] = params["scheduler"] or "default"
+    return params
+
+
+def objective_params(params: dict, objective: Objective, asked_rescale: bool) -> dict:
+    """A grid's ``params`` for a checkpoint with ``objective``: the objective recorded (the worker renders with
+    its scheduler), and the guidance rescale kept only when the objective renders with one. A rescale asked for
+    a checkpoint whose objective has no use for it (``asked_rescale``) is an :class:`EvalError`.
+
+    >>> objective_params({"cfg": 7.0, "guidanceRescale": 0.7}, Objective("v", True), False)
+    {'cfg': 7.0, 'guidanceRescale': 0.7, 'objective': {'prediction': 'v', 'zeroTerminalSnr': True}}
+    >>> objective_params({"cfg": 7.0, "guidanceRescale": 0.7}, Objective(), False)
+    {'cfg': 7.0, 'objective': {'prediction': 'epsilon', 'zeroTerminalSnr': False}}
+    """
+    params = {**params, "objective": objective.record()}
+    if not objective.render_kwargs(params["guidanceRescale"]):
+        if asked_rescale:
+            raise EvalError(f"a guidance rescale is for zero-terminal-SNR checkpoints; this one renders with "
+                            f"{objective.describe()}")
+        del params["guidanceRescale"]
     return params
 
 
@@ -578,6 +607,7 @@ def create_eval_grid(
     compare_release: str | None = None,
     steps: int | None = None,
     cfg: float | None = None,
+    guidance_rescale: float | None = None,
     scope: str | None = None,
     eval_id: str | None = None,
     auto_cleanup: bool = False,
@@ -596,10 +626,15 @@ def create_eval_grid(
     renders in one pipeline call; every job lists its batch, so whichever worker takes it renders the same
     batch and the same pixels. ``batch_size=1`` renders every cell alone.
 
+    The grid renders with the scheduler the checkpoint's objective needs (v-prediction, zero terminal SNR:
+    see ``Objective.render_scheduler``) and, for zero terminal SNR, ``guidance_rescale`` (default
+    :data:`~lorakit.families.objectives.DEFAULT_GUIDANCE_RESCALE`, or the checkpoint's
+    ``defaultGenerationParams.guidanceRescale``); both are in every job's settings.
+
     >>> plan = create_eval_grid("data", "demo", "ui_icons", "r2", compare_release="r1", seeds=[1, 2])  # doctest: +SKIP
     >>> len(plan.jobs)                                                                                # doctest: +SKIP
     """
-    from .models.registry import checkpoint_family, checkpoint_weights_hash, get_checkpoint
+    from .models.registry import checkpoint_family, checkpoint_objective, checkpoint_weights_hash, get_checkpoint
 
     ws = as_workspace(ws)
     store = ws.store
@@ -614,7 +649,10 @@ def create_eval_grid(
         family = checkpoint_family(checkpoint)
     except LorakitError:
         family = None
-    params = grid_params(checkpoint, family, {"width": width, "height": height, "steps": steps, "cfg": cfg})
+    params = grid_params(checkpoint, family, {"width": width, "height": height, "steps": steps, "cfg": cfg,
+                                             "guidanceRescale": guidance_rescale})
+    objective = checkpoint_objective(ws, checkpoint) if family is not None else Objective()
+    params = objective_params(params, objective, guidance_rescale is not None)
     if params["scheduler"] == "default":
         params["scheduler"] = scheduler_name(ws, checkpoint)
 

@@ -5,7 +5,8 @@
 returns the LoRAs to apply, in order, each with its release, weights path, strength and the reason, plus
 every other compatible LoRA with why it was not picked. :func:`select_loras` loads those inputs from the
 store; :func:`list_loras` turns either view into a DataFrame; :func:`apply_loras` loads a resolved stack
-into a diffusers pipeline.
+into a diffusers pipeline, and :func:`render_setup` gives it the scheduler and call arguments its checkpoint's
+objective renders with.
 
 The rules (``docs/data-model.md``, "Release for use", and the policy defaults there):
 
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import release_weights_path
 from .errors import ConfigError, SelectionError
+from .families.objectives import DEFAULT_GUIDANCE_RESCALE
 from .gate import eval_state, evals_of_release, latest_review, review_state
 from .loras import adapter_name, recorded_sha256
 from .workspace import Workspace, as_workspace
@@ -605,6 +607,28 @@ def apply_loras(pipeline: Any, resolved: Iterable[ResolvedLora]) -> list[str]:
     return names
 
 
+def render_setup(ws: Workspace | str | Path | None, checkpoint_id: str, pipeline: Any, *,
+                 guidance_rescale: float = DEFAULT_GUIDANCE_RESCALE) -> dict[str, Any]:
+    """Give ``pipeline`` (a pipeline of checkpoint ``checkpoint_id``) the scheduler the checkpoint's objective
+    samples with, as the eval grids do (v-prediction, zero terminal SNR with trailing timesteps), and return the
+    keyword arguments its calls need (``guidance_rescale`` for zero terminal SNR; nothing for epsilon).
+
+    >>> kwargs = render_setup(ws, "noob_vpred", pipe)                          # doctest: +SKIP
+    >>> pipe("a red gem", **kwargs)                                            # doctest: +SKIP
+    """
+    from .models.registry import checkpoint_objective, get_checkpoint
+
+    ws = as_workspace(ws)
+    objective = checkpoint_objective(ws, get_checkpoint(ws, checkpoint_id))
+    if not 0 <= guidance_rescale <= 1:
+        raise SelectionError(f"guidance rescale must be between 0 and 1, got {guidance_rescale:g}")
+    try:
+        pipeline.scheduler = objective.render_scheduler(pipeline.scheduler)
+    except ValueError as exc:
+        raise SelectionError(f"checkpoint {checkpoint_id}: {exc}") from None
+    return objective.render_kwargs(guidance_rescale)
+
+
 def _loaded_adapters(pipeline: Any) -> set[str]:
     try:
         return {name for names in pipeline.get_list_adapters().values() for name in names}
@@ -615,5 +639,6 @@ def _loaded_adapters(pipeline: Any) -> set[str]:
 __all__ = [
     "asset_type_options", "load_asset_types", "LoraPick", "LoraResolution", "PassedOverLora", "ResolvedLora", "SelectionError", "SelectionPolicy",
     "WeightsFile", "apply_loras", "compatibility_problem", "list_loras", "load_loras",
-    "locate_weights", "merge_picks", "pick_release", "resolve_loras", "select_loras", "weights_file",
+    "locate_weights", "merge_picks", "pick_release", "render_setup", "resolve_loras", "select_loras",
+    "weights_file",
 ]

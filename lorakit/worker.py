@@ -45,6 +45,8 @@ from .evals import (
     record_failures,
     record_outputs,
 )
+from .families import Objective
+from .families.objectives import DEFAULT_GUIDANCE_RESCALE
 from .hashing import file_sha256
 from .locks import pid_alive
 from .loras import adapter_name
@@ -310,7 +312,8 @@ class WarmPipeline:
     weights_hash: str | None
     default_scheduler: Any  # the diffusers scheduler the checkpoint ships
     adapters: dict[str, str] = field(default_factory=dict)   # adapter name -> weights path
-    schedulers: dict[str, object] = field(default_factory=dict)
+    # (scheduler class name, objective) -> the scheduler built for it from the checkpoint's own config
+    schedulers: dict[tuple[str, Objective], object] = field(default_factory=dict)
 
 
 class PipelineCache:
@@ -429,21 +432,50 @@ def lora_weights_path(ws: Workspace, lora: dict) -> Path:
     return release_weights_path(release, ws.config, f"LoRA {lora.get('id')} release {release.get('id')}")
 
 
-def use_scheduler(warm: WarmPipeline, name: str | None) -> str:
-    """Put scheduler class ``name`` on the pipeline (built once from the checkpoint's own config)."""
+def use_scheduler(warm: WarmPipeline, name: str | None, objective: Objective | None = None) -> str:
+    """Put scheduler class ``name`` on the pipeline, built once from the checkpoint's own config and set up to
+    sample ``objective``'s checkpoints (``Objective.render_scheduler``: v-prediction, zero terminal SNR); no
+    objective is epsilon's, which keeps the shipped scheduler as it is."""
+    objective = objective or Objective()
     default_name = type(warm.default_scheduler).__name__
-    if not name or name in ("default", default_name):
-        warm.pipe.scheduler = warm.default_scheduler
-        return default_name
-    if name not in warm.schedulers:
-        import diffusers
+    name = default_name if not name or name == "default" else name
+    key = (name, objective)
+    if key not in warm.schedulers:
+        if name == default_name:
+            base = warm.default_scheduler
+        else:
+            import diffusers
 
-        cls = getattr(diffusers, name, None)
-        if cls is None or not name.endswith("Scheduler"):
-            raise EvalError(f"unknown scheduler {name!r} (a diffusers scheduler class name, e.g. EulerDiscreteScheduler)")
-        warm.schedulers[name] = cls.from_config(warm.default_scheduler.config)
-    warm.pipe.scheduler = warm.schedulers[name]
+            cls = getattr(diffusers, name, None)
+            if cls is None or not name.endswith("Scheduler"):
+                raise EvalError(f"unknown scheduler {name!r} (a diffusers scheduler class name, e.g. "
+                                "EulerDiscreteScheduler)")
+            base = cls.from_config(warm.default_scheduler.config)
+        try:
+            warm.schedulers[key] = objective.render_scheduler(base)
+        except ValueError as exc:
+            raise EvalError(f"checkpoint {warm.checkpoint_id}: {exc}") from None
+    warm.pipe.scheduler = warm.schedulers[key]
     return name
+
+
+def job_objective(settings: dict) -> Objective:
+    """The objective a job's settings render for (``objective``, written by the grid); a job from before
+    grids recorded it is an epsilon checkpoint's."""
+    if "objective" not in settings:
+        return Objective()
+    try:
+        return Objective.from_record(settings["objective"])
+    except ValueError as exc:
+        raise EvalError(f"settings.objective: {exc}") from None
+
+
+def job_guidance_rescale(settings: dict) -> float:
+    """The guidance rescale of a job's settings: a number from 0 to 1, else the default."""
+    value = settings.get("guidanceRescale", DEFAULT_GUIDANCE_RESCALE)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise EvalError(f"settings.guidanceRescale must be a number from 0 to 1, got {value!r}")
+    return float(value)
 
 
 def render_batch(cache: PipelineCache, job: dict):
@@ -468,7 +500,8 @@ def render_batch(cache: PipelineCache, job: dict):
         name = cache.adapter(warm, job["input"]["lora"], settings.get("releaseSha256"))
         warm.pipe.enable_lora()
         warm.pipe.set_adapters([name], adapter_weights=[strength])
-    scheduler = use_scheduler(warm, settings.get("scheduler"))
+    objective = job_objective(settings)
+    scheduler = use_scheduler(warm, settings.get("scheduler"), objective)
     negatives = [c.get("negativePrompt") or "" for c in cells]
     generators = [torch.Generator("cpu").manual_seed(int(c["seed"])) for c in cells]
     with torch.inference_mode():
@@ -479,6 +512,7 @@ def render_batch(cache: PipelineCache, job: dict):
             negative_prompt=negatives if any(negatives) else None,
             width=int(settings["width"]), height=int(settings["height"]),
             num_inference_steps=int(settings["steps"]), guidance_scale=float(settings["cfg"]), generator=generators,
+            **objective.render_kwargs(job_guidance_rescale(settings)),
         )
     return {c["cellKey"]: image for c, image in zip(cells, result.images, strict=True)}, scheduler
 
@@ -506,6 +540,11 @@ def a1111_parameters(settings: dict) -> str:
              f"CFG scale: {settings.get('cfg')}", f"Seed: {settings.get('seed')}",
              f"Size: {settings.get('width')}x{settings.get('height')}",
              f"Model: {settings.get('checkpointId')}", f"Model hash: {(settings.get('checkpointWeightsHash') or '')[:10]}"]
+    objective = settings.get("objective") if isinstance(settings.get("objective"), dict) else {}
+    if objective.get("prediction") == "v":
+        parts.append("Prediction: v" + (", Zero terminal SNR: True" if objective.get("zeroTerminalSnr") else ""))
+    if "guidanceRescale" in settings:
+        parts.append(f"Guidance rescale: {settings['guidanceRescale']}")
     if int(settings.get("batchSize") or 1) > 1:
         parts.append(f"Batch size: {settings['batchSize']}, Batch pos: {settings.get('batchPos', 0)}")
     if float(settings.get("strength") or 0):

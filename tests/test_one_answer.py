@@ -463,7 +463,7 @@ def test_every_adapter_takes_release_id_and_overrides_by_setting_name(studio: St
     for adapter in ADAPTERS:
         inputs = resolve_run_inputs(ws, "hero", "hero_v1", adapter=adapter, project="demo", release_id="x1",
                                     overrides=overrides)
-        assert (inputs.lora_id, inputs.release_id, inputs.checkpoint["id"], inputs.family) == \
+        assert (inputs.lora_id, inputs.release_id, inputs.checkpoint["id"], inputs.family.name) == \
             ("hero", "x1", "ckpt15", "sd15")
         assert inputs.manifest == studio.manifest and inputs.dataset["id"] == "hero_v1"
 

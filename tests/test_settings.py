@@ -107,6 +107,7 @@ def tiny_sd15():
 def test_loss_step_is_seeded_by_its_generator_and_each_option_changes_it(tiny_sd15) -> None:
     import torch
 
+    from lorakit.families import Objective
     from lorakit.train.recipe import loss_step
 
     unet, scheduler = tiny_sd15
@@ -116,7 +117,8 @@ def test_loss_step_is_seeded_by_its_generator_and_each_option_changes_it(tiny_sd
 
     def loss(seed: int = 0, **options) -> float:
         with torch.no_grad():
-            value = loss_step(unet, scheduler, latents, conditioning, torch.Generator().manual_seed(seed), **options)
+            value = loss_step(unet, Objective(), scheduler, latents, conditioning, torch.Generator().manual_seed(seed),
+                              **options)
         assert value.shape == () and torch.isfinite(value)
         return value.item()
 

@@ -86,6 +86,9 @@ def add_lora_eval_commands(lora: argparse._SubParsersAction, common: argparse.Ar
     p.add_argument("--compare-release", help="another release (e.g. the active one) rendered as extra rows")
     p.add_argument("--steps", type=int, help="inference steps (default: the checkpoint's)")
     p.add_argument("--cfg", type=float, help="guidance scale (default: the checkpoint's)")
+    p.add_argument("--guidance-rescale", type=float,
+                   help="guidance rescale, 0 to 1, for zero-terminal-SNR (v-prediction) checkpoints (default: the "
+                        "checkpoint's, else 0.7)")
     p.add_argument("--eval", dest="eval_id", help="eval id (default: a new ULID)")
     p.add_argument("--max-attempts", type=int, default=3, help="claims per job before it fails (3)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
@@ -144,17 +147,19 @@ def cmd_eval_grid(args) -> int:
         ws, args.project, args.lora, args.release, prompts=_prompts(args), checkpoint_id=args.checkpoint,
         asset_type=args.asset_type, width=args.width, height=args.height,
         seeds=_numbers(args.seeds, int, "--seeds"), strengths=_numbers(args.strengths, float, "--strengths"),
-        compare_release=args.compare_release, steps=args.steps, cfg=args.cfg, scope=args.scope,
+        compare_release=args.compare_release, steps=args.steps, cfg=args.cfg,
+        guidance_rescale=args.guidance_rescale, scope=args.scope,
         eval_id=args.eval_id, auto_cleanup=args.auto_cleanup, max_attempts=args.max_attempts,
         batch_size=args.batch_size, dry_run=args.dry_run,
     )
     grid = plan.eval["grid"]
     verb = "would create" if plan.dry_run else "created"
+    rescale = f", guidance rescale {grid['guidanceRescale']:g}" if "guidanceRescale" in grid else ""
     print(f"{verb} eval {plan.eval['id']} at {plan.eval_path} and {len(plan.jobs)} queued job(s) in project "
           f"{plan.jobs_project}: {len(plan.eval['prompts'])} prompt(s) x {len(grid['seeds'])} seed(s) x "
           f"{len(plan.jobs) // max(1, len(plan.eval['prompts']) * len(grid['seeds']))} row(s) "
           f"(releases {', '.join(grid['releaseIds'])}; strengths {', '.join(f'{s:g}' for s in grid['strengths'])}); "
-          f"{grid['width']}x{grid['height']}, {grid['steps']} steps, cfg {grid['cfg']:g}, {grid['scheduler']}; "
+          f"{grid['width']}x{grid['height']}, {grid['steps']} steps, cfg {grid['cfg']:g}{rescale}, {grid['scheduler']}; "
           f"{len({j['input']['batch']['id'] for j in plan.jobs})} batch(es) of up to {grid['batchSize']}")
     if plan.dry_run:
         for job in plan.jobs:

@@ -18,6 +18,8 @@ from typing import Any
 
 PREDICTIONS = ("epsilon", "v")
 DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction"}
+# What zero-terminal-SNR checkpoints render with unless the user sets another (Lin et al. 2023 use 0.7).
+DEFAULT_GUIDANCE_RESCALE = 0.7
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,32 @@ class Objective:
     def record(self) -> dict[str, Any]:
         """How a release's training block records it."""
         return {"prediction": self.prediction, "zeroTerminalSnr": self.zero_terminal_snr}
+
+    @classmethod
+    def from_record(cls, value: Any) -> Objective:
+        """The objective a :meth:`record` holds; anything else is a :class:`ValueError` saying what is wrong.
+
+        >>> Objective.from_record({"prediction": "v", "zeroTerminalSnr": True}).describe()
+        'v-prediction, zero terminal SNR'
+        """
+        if not isinstance(value, dict) or set(value) - {"prediction", "zeroTerminalSnr"}:
+            raise ValueError(f"{value!r} is not an objective (an object with prediction and zeroTerminalSnr)")
+        zero_terminal_snr = value.get("zeroTerminalSnr", False)
+        if not isinstance(zero_terminal_snr, bool):
+            raise ValueError(f"zeroTerminalSnr must be true or false, got {zero_terminal_snr!r}")
+        return cls(value.get("prediction", "epsilon"), zero_terminal_snr)
+
+    # ---- LoRA files and kohya ----------------------------------------------------------------------------
+    def kohya_metadata(self) -> dict[str, str]:
+        """The header keys kohya's trainers write about the objective (``str(bool)``, as kohya does)."""
+        return {"ss_v_parameterization": str(self.prediction == "v"),
+                "ss_zero_terminal_snr": str(self.zero_terminal_snr),
+                "modelspec.prediction_type": self.prediction}
+
+    def kohya_options(self) -> dict[str, bool]:
+        """The sd-scripts options that train this objective (``--v_parameterization``, ``--zero_terminal_snr``)."""
+        options = {"v_parameterization": True} if self.prediction == "v" else {}
+        return options | ({"zero_terminal_snr": True} if self.zero_terminal_snr else {})
 
     # ---- training ------------------------------------------------------------------------------------------
     def noise_scheduler(self, scheduler_config: Any) -> Any:
@@ -90,6 +118,20 @@ class Objective:
         if self.zero_terminal_snr:
             overrides |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
         return overrides
+
+    def render_scheduler(self, scheduler: Any) -> Any:
+        """``scheduler`` set up to sample this objective's checkpoints: itself when nothing needs changing, else a
+        scheduler of its class from its config with :meth:`render_scheduler_overrides`. A class that has no such
+        setting (it would silently sample the wrong schedule) is a :class:`ValueError`."""
+        overrides = self.render_scheduler_overrides()
+        if all(scheduler.config.get(k) == v for k, v in overrides.items()):
+            return scheduler
+        built = type(scheduler).from_config(scheduler.config, **overrides)
+        missing = [k for k, v in overrides.items() if built.config.get(k) != v]
+        if missing:
+            raise ValueError(f"{type(scheduler).__name__} has no {', '.join(missing)}, which {self.describe()} "
+                             "checkpoints need to render; use EulerDiscreteScheduler or DDIMScheduler")
+        return built
 
     def render_kwargs(self, guidance_rescale: float) -> dict[str, Any]:
         """Keyword arguments of the pipeline call: a guidance rescale for zero terminal SNR (it keeps strong

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainingError
+from ..families import Family, as_family
 from .settings import ALIASES, DEFAULTS, MAX_SEED, RESUME_SAFE_KEYS, SETTINGS, canonical_name, module_list, parse_color
 
 __all__ = ["ALIASES", "DEFAULTS", "MAX_SEED", "RESUME_SAFE_KEYS", "TrainingError", "check_config", "finalize_config",
@@ -21,7 +22,6 @@ __all__ = ["ALIASES", "DEFAULTS", "MAX_SEED", "RESUME_SAFE_KEYS", "TrainingError
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
-FAMILY_RESOLUTION = {"sd15": 512, "sdxl": 1024}
 MAX_RESOLUTION_FACTOR = 4  # sizes up to 4x the family's native side (2048 for SD1.5, 4096 for SDXL)
 
 
@@ -90,7 +90,7 @@ def parse_config_json(text: str) -> dict:
 
 
 def resolve_config(
-    family: str,
+    family: str | Family,
     *,
     preset: str | None = None,
     config_file: str | Path | None = None,
@@ -98,7 +98,7 @@ def resolve_config(
     overrides: dict | None = None,
     force: bool = False,
 ) -> dict:
-    """The training config for a checkpoint of ``family`` (``sd15`` | ``sdxl``) from its layers.
+    """The training config for a checkpoint of ``family`` (a family or its name) from its layers.
 
     Precedence: :data:`DEFAULTS` < ``preset`` < ``config_file`` < ``config`` (dict or JSON text) <
     ``overrides`` (the explicit flags; ``None`` values are ignored). A preset made for the other family is an
@@ -114,7 +114,7 @@ def resolve_config(
 
 
 def requested_settings(
-    family: str,
+    family: str | Family,
     *,
     preset: str | None = None,
     config_file: str | Path | None = None,
@@ -130,11 +130,12 @@ def requested_settings(
     """
     given: dict = {}
     sources: list[tuple[str, dict]] = []
+    family = as_family(family)
     if preset:
         data = load_preset(preset)
-        if data.get("family") and data["family"] != family and not force:
+        if data.get("family") and data["family"] != family.name and not force:
             raise TrainingError(
-                f"preset {preset!r} is for {data['family']} checkpoints, this checkpoint is {family} "
+                f"preset {preset!r} is for {data['family']} checkpoints, this checkpoint is {family.name} "
                 "(pick another preset, or pass --force)"
             )
         sources.append((f"preset {preset!r}", data.get("config", {})))
@@ -149,13 +150,13 @@ def requested_settings(
     return given
 
 
-def finalize_config(cfg: dict, family: str) -> dict:
-    """Fill the family-dependent defaults and check every value; returns a new dict."""
-    cfg = dict(cfg)
+def finalize_config(cfg: dict, family: str | Family) -> dict:
+    """Fill the family-dependent defaults (resolution, VAE dtype) and check every value; returns a new dict."""
+    cfg, family = dict(cfg), as_family(family)
     if cfg["resolution"] is None:
-        cfg["resolution"] = FAMILY_RESOLUTION.get(family, 512)
+        cfg["resolution"] = family.native_resolution
     if cfg["vae_fp32"] is None:
-        cfg["vae_fp32"] = family == "sdxl"
+        cfg["vae_fp32"] = family.vae_fp32
     if cfg["train_conv"] is None:
         cfg["train_conv"] = cfg["network_type"] == "locon"
     # A module set is stored as the names it stands for, so a release says exactly what it adapted.
@@ -172,7 +173,7 @@ def finalize_config(cfg: dict, family: str) -> dict:
         if s.derived_from and cfg[s.name] is None:
             cfg[s.name] = cfg[s.derived_from]
             derived.add(s.name)
-    check_config(cfg, derived, max_side=FAMILY_RESOLUTION.get(family, 1024) * MAX_RESOLUTION_FACTOR)
+    check_config(cfg, derived, max_side=family.native_resolution * MAX_RESOLUTION_FACTOR)
     # Numbers from JSON may be ints where floats are meant; store one spelling so configs compare equal.
     for s in SETTINGS:
         if s.kind == "float" and _is_plain_number(cfg[s.name]):
@@ -227,7 +228,7 @@ def numeric_config_diff(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if k not in RESUME_SAFE_KEYS and a.get(k) != b.get(k))
 
 
-def resumed_config(stored: dict, requested: dict, family: str) -> tuple[dict, list[str]]:
+def resumed_config(stored: dict, requested: dict, family: str | Family) -> tuple[dict, list[str]]:
     """A resumed run's config, ``stored`` with the ``requested`` settings (see :func:`requested_settings`)
     applied, and the requested settings that would change the numbers the run computes (only resume-safe ones
     may change). Settings not requested keep the run's own values, whatever a preset or default says now.

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DatasetError, RecordError, TrainingError
+from ..families import Family, Objective, get
 from ..ids import check_id, given_or_new_id
 from ..loras import find_lora, has_release
 from ..roots import Root
@@ -26,7 +27,8 @@ class RunInputs:
 
     ``dataset`` is the reference a release keeps: ``{id, scope, projectId, manifestHash, path}`` (``path`` is
     the manifest file when one was given instead of an id). ``settings`` are the adapter's resolved settings:
-    the full native config, kohya's options, or a manual run's settings as given.
+    the full native config, kohya's options, or a manual run's settings as given. ``family`` is the checkpoint's
+    model family and ``objective`` what its denoiser predicts (from the checkpoint record, else its files).
     """
 
     lora: dict
@@ -34,9 +36,10 @@ class RunInputs:
     manifest: dict
     dataset: dict
     checkpoint: dict
-    family: str
+    family: Family
     release_id: str
     settings: dict
+    objective: Objective
 
     @property
     def lora_id(self) -> str:
@@ -70,6 +73,7 @@ def resolve_run_inputs(
     already resolved (a resumed run's stored config).
     """
     from ..models import checkpoint_family, get_checkpoint
+    from ..models.registry import checkpoint_objective
 
     if adapter not in ADAPTERS:
         raise TrainingError(f"unknown adapter {adapter!r} (adapters: {', '.join(ADAPTERS)})")
@@ -79,17 +83,18 @@ def resolve_run_inputs(
         raise TrainingError("give a dataset (--dataset ID or a manifest path)")
     manifest, dataset_ref = find_dataset(ws, dataset, project)
     checkpoint = get_checkpoint(ws, lora_record["checkpointId"])
-    family = checkpoint_family(checkpoint)
+    family = get(checkpoint_family(checkpoint))
     check_dataset_checkpoint(manifest, checkpoint["id"], force)
     rid = new_release_id(lora_record, release_id, resuming=resuming)
     if settings is None:
         settings = adapter_settings(adapter, family, preset=preset, config=config, config_file=config_file,
                                     overrides=overrides, force=force)
     return RunInputs(lora=lora_record, lora_project=lora_project, manifest=manifest, dataset=dataset_ref,
-                     checkpoint=checkpoint, family=family, release_id=rid, settings=settings)
+                     checkpoint=checkpoint, family=family, release_id=rid, settings=settings,
+                     objective=checkpoint_objective(ws, checkpoint))
 
 
-def adapter_settings(adapter: str, family: str, *, preset: str | None, config: dict | str | None,
+def adapter_settings(adapter: str, family: Family | str, *, preset: str | None, config: dict | str | None,
                      config_file: str | Path | None, overrides: dict | None, force: bool) -> dict:
     """The settings of a run, each adapter its own way (``overrides`` are by setting name)."""
     if adapter == "native":

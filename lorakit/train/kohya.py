@@ -50,6 +50,7 @@ from filelock import FileLock
 from ..config import CHECKOUT_ROOT, resolve_weights
 from ..datasets import export_dataset
 from ..errors import ConfigError, KohyaSetupError, TrainingError
+from ..families import Family, Objective, as_family
 from ..ids import check_id, new_ulid
 from ..loras import add_release
 from ..roots import Root
@@ -69,6 +70,7 @@ TOOLS_ROOT_ENV = "LORAKIT_TOOLS_ROOT"
 MARKER_NAME = "install.json"
 MARKER_FORMAT = 1
 SLOT_PREFIX = "slot-"
+# The ``sdxl`` option, a user's override of the script the checkpoint's family names.
 SCRIPTS = {False: "train_network.py", True: "sdxl_train_network.py"}
 
 # Our exported captions are .txt files; kohya's default caption_extension is ".caption", with which it would
@@ -597,7 +599,8 @@ def plan_kohya_run(
     options: dict,
     adapter_args: Sequence[str],
     *,
-    family: str,
+    family: str | Family,
+    objective: Objective | None = None,
     model_path: Path | None,
     run_dir: Path,
     lora_id: str,
@@ -607,10 +610,13 @@ def plan_kohya_run(
 
     ``options`` are the user's kohya options (config file < ``--config`` < flags). lorakit fills
     ``pretrained_model_name_or_path`` (the LoRA's checkpoint), ``output_dir`` (``run_dir``, under lorasRoot),
-    ``output_name`` (the LoRA id), ``network_module`` and ``save_model_as`` only where neither ``options`` nor
-    ``adapter_args`` set them, and the script from the checkpoint family unless ``options`` has ``sdxl``.
-    ``dataset_config`` is always lorakit's: the release records the dataset it trained on.
+    ``output_name`` (the LoRA id), ``network_module``, ``save_model_as`` and the options that train the
+    checkpoint's ``objective`` (``v_parameterization``, ``zero_terminal_snr``) only where neither ``options``
+    nor ``adapter_args`` set them, and the script from the checkpoint family unless ``options`` has ``sdxl``.
+    ``dataset_config`` is always lorakit's: the release records the dataset it trained on. No ``objective`` is
+    an epsilon checkpoint's.
     """
+    family, objective = as_family(family), objective or Objective()
     opts = dict(options)
     own = {key: opts.pop(key) for key in LORAKIT_KEYS if key in opts}
     for key in ("dataset_config",):
@@ -619,9 +625,10 @@ def plan_kohya_run(
                               "remove it from the kohya config / --adapter-args")
     if adapter_arg_value(adapter_args, "config_file") is not None:
         raise ConfigError("config_file in --adapter-args: give the kohya config with --config-file instead")
-    sdxl = own.get("sdxl", family == "sdxl")
-    if not isinstance(sdxl, bool):
+    sdxl = own.get("sdxl")
+    if sdxl is not None and not isinstance(sdxl, bool):
         raise ConfigError(f"sdxl must be true or false, got {sdxl!r}")
+    script = family.kohya_script if sdxl is None else SCRIPTS[sdxl]
     repeats = own.get("num_repeats", DEFAULT_REPEATS)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ConfigError(f"num_repeats must be a positive integer, got {repeats!r}")
@@ -657,6 +664,10 @@ def plan_kohya_run(
         raise ConfigError(f"save_model_as must be safetensors (lorakit records .safetensors releases), got {save_as!r}")
     if not output_name or "/" in output_name or "\\" in output_name:
         raise ConfigError(f"output_name must be a file name without folders, got {output_name!r}")
+    for key, value in objective.kohya_options().items():
+        # store_true flags: a given flag (with or without a value) is the user's choice.
+        if key not in opts and not any(a == f"--{key}" or a.startswith(f"--{key}=") for a in adapter_args):
+            opts[key] = value
 
     dataset_dir = run_dir / "dataset"
     image_dir = dataset_dir / f"{repeats}_{dataset_name}"
@@ -665,9 +676,9 @@ def plan_kohya_run(
         "image_dir": str(image_dir), "num_repeats": repeats, "class_tokens": class_tokens,
         "caption_extension": CAPTION_EXTENSION,
     }]}]}
-    return KohyaPlan(script=SCRIPTS[sdxl], args=opts, adapter_args=tuple(adapter_args), dataset_toml=dataset_toml,
+    return KohyaPlan(script=script, args=opts, adapter_args=tuple(adapter_args), dataset_toml=dataset_toml,
                      run_dir=run_dir, dataset_dir=dataset_dir, image_dir=image_dir, output_dir=output_dir,
-                     output_name=output_name, sdxl=sdxl)
+                     output_name=output_name, sdxl=script == SCRIPTS[True])
 
 
 def network_options(network_type: str) -> tuple[str, list[str]]:
@@ -895,7 +906,8 @@ def _plan(ws: Workspace, inputs: RunInputs, extra_args: list[str]) -> KohyaPlan:
             raise ConfigError(f"checkpoint {checkpoint['id']!r} has no weights reference to train on")
         model_path = resolve_weights(checkpoint["weights"], ws.config, what=f"checkpoint {checkpoint['id']}")
     run_dir = ws.config.loras_root / inputs.lora_id / inputs.release_id
-    return plan_kohya_run(inputs.settings, extra_args, family=inputs.family, model_path=model_path, run_dir=run_dir,
+    return plan_kohya_run(inputs.settings, extra_args, family=inputs.family, objective=inputs.objective,
+                          model_path=model_path, run_dir=run_dir,
                           lora_id=inputs.lora_id, dataset_name=check_id(inputs.manifest["id"], "dataset id"))
 
 
@@ -955,7 +967,8 @@ def _record_run(ws: Workspace, inputs: RunInputs, plan: KohyaPlan, install: Kohy
     if accel is not None:
         adapter["accelerateConfig"] = str(accel)
     training = training_block(adapter, inputs, plan.args, weights_metadata=summary)
-    training["checkpointFamily"] = inputs.family
+    training["checkpointFamily"] = inputs.family.name
+    training["objective"] = inputs.objective.record()
     training["durationS"] = round(time.time() - started, 3)
     training["log"] = f"{inputs.lora_id}/{inputs.release_id}/{plan.log_path.name}"
     release = release_entry(inputs.release_id, weights=weights_reference_for(weights, ws.config.loras_root),

@@ -27,13 +27,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from ..families import Family, Objective, as_family, families
 from ..roots import Root
 
-BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-# kohya writes "diffusers" for SD1.x LoRAs and Stability's repository for SDXL ones.
-MODELSPEC_IMPLEMENTATION = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
-TEXT_ENCODER_PREFIXES = {"sd15": ("lora_te",), "sdxl": ("lora_te1", "lora_te2")}
+# The text encoders' key prefixes by family name, for callers that hold a name; the family answers the rest.
+TEXT_ENCODER_PREFIXES = {f.name: f.text_encoder_prefixes() for f in families()}
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Metadata keys that change from run to run even when the weights are identical.
 VOLATILE_METADATA_KEYS = ("ss_training_started_at", "ss_training_finished_at", "ss_session_id", "modelspec.date",
@@ -104,16 +102,10 @@ def kohya_name(prefix: str, module_path: str) -> str:
     return f"{prefix}_{module_path.replace('.', '_')}"
 
 
-def unet_module_name(module_path: str, family: str, unet_config: dict | None = None) -> str:
-    """The kohya name of a UNet module of a ``family`` checkpoint (SDXL needs the UNet's config)."""
-    if family == "sdxl":
-        cfg = unet_config or {}
-        layers = cfg.get("layers_per_block", 2)
-        if not isinstance(layers, int):
-            raise ValueError("SDXL UNets with per-block layer counts have no kohya layout")
-        has_attention = ["CrossAttn" in t for t in cfg.get("up_block_types", ())]
-        module_path = diffusers_to_sgm(module_path, layers, has_attention)
-    return kohya_name("lora_unet", module_path)
+def unet_module_name(module_path: str, family: str | Family, unet_config: dict | None = None) -> str:
+    """The kohya name of a denoiser module of a ``family`` checkpoint (some families' layouts need the
+    denoiser's config: see ``Family.kohya_module_name``)."""
+    return as_family(family).kohya_module_name(module_path, unet_config)
 
 
 def text_encoder_module_name(prefix: str, encoder: torch.nn.Module, module_path: str) -> str:
@@ -254,12 +246,13 @@ def to_kohya_tensors(named_layers: Iterable[tuple[str, AdapterLayer]],
     return tensors
 
 
-def kohya_state_dict(family: str, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] = (),
+def kohya_state_dict(family: str | Family, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] = (),
                      dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """The kohya/LyCORIS tensors of a peft-adapted UNet (and text encoders, when they were trained)."""
-    config = dict(getattr(unet, "config", {}) or {})
-    entries = [(unet_module_name(layer.path, family, config), layer) for layer in adapter_layers(unet)]
-    for prefix, encoder in zip(TEXT_ENCODER_PREFIXES[family], text_encoders, strict=False):
+    """The kohya/LyCORIS tensors of a peft-adapted denoiser (and text encoders, when they were trained)."""
+    family = as_family(family)
+    config = dict(getattr(denoiser, "config", {}) or {})
+    entries = [(family.kohya_module_name(layer.path, config), layer) for layer in adapter_layers(denoiser)]
+    for prefix, encoder in zip(family.text_encoder_prefixes(), text_encoders, strict=False):
         entries += [(text_encoder_module_name(prefix, encoder, layer.path), layer) for layer in adapter_layers(encoder)]
     names = [e[0] for e in entries]
     if len(set(names)) != len(names):
@@ -360,12 +353,14 @@ def tag_frequency(captions: Iterable[str]) -> dict[str, int]:
     return counts
 
 
-def build_metadata(*, family: str, cfg: dict, title: str, output_name: str, dataset_name: str, captions: Sequence[str],
+def build_metadata(*, family: str | Family, cfg: dict, title: str, output_name: str, dataset_name: str, captions: Sequence[str],
                    num_images: int, steps: int, epoch: int, num_epochs: int, batches_per_epoch: int, world_size: int,
                    optimizer_name: str, mixed_precision: str, started_at: float, finished_at: float,
                    bucket_info: dict, session_id: int, checkpoint_name: str, checkpoint_sha256: str | None,
-                   prediction_type: str, lorakit: dict[str, object]) -> dict[str, str]:
-    """All header metadata of a LoRA file except the hashes (see :func:`finish_metadata`); every value a string."""
+                   objective: Objective, lorakit: dict[str, object]) -> dict[str, str]:
+    """All header metadata of a LoRA file except the hashes (see :func:`finish_metadata`); every value a string.
+    The family gives the base model's names, ``objective`` what the LoRA was trained to predict."""
+    family = as_family(family)
     resolution = cfg["resolution"]
     network_module, network_args = network_metadata(cfg)
     ss: dict[str, object] = {
@@ -395,8 +390,8 @@ def build_metadata(*, family: str, cfg: dict, title: str, output_name: str, data
         "ss_network_dropout": cfg["lora_dropout"],
         "ss_mixed_precision": mixed_precision,
         "ss_v2": False,
-        "ss_base_model_version": BASE_MODEL_VERSION[family],
-        "ss_clip_skip": cfg["clip_skip"] if family == "sd15" else None,
+        "ss_base_model_version": family.kohya_base_model_version,
+        "ss_clip_skip": cfg["clip_skip"] if family.uses_clip_skip else None,
         "ss_cache_latents": cfg["cache_latents"],
         "ss_seed": cfg["seed"],
         "ss_noise_offset": cfg["noise_offset"] or None,
@@ -424,13 +419,13 @@ def build_metadata(*, family: str, cfg: dict, title: str, output_name: str, data
     metadata = {k: str(v) for k, v in ss.items()}
     metadata.update({
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE[family],
-        "modelspec.implementation": MODELSPEC_IMPLEMENTATION[family],
+        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": _iso_seconds(finished_at),
-        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
     })
+    metadata.update(objective.kohya_metadata())
     for key, value in lorakit.items():
         if value is not None:
             metadata[f"lorakit.{key}"] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
@@ -498,7 +493,7 @@ def read_lora_bytes_hashes(path: str | Path) -> tuple[str, str]:
 
 
 __all__ = [
-    "BASE_MODEL_VERSION", "LAYER_KEYS", "VOLATILE_METADATA_KEYS", "AdapterLayer", "adapter_layers", "build_metadata",
+    "LAYER_KEYS", "VOLATILE_METADATA_KEYS", "AdapterLayer", "adapter_layers", "build_metadata",
     "diffusers_to_sgm", "file_network_type", "finish_metadata", "kohya_name", "kohya_state_dict", "layer_kind",
     "lora_layers", "network_metadata", "read_lora_file", "save_lora_file",
     "sshs_hashes", "tag_frequency", "text_encoder_module_name", "unet_module_name",

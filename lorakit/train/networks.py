@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..families import Family
 from .settings import TEXT_ENCODER_MODULE_SETS, UNET_MODULE_SETS
 
 
@@ -95,13 +96,15 @@ def text_encoder_targets(encoder: Any, cfg: dict) -> list[Target]:
     return select_targets(encoder.named_modules(), cfg["text_encoder_target_modules"], cfg)
 
 
-def module_counts(config_folder: str | Path, family: str, cfg: dict) -> dict[str, int]:
+def module_counts(config_folder: str | Path, family: str | Family, cfg: dict) -> dict[str, int]:
     """How many modules of each model a run with ``cfg`` adapts (the text encoders only when they are trained),
     counted on the architecture built on the ``meta`` device."""
+    from ..families import as_family
     from ..models.loading import models_from_config
 
-    models = models_from_config(config_folder, family)
-    counts = {"unet": len(unet_targets(models.pop("unet"), cfg))}
+    family = as_family(family)
+    models = models_from_config(config_folder, family.name)
+    counts = {family.denoiser: len(unet_targets(models.pop(family.denoiser), cfg))}
     if cfg["train_text_encoder"]:
         counts.update({name: len(text_encoder_targets(encoder, cfg)) for name, encoder in models.items()})
     return counts

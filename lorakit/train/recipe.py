@@ -6,14 +6,17 @@
     _setup_model()       the frozen base model and the peft LoRA adapters
     TrainingData         the latent and text-embedding caches and how a batch is assembled
     _setup_optimizer()   optimizer, learning-rate schedule, accelerate, a resumed state
-    loss_step()          noise, timesteps, target and min-SNR weighting for one micro-batch
+    loss_step()          noise, timesteps, the objective's target and loss weighting for one micro-batch
     Validation           the validation scores: base model and LoRA on fixed (noise, timestep) draws, early stop
     _train_loop()        the steps, with the step callbacks, scores, saved states, epoch files and samples
     _save_and_record()   the kohya .safetensors file, then (and only then) the candidate release
 
 :func:`train_lora` runs them in that order. The parts the phases use are small plain modules: ``settings``
 and ``config`` (the settings and their precedence), ``data`` (files, buckets, captions, the latent cache),
-``kohya_format`` (file layout and metadata) and ``progress`` (the step callbacks, CSV log, loss plot).
+``kohya_format`` (file layout and metadata) and ``progress`` (the step callbacks, CSV log, loss plot). What
+differs between model families (text encoders, the denoiser's inputs, key names) is the checkpoint's family
+object's (:mod:`lorakit.families`), and what the denoiser predicts is the checkpoint's objective's: the recipe
+names neither.
 
 Reproducibility: every random draw of a step (noise, timesteps, caption shuffle and dropout) comes from a
 generator seeded by ``(seed, step, micro-batch, process)``, and the batch order of an epoch from
@@ -42,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LorakitError, RecordError, TrainingError
+from ..families import Objective
 from ..ids import check_id
 from ..locks import pid_alive
 from ..loras import add_release, find_lora, get_release, has_release, make_release
@@ -211,7 +215,7 @@ class TrainingPlan:
         i = self.inputs
         return {
             "lora": i.lora_id, "loraProject": i.lora_project, "release": i.release_id, "checkpoint": i.checkpoint["id"],
-            "family": i.family, "dataset": i.dataset, "images": len(self.items), "buckets": _bucket_counts(self.buckets),
+            "family": i.family.name, "objective": i.objective.record(), "dataset": i.dataset, "images": len(self.items), "buckets": _bucket_counts(self.buckets),
             "stepsPerEpoch": self.steps_per_epoch, "steps": self.total_steps, "epochs": self.num_epochs,
             "worldSize": self.world_size, "weights": str(self.weights_path), "networkType": i.settings["network_type"],
             "modules": self.modules, "config": i.settings,
@@ -323,8 +327,9 @@ def _module_counts(ws: Workspace, inputs: RunInputs) -> dict[str, int] | None:
     from .networks import module_counts
 
     folder = checkpoint_config_folder(ws, inputs.checkpoint)
-    encoders = ["text_encoder"] + (["text_encoder_2"] if inputs.family == "sdxl" else [])
-    if not all((folder / name / "config.json").is_file() for name in ["unet", *encoders]):
+    family = inputs.family
+    if not all((folder / name / "config.json").is_file()
+               for name in [family.denoiser, *(e.attribute for e in family.text_encoders)]):
         return None
     try:
         return module_counts(folder, inputs.family, inputs.settings)
@@ -454,7 +459,9 @@ def _start_run(ws: Workspace, training: TrainingPlan, cpu: bool) -> RunContext:
 # ---- phase 3: the model ---------------------------------------------------------------------------------------
 @dataclass
 class Model:
-    """The base model's parts, frozen, with LoRA adapters on what is trained (``trained[0]`` is the UNet)."""
+    """The base model's parts, frozen, with LoRA adapters on what is trained (``trained[0]`` is the denoiser,
+    kept as ``unet`` after the setting names). ``noise_scheduler`` is the training schedule the checkpoint's
+    ``objective`` asks for."""
 
     pipe: Any
     unet: Any
@@ -463,26 +470,21 @@ class Model:
     text_encoders: list
     trained: list
     noise_scheduler: Any
-
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+    objective: Objective
 
 
 def _setup_model(ws: Workspace, training: TrainingPlan, run: RunContext, pipeline: Any = None) -> Model:
     """The base model in the training dtypes (SDPA attention, diffusers' default in torch 2) with its LoRAs;
     ``pipeline`` is one already built for the checkpoint (else it is loaded)."""
     import torch
-    from diffusers import DDPMScheduler
 
     from ..models import load_pipeline
 
-    family = training.inputs.family
-    pipe = pipeline or load_pipeline(ws, training.inputs.checkpoint, torch_dtype=torch.float32, device="cpu")
+    inputs = training.inputs
+    pipe = pipeline or load_pipeline(ws, inputs.checkpoint, torch_dtype=torch.float32, device="cpu")
     pipe.set_progress_bar_config(disable=True)
-    unet, vae = pipe.unet, pipe.vae
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
-    text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    unet, vae = getattr(pipe, inputs.family.denoiser), pipe.vae
+    tokenizers, text_encoders = inputs.family.tokenizers_and_encoders(pipe)
     for module in [unet, vae, *text_encoders]:
         module.requires_grad_(False)
     for module, dtype in [(unet, run.weight_dtype), (vae, run.vae_dtype)] + [(e, run.weight_dtype) for e in text_encoders]:
@@ -490,7 +492,8 @@ def _setup_model(ws: Workspace, training: TrainingPlan, run: RunContext, pipelin
         module.to(run.device) if module.dtype == dtype else module.to(run.device, dtype)
     if training.cfg["channels_last"] and run.device.type == "cuda":
         unet.to(memory_format=torch.channels_last)   # the layout cuDNN's fastest convolution kernels want
-    model = Model(pipe, unet, vae, tokenizers, text_encoders, [unet], DDPMScheduler.from_config(pipe.scheduler.config))
+    model = Model(pipe, unet, vae, tokenizers, text_encoders, [unet],
+                  inputs.objective.noise_scheduler(pipe.scheduler.config), inputs.objective)
     _add_adapters(training, run, model)
     return model
 
@@ -543,7 +546,8 @@ def _check_module_names(training: TrainingPlan, run: RunContext, module: Any, se
 # ---- phase 4: the data ----------------------------------------------------------------------------------------
 class TrainingData:
     """The run's images as the model sees them: VAE latents (cached once per run, and on disk) and text
-    embeddings (cached when nothing about them changes), and the pieces a micro-batch is made of.
+    embeddings (cached when nothing about them changes: per caption, the dict of tensors the family's
+    ``encode_text`` gives), and the pieces a micro-batch is made of.
 
     Positions ``0..len(training.items) - 1`` are the training images; the held-out images of a validation split
     follow them, cached and conditioned the same way, and only the validation scores ever ask for them."""
@@ -554,8 +558,8 @@ class TrainingData:
         self.items = training.items + training.held_out
         self.buckets = training.buckets + training.held_out_buckets
         self.latents_in_memory: dict[int, Any] = {}
-        self.text_cache: dict[str, tuple] = {}
-        self.fixed_text_cache: dict[str, tuple] = {}
+        self.text_cache: dict[str, dict[str, Any]] = {}
+        self.fixed_text_cache: dict[str, dict[str, Any]] = {}
         if cfg["cache_latents"]:
             if cfg["latent_cache_dir"]:
                 self._fill_latent_cache(cfg["latent_cache_dir"], None)
@@ -600,8 +604,7 @@ class TrainingData:
         items, cfg = self.items, self.cfg
         with torch.no_grad():
             for caption in sorted({it.caption for it in items} | ({""} if cfg["caption_dropout"] else set())):
-                embeds, pooled = self.encode_captions([caption])
-                self.text_cache[caption] = (embeds[0], None if pooled is None else pooled[0])
+                self.text_cache[caption] = _first(self.encode_captions([caption]))
         if not cfg["sample_prompts"]:
             for encoder in self.model.text_encoders:
                 encoder.to("cpu")  # not needed on the accelerator any more
@@ -618,24 +621,10 @@ class TrainingData:
             latents = vae.encode(pixels.to(self.run.device, self.run.vae_dtype, non_blocking=True)).latent_dist.mode()
         return latents.float() * vae.config.scaling_factor
 
-    def encode_captions(self, captions: list[str]) -> tuple[Any, Any]:
-        """Prompt embeddings (and SDXL's pooled embedding) as the family's pipeline computes them."""
-        import torch
-
-        hidden, pooled = [], None
-        sdxl = self.training.inputs.family == "sdxl"
-        for tokenizer, encoder in zip(self.model.tokenizers, self.model.text_encoders, strict=True):
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(self.run.device)
-            out = encoder(ids, output_hidden_states=True)
-            if sdxl:
-                hidden.append(out.hidden_states[-2])   # SDXL conditions on the penultimate layer of both encoders
-                pooled = out[0]                        # the second encoder's projected pooled output
-            elif self.cfg["clip_skip"] > 1:
-                hidden.append(encoder.text_model.final_layer_norm(out.hidden_states[-self.cfg["clip_skip"]]))
-            else:
-                hidden.append(out.last_hidden_state)
-        return torch.cat(hidden, dim=-1), pooled
+    def encode_captions(self, captions: list[str]) -> dict[str, Any]:
+        """The captions' text inputs as the family's pipeline computes them: a dict of tensors, batch first."""
+        return self.training.inputs.family.encode_text(self.model.tokenizers, self.model.text_encoders, captions,
+                                                       self.run.device, clip_skip=self.cfg["clip_skip"])
 
     def captions(self, positions: list[int], rng: random.Random) -> list[str]:
         """The captions of one micro-batch, shuffled and dropped as the settings say."""
@@ -656,53 +645,50 @@ class TrainingData:
         pixels = torch.stack([load_pixels(items[p], buckets[p], self.cfg["background"]) for p in positions])
         return self.encode_pixels(pixels)
 
-    def text(self, captions: list[str]) -> tuple[Any, Any]:
+    def text(self, captions: list[str]) -> dict[str, Any]:
         import torch
 
         if self.text_cache:
-            embeds = torch.stack([self.text_cache[c][0] for c in captions])
-            pooled = (torch.stack([self.text_cache[c][1] for c in captions])
-                      if self.training.inputs.family == "sdxl" else None)
-            return embeds, pooled
+            return _stacked([self.text_cache[c] for c in captions])
         with contextlib.nullcontext() if self.cfg["train_text_encoder"] else torch.no_grad():
             return self.encode_captions(captions)
 
-    def fixed_text(self, captions: list[str]) -> tuple[Any, Any]:
-        """The embeddings of the manifest captions as the validation scores use them (call under no_grad): kept
+    def fixed_text(self, captions: list[str]) -> dict[str, Any]:
+        """The text inputs of the manifest captions as the validation scores use them (call under no_grad): kept
         after the first score when the text encoders are frozen, since nothing can change them then."""
-        import torch
-
         if self.text_cache or self.cfg["train_text_encoder"]:
             return self.text(captions)
         for caption in captions:
             if caption not in self.fixed_text_cache:
-                embeds, pooled = self.encode_captions([caption])
-                self.fixed_text_cache[caption] = (embeds[0], None if pooled is None else pooled[0])
-        embeds = torch.stack([self.fixed_text_cache[c][0] for c in captions])
-        pooled = (torch.stack([self.fixed_text_cache[c][1] for c in captions])
-                  if self.training.inputs.family == "sdxl" else None)
-        return embeds, pooled
+                self.fixed_text_cache[caption] = _first(self.encode_captions([caption]))
+        return _stacked([self.fixed_text_cache[c] for c in captions])
 
-    def conditioning(self, positions: list[int], captions: list[str], text: tuple[Any, Any] | None = None) -> dict:
-        """The UNet's conditioning: ``encoder_hidden_states`` [+ SDXL's pooled embedding and size ids]; ``text``
-        is the captions' ``(embeddings, pooled)`` when the caller has them already."""
-        import torch
-
+    def conditioning(self, positions: list[int], captions: list[str], text: dict[str, Any] | None = None) -> dict:
+        """The denoiser's keyword arguments besides the noisy latents and timesteps, as the family builds them
+        from the text inputs and each image's size and crop; ``text`` is the captions' text inputs when the
+        caller has them already."""
         from .data import crop_and_size
 
-        embeds, pooled = text if text is not None else self.text(captions)
-        dtype, device = self.run.weight_dtype, self.run.device
-        conditioning: dict = {"encoder_hidden_states": embeds.to(device, dtype)}
-        if self.training.inputs.family == "sdxl":
-            rows = []
-            for p in positions:
-                bw, bh = self.buckets[p]
-                item = self.items[p]
-                crop, original = crop_and_size(item.width, item.height, (bw, bh))
-                rows.append([*original, *crop, bh, bw])   # (orig h, orig w, crop top, crop left, target h, target w)
-            conditioning["added_cond_kwargs"] = {"text_embeds": pooled.to(device, dtype),
-                                                 "time_ids": torch.tensor(rows, dtype=dtype, device=device)}
-        return conditioning
+        rows = []
+        for p in positions:
+            bw, bh = self.buckets[p]
+            item = self.items[p]
+            crop, original = crop_and_size(item.width, item.height, (bw, bh))
+            rows.append([*original, *crop, bh, bw])   # (orig h, orig w, crop top, crop left, target h, target w)
+        return self.training.inputs.family.denoiser_kwargs(text if text is not None else self.text(captions), rows,
+                                                           self.run.weight_dtype, self.run.device)
+
+
+def _first(text: dict[str, Any]) -> dict[str, Any]:
+    """The first sample of a batch of text inputs (what the text cache keeps per caption)."""
+    return {name: tensor[0] for name, tensor in text.items()}
+
+
+def _stacked(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Cached per-caption text inputs as one batch."""
+    import torch
+
+    return {name: torch.stack([sample[name] for sample in samples]) for name in samples[0]}
 
 
 # ---- phase 5: the optimizer -----------------------------------------------------------------------------------
@@ -753,18 +739,18 @@ def _setup_optimizer(training: TrainingPlan, run: RunContext, model: Model) -> O
 
 
 # ---- phase 6: one micro-batch's loss ----------------------------------------------------------------------------
-def loss_step(unet: Any, noise_scheduler: Any, latents: Any, conditioning: dict, generator: Any, *,
-              noise_offset: float = 0.0, ip_noise_gamma: float = 0.0, min_snr_gamma: float | None = None,
-              dtype: Any = None) -> Any:
-    """The denoising loss of one micro-batch: noise and timesteps drawn from ``generator``, the target the
-    scheduler's prediction type asks for, and min-SNR-gamma weighting (Hang et al. 2023) when it is set.
+def loss_step(denoiser: Any, objective: Objective, noise_scheduler: Any, latents: Any, conditioning: dict,
+              generator: Any, *, noise_offset: float = 0.0, ip_noise_gamma: float = 0.0,
+              min_snr_gamma: float | None = None, dtype: Any = None) -> Any:
+    """The denoising loss of one micro-batch: noise and timesteps drawn from ``generator``, the noisy input and
+    the target of ``objective`` (epsilon or velocity) on ``noise_scheduler`` (the schedule it made, see
+    ``Objective.noise_scheduler``), and its min-SNR-gamma weighting (Hang et al. 2023) when that is set.
 
-    ``conditioning`` holds the UNet's keyword arguments (``encoder_hidden_states``, SDXL's ``added_cond_kwargs``).
-    Returns the mean loss as a scalar tensor.
+    ``conditioning`` holds the denoiser's keyword arguments (the family's ``denoiser_kwargs``). Returns the mean
+    loss as a scalar tensor.
     """
     import torch
     import torch.nn.functional as F
-    from diffusers.training_utils import compute_snr
 
     device = latents.device
     noise = torch.randn(latents.shape, generator=generator, device=device)
@@ -776,18 +762,14 @@ def loss_step(unet: Any, noise_scheduler: Any, latents: Any, conditioning: dict,
     # after the timesteps, so a run without it draws exactly what it always drew.
     if ip_noise_gamma:
         perturbed = noise + ip_noise_gamma * torch.randn(latents.shape, generator=generator, device=device)
-        noisy = noise_scheduler.add_noise(latents, perturbed, timesteps)
+        noisy = objective.noisy(noise_scheduler, latents, perturbed, timesteps)
     else:
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy.to(dtype or latents.dtype), timesteps, **conditioning).sample
-    epsilon = noise_scheduler.config.prediction_type == "epsilon"
-    target = noise if epsilon else noise_scheduler.get_velocity(latents, noise, timesteps)
+        noisy = objective.noisy(noise_scheduler, latents, noise, timesteps)
+    pred = denoiser(noisy.to(dtype or latents.dtype), timesteps, **conditioning).sample
+    target = objective.target(noise_scheduler, latents, noise, timesteps)
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
-        # Cap each timestep's weight at gamma / SNR (v-prediction's target already carries an SNR + 1 factor).
-        snr = compute_snr(noise_scheduler, timesteps)
-        weight = torch.clamp(snr, max=min_snr_gamma) / (snr if epsilon else snr + 1)
-        loss = loss * weight
+        loss = loss * objective.min_snr_weight(noise_scheduler, timesteps, min_snr_gamma)
     return loss.mean()
 
 
@@ -929,9 +911,9 @@ class Validation:
             captions = [it.caption for it in items]
             conditioning = data.conditioning(positions, captions, data.fixed_text(captions))
             with run.accelerator.autocast():
-                noisy = scheduler.add_noise(latents, noise, timesteps)
+                noisy = model.objective.noisy(scheduler, latents, noise, timesteps)
                 pred = model.unet(noisy.to(run.weight_dtype), timesteps, **conditioning).sample
-            target = noise if model.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+            target = model.objective.target(scheduler, latents, noise, timesteps)
             losses = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             total += torch.stack([losses.double().sum().cpu(), torch.tensor(len(batch), dtype=torch.float64)])
         if self.training.world_size > 1:
@@ -1071,8 +1053,8 @@ def _micro_batch(training: TrainingPlan, run: RunContext, model: Model, data: Tr
     sync = micro == cfg["gradient_accumulation_steps"] - 1
     with _no_sync(run.accelerator, optim.trained_models, not sync), run.accelerator.autocast():
         latents = data.latents(positions)
-        loss = loss_step(optim.unet_forward, model.noise_scheduler, latents, data.conditioning(positions, captions),
-                         generator, noise_offset=cfg["noise_offset"], ip_noise_gamma=cfg["ip_noise_gamma"],
+        loss = loss_step(optim.unet_forward, model.objective, model.noise_scheduler, latents,
+                         data.conditioning(positions, captions), generator, noise_offset=cfg["noise_offset"], ip_noise_gamma=cfg["ip_noise_gamma"],
                          min_snr_gamma=cfg["min_snr_gamma"], dtype=run.weight_dtype)
     run.accelerator.backward(loss / cfg["gradient_accumulation_steps"])
     return loss.detach()
@@ -1094,7 +1076,7 @@ def _end_of_epoch(training: TrainingPlan, run: RunContext, model: Model, optim: 
         kohya_format.save_lora_file(training.out_dir / f"{training.lora_id}-{epoch + 1:06d}.safetensors", tensors,
                                     kohya_format.finish_metadata(tensors, metadata), run_root(training.out_dir))
     if cfg["sample_prompts"] and (epoch + 1) % cfg["sample_every_n_epochs"] == 0:
-        _render_samples(model.pipe, cfg, training.out_dir / "samples", epoch + 1, run.accelerator,
+        _render_samples(model.pipe, model.objective, cfg, training.out_dir / "samples", epoch + 1, run.accelerator,
                         run_root(training.out_dir))
         model.unet.train()
 
@@ -1149,7 +1131,8 @@ def _save_and_record(ws: Workspace, training: TrainingPlan, run: RunContext, mod
             raise
         training_block = {
             "config": training.cfg, "preset": training.preset, **release_dataset_fields(inputs.dataset),
-            "checkpointId": inputs.checkpoint["id"], "checkpointFamily": inputs.family,
+            "checkpointId": inputs.checkpoint["id"], "checkpointFamily": inputs.family.name,
+            "objective": model.objective.record(),
             "checkpointSha256": run.checkpoint_hash, "seed": training.cfg["seed"], "steps": step,
             "epochs": training.num_epochs, "images": len(training.items), "worldSize": training.world_size,
             "mixedPrecision": run.accelerator.mixed_precision, "device": str(run.device),
@@ -1198,7 +1181,7 @@ def _metadata(training: TrainingPlan, run: RunContext, model: Model, optim: Opti
         mixed_precision=run.accelerator.mixed_precision, started_at=run.started_at, finished_at=finished_at,
         bucket_info=_bucket_counts(training.buckets), session_id=step_seed(cfg["seed"], inputs.release_id) % 2**31,
         checkpoint_name=checkpoint_id, checkpoint_sha256=run.checkpoint_hash,
-        prediction_type=model.prediction_type,
+        objective=model.objective,
         lorakit={"release_id": inputs.release_id, "lora_id": inputs.lora_id, "checkpoint_id": checkpoint_id,
                  "checkpoint_sha256": run.checkpoint_hash, "dataset_id": ref["id"], "dataset_scope": ref["scope"],
                  "dataset_project": ref["projectId"], "manifest_hash": ref["manifestHash"], "config": cfg,
@@ -1324,17 +1307,22 @@ class _StopRequest:
         return bool(flag.item())
 
 
-def _render_samples(pipe, cfg: dict, folder: Path, epoch: int, accelerator, root: Root) -> None:
-    """Sample images with fixed prompts and seeds, written as ``samples/e000001-00.png``."""
+def _render_samples(pipe, objective: Objective, cfg: dict, folder: Path, epoch: int, accelerator, root: Root) -> None:
+    """Sample images with fixed prompts and seeds, written as ``samples/e000001-00.png``, sampled the way the
+    checkpoint's objective needs (as the eval grids are)."""
     import torch
+
+    from ..families.objectives import DEFAULT_GUIDANCE_RESCALE
 
     root.make_folder(folder)
     pipe.unet.eval()
+    pipe.scheduler = objective.render_scheduler(pipe.scheduler)
     with torch.no_grad(), accelerator.autocast():
         for i, prompt in enumerate(cfg["sample_prompts"]):
             generator = torch.Generator(device=accelerator.device).manual_seed(cfg["sample_seed"] + i)
             image = pipe(prompt, num_inference_steps=cfg["sample_steps"], guidance_scale=cfg["sample_guidance_scale"],
-                         height=cfg["resolution"], width=cfg["resolution"], generator=generator).images[0]
+                         height=cfg["resolution"], width=cfg["resolution"], generator=generator,
+                         **objective.render_kwargs(DEFAULT_GUIDANCE_RESCALE)).images[0]
             with root.atomic(folder / f"e{epoch:06d}-{i:02d}.png", durable=False) as handle:
                 image.save(handle, format="PNG")
 

@@ -4,10 +4,12 @@ Every decision is :func:`lorakit.select.resolve_loras`'s; the widget only turns 
 strength changes into picks and shows the result. Other cells read ``picker.value`` (a
 :class:`~lorakit.select.LoraResolution`: pass it to :func:`~lorakit.select.apply_loras`), ``picker.selection``
 (plain dicts) or ``picker.frame`` (the table as a DataFrame), or ``picker.observe(callback, "value")``.
+:meth:`LoraPicker.prepare` does both halves of rendering with the choice: the LoRAs, and the scheduler and call
+arguments the checkpoint's objective needs (what the eval grids render with).
 
 >>> from lorakit.widgets import LoraPicker           # doctest: +SKIP
 >>> picker = LoraPicker(project="demo"); picker       # doctest: +SKIP
->>> apply_loras(pipe, picker.value)                   # doctest: +SKIP
+>>> image = pipe("a red gem", **picker.prepare(pipe)).images[0]   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from pathlib import Path
 import ipywidgets as widgets
 import traitlets
 
+from ..families.objectives import DEFAULT_GUIDANCE_RESCALE
 from ..select import (
     LoraPick,
     LoraResolution,
+    apply_loras,
     asset_type_options,
     load_asset_types,
     load_loras,
     locate_weights,
+    render_setup,
     resolve_loras,
 )
 from ..workspace import Workspace, as_workspace
@@ -148,6 +153,17 @@ class LoraPicker(widgets.VBox):
         self._show(rebuild=False)
 
     # ---- what other cells read ---------------------------------------------------------------------------------
+    def prepare(self, pipe, guidance_rescale: float = DEFAULT_GUIDANCE_RESCALE) -> dict:
+        """Load the chosen LoRAs into ``pipe`` (a pipeline of the chosen checkpoint), give it the scheduler its
+        objective renders with, and return the keyword arguments for ``pipe(...)`` (see
+        :func:`~lorakit.select.render_setup`)."""
+        from ..errors import SelectionError
+
+        if self.value is None:
+            raise SelectionError("choose a checkpoint and an asset type first")
+        apply_loras(pipe, self.value)
+        return render_setup(self.ws, self.value.checkpoint_id, pipe, guidance_rescale=guidance_rescale)
+
     @property
     def frame(self):
         """The table shown, as a DataFrame (picked LoRAs in order, then the others and why)."""
