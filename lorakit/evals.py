@@ -28,7 +28,8 @@ from typing import Any
 
 from .config import release_weights_path, resolve_weights
 from .errors import ConfigError, EvalError, LorakitError, RecordError, RecordNotFoundError
-from .families import Family, Objective, as_family
+from .families import Family, Objective
+from .families import get as get_family
 from .families.objectives import DEFAULT_GUIDANCE_RESCALE
 from .hashing import file_sha256
 from .ids import check_id, given_or_new_id, new_ulid
@@ -295,7 +296,7 @@ def grid_params(checkpoint: dict, family: str | Family | None, overrides: dict) 
     >>> grid_params({"defaultGenerationParams": {"steps": 4}}, "sd15", {"cfg": 3.0, "width": None})["steps"]
     4
     """
-    size = {} if family is None else dict(zip(("width", "height"), as_family(family).eval_size, strict=True))
+    size = {} if family is None else dict(zip(("width", "height"), get_family(family).eval_size, strict=True))
     defaults = {**FALLBACK_PARAMS, **size,
                 **{k: v for k, v in (checkpoint.get("defaultGenerationParams") or {}).items() if v is not None}}
     params: dict[str, Any] = {k: (overrides.get(k) if overrides.get(k) is not None else defaults.get(k))

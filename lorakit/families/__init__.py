@@ -31,11 +31,6 @@ def get(name: object) -> Family:
     return family
 
 
-def as_family(family: str | Family) -> Family:
-    """``family`` itself, or the family it names (see :func:`get`): for functions that take either."""
-    return family if isinstance(family, Family) else get(family)
-
-
 def from_index_class(class_name: object) -> Family | None:
     """The family whose diffusers folders have this ``model_index.json`` class, else None."""
     return next((f for f in _REGISTRY.values() if isinstance(class_name, str) and f.matches_index(class_name)), None)
@@ -52,5 +47,5 @@ def from_keys(keys: object) -> Family | None:
     return next((f for f in _REGISTRY.values() if f.matches_keys(names)), None)
 
 
-__all__ = ["NAMES", "PREDICTIONS", "Family", "Objective", "TextEncoder", "as_family", "families", "from_index_class",
+__all__ = ["NAMES", "PREDICTIONS", "Family", "Objective", "TextEncoder", "families", "from_index_class",
            "from_keys", "from_pipeline", "get"]

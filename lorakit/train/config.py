@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainingError
-from ..families import Family, as_family
+from ..families import Family
+from ..families import get as get_family
 from .settings import ALIASES, DEFAULTS, MAX_SEED, RESUME_SAFE_KEYS, SETTINGS, canonical_name, module_list, parse_color
 
 __all__ = ["ALIASES", "DEFAULTS", "MAX_SEED", "RESUME_SAFE_KEYS", "TrainingError", "check_config", "finalize_config",
@@ -130,7 +131,7 @@ def requested_settings(
     """
     given: dict = {}
     sources: list[tuple[str, dict]] = []
-    family = as_family(family)
+    family = get_family(family)
     if preset:
         data = load_preset(preset)
         if data.get("family") and data["family"] != family.name and not force:
@@ -152,7 +153,7 @@ def requested_settings(
 
 def finalize_config(cfg: dict, family: str | Family) -> dict:
     """Fill the family-dependent defaults (resolution, VAE dtype) and check every value; returns a new dict."""
-    cfg, family = dict(cfg), as_family(family)
+    cfg, family = dict(cfg), get_family(family)
     if cfg["resolution"] is None:
         cfg["resolution"] = family.native_resolution
     if cfg["vae_fp32"] is None:

@@ -50,7 +50,8 @@ from filelock import FileLock
 from ..config import CHECKOUT_ROOT, resolve_weights
 from ..datasets import export_dataset
 from ..errors import ConfigError, KohyaSetupError, TrainingError
-from ..families import Family, Objective, as_family
+from ..families import Family, Objective
+from ..families import get as get_family
 from ..ids import check_id, new_ulid
 from ..loras import add_release
 from ..roots import Root
@@ -576,7 +577,6 @@ class KohyaPlan:
     image_dir: Path
     output_dir: Path
     output_name: str
-    sdxl: bool
 
     @property
     def args_toml_path(self) -> Path:
@@ -616,7 +616,7 @@ def plan_kohya_run(
     ``dataset_config`` is always lorakit's: the release records the dataset it trained on. No ``objective`` is
     an epsilon checkpoint's.
     """
-    family, objective = as_family(family), objective or Objective()
+    family, objective = get_family(family), objective or Objective()
     opts = dict(options)
     own = {key: opts.pop(key) for key in LORAKIT_KEYS if key in opts}
     for key in ("dataset_config",):
@@ -678,7 +678,7 @@ def plan_kohya_run(
     }]}]}
     return KohyaPlan(script=script, args=opts, adapter_args=tuple(adapter_args), dataset_toml=dataset_toml,
                      run_dir=run_dir, dataset_dir=dataset_dir, image_dir=image_dir, output_dir=output_dir,
-                     output_name=output_name, sdxl=script == SCRIPTS[True])
+                     output_name=output_name)
 
 
 def network_options(network_type: str) -> tuple[str, list[str]]:

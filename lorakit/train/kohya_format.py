@@ -27,11 +27,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from ..families import Family, Objective, as_family, families
+from ..families import Family, Objective
+from ..families import get as get_family
 from ..roots import Root
 
-# The text encoders' key prefixes by family name, for callers that hold a name; the family answers the rest.
-TEXT_ENCODER_PREFIXES = {f.name: f.text_encoder_prefixes() for f in families()}
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Metadata keys that change from run to run even when the weights are identical.
 VOLATILE_METADATA_KEYS = ("ss_training_started_at", "ss_training_finished_at", "ss_session_id", "modelspec.date",
@@ -105,7 +104,7 @@ def kohya_name(prefix: str, module_path: str) -> str:
 def unet_module_name(module_path: str, family: str | Family, unet_config: dict | None = None) -> str:
     """The kohya name of a denoiser module of a ``family`` checkpoint (some families' layouts need the
     denoiser's config: see ``Family.kohya_module_name``)."""
-    return as_family(family).kohya_module_name(module_path, unet_config)
+    return get_family(family).kohya_module_name(module_path, unet_config)
 
 
 def text_encoder_module_name(prefix: str, encoder: torch.nn.Module, module_path: str) -> str:
@@ -249,7 +248,7 @@ def to_kohya_tensors(named_layers: Iterable[tuple[str, AdapterLayer]],
 def kohya_state_dict(family: str | Family, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] = (),
                      dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The kohya/LyCORIS tensors of a peft-adapted denoiser (and text encoders, when they were trained)."""
-    family = as_family(family)
+    family = get_family(family)
     config = dict(getattr(denoiser, "config", {}) or {})
     entries = [(family.kohya_module_name(layer.path, config), layer) for layer in adapter_layers(denoiser)]
     for prefix, encoder in zip(family.text_encoder_prefixes(), text_encoders, strict=False):
@@ -360,7 +359,7 @@ def build_metadata(*, family: str | Family, cfg: dict, title: str, output_name: 
                    objective: Objective, lorakit: dict[str, object]) -> dict[str, str]:
     """All header metadata of a LoRA file except the hashes (see :func:`finish_metadata`); every value a string.
     The family gives the base model's names, ``objective`` what the LoRA was trained to predict."""
-    family = as_family(family)
+    family = get_family(family)
     resolution = cfg["resolution"]
     network_module, network_args = network_metadata(cfg)
     ss: dict[str, object] = {

@@ -99,10 +99,10 @@ def text_encoder_targets(encoder: Any, cfg: dict) -> list[Target]:
 def module_counts(config_folder: str | Path, family: str | Family, cfg: dict) -> dict[str, int]:
     """How many modules of each model a run with ``cfg`` adapts (the text encoders only when they are trained),
     counted on the architecture built on the ``meta`` device."""
-    from ..families import as_family
+    from ..families import get as get_family
     from ..models.loading import models_from_config
 
-    family = as_family(family)
+    family = get_family(family)
     models = models_from_config(config_folder, family.name)
     counts = {family.denoiser: len(unet_targets(models.pop(family.denoiser), cfg))}
     if cfg["train_text_encoder"]:
