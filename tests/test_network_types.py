@@ -208,7 +208,6 @@ def check_renders_through_load_lora_file(ws, family: str, weights, *, with_stren
 def _export(family: str, pipe, adapter: str) -> dict:
     """The pipeline's adapter ``adapter`` in the file layout, by the same rule the trainer saves with."""
     from lorakit.train.kohya_format import (
-        TEXT_ENCODER_PREFIXES,
         text_encoder_module_name,
         to_kohya_tensors,
         unet_module_name,
@@ -216,8 +215,10 @@ def _export(family: str, pipe, adapter: str) -> dict:
 
     unet_config = dict(pipe.unet.config)
     entries = [(unet_module_name(layer.path, family, unet_config), layer) for layer in adapter_layers(pipe.unet, adapter)]
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
-    for prefix, encoder in zip(TEXT_ENCODER_PREFIXES[family], encoders, strict=True):
+    from lorakit.families import get
+
+    _, encoders = get(family).tokenizers_and_encoders(pipe)
+    for prefix, encoder in zip(get(family).text_encoder_prefixes(), encoders, strict=True):
         entries += [(text_encoder_module_name(prefix, encoder, layer.path), layer)
                     for layer in adapter_layers(encoder, adapter)]
     return to_kohya_tensors(entries)

@@ -24,12 +24,12 @@ import lorakit
 from lorakit.cli import main as cli_main
 from lorakit.config import resolve_weights
 from lorakit.errors import DatasetError, RecordError, RecordNotFoundError
+from lorakit.families import get as get_family
 from lorakit.loras import validation_summary
 from lorakit.models import TINY_RESOLUTION, make_tiny_checkpoint
 from lorakit.store import now_iso
 from lorakit.train import TrainingError, plot_loss, read_loss_log, train_lora
 from lorakit.train.kohya_format import (
-    TEXT_ENCODER_PREFIXES,
     VOLATILE_METADATA_KEYS,
     lora_layers,
     read_lora_file,
@@ -136,8 +136,8 @@ def check_loads_into_diffusers(ws, family: str, weights: Path) -> None:
     tensors, _ = read_lora_file(weights)
     loaded = {unet_module_name(p, family, dict(pipe.unet.config)): (d, u, a)
               for p, d, u, a in lora_layers(pipe.unet, adapter="trained")}
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
-    for prefix, encoder in zip(TEXT_ENCODER_PREFIXES[family], encoders, strict=True):
+    _, encoders = get_family(family).tokenizers_and_encoders(pipe)
+    for prefix, encoder in zip(get_family(family).text_encoder_prefixes(), encoders, strict=True):
         loaded.update({text_encoder_module_name(prefix, encoder, p): (d, u, a)
                        for p, d, u, a in lora_layers(encoder, adapter="trained")})
     file_modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
