@@ -169,7 +169,6 @@ def estimate(preset: str, *, batch: int | None = None, checkpointing: bool | Non
     ``device="cpu"`` runs the same steps on real tensors (for the tiny checkpoints: it checks that the meta count
     is what real tensors allocate). ``family`` is for a preset made for any family (tiny-demo); default the
     first lorakit knows."""
-    import diffusers
     import torch
 
     from lorakit import families
@@ -214,7 +213,8 @@ def estimate(preset: str, *, batch: int | None = None, checkpointing: bool | Non
     unet.train()
     optimizer = torch.optim.AdamW(trained, lr=cfg["lr"], foreach=True)
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    noise_scheduler = diffusers.DDPMScheduler.from_config(scheduler_config)
+    objective = model_family.objective()   # the shipped configs are epsilon; v-prediction costs the same memory
+    noise_scheduler = objective.noise_scheduler(scheduler_config)
 
     b, side = cfg["batch_size"], cfg["resolution"] // 8
     counter = live_bytes_mode([*unet.parameters(), *unet.buffers()])
@@ -225,8 +225,8 @@ def estimate(preset: str, *, batch: int | None = None, checkpointing: bool | Non
             text = model_family.text_inputs_like(b, dict(unet.config), device, bf16)
             size = cfg["resolution"]
             conditioning = model_family.denoiser_kwargs(text, [[size, size, 0, 0, size, size]] * b, bf16, device)
-            loss = loss_step(unet, noise_scheduler, latents, conditioning, None, noise_offset=cfg["noise_offset"],
-                             min_snr_gamma=cfg["min_snr_gamma"], dtype=bf16)
+            loss = loss_step(unet, objective, noise_scheduler, latents, conditioning, None,
+                             noise_offset=cfg["noise_offset"], min_snr_gamma=cfg["min_snr_gamma"], dtype=bf16)
             (loss / cfg["gradient_accumulation_steps"]).backward()
             del loss, latents, conditioning
             optimizer.step()

@@ -19,7 +19,7 @@ from .store import read_cache, write_cache
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB blocks so large weights files never sit in memory."""
     with open_regular(path, "weights file") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()  # type: ignore[arg-type]  # a BufferedReader
 
 
 SAFE_SUFFIXES = (".safetensors", ".sft")
@@ -86,7 +86,8 @@ def read_safetensors_header(path: str | os.PathLike) -> dict:
         where = f"tensor {name[:200]!r}"
         if not isinstance(info, dict):
             raise SafetensorsHeaderError(f"{where} is not {{dtype, shape, data_offsets}}")
-        bits = SAFETENSORS_DTYPE_BITS.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+        dtype = info.get("dtype")
+        bits = SAFETENSORS_DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
         if bits is None:
             raise SafetensorsHeaderError(f"{where} has unknown dtype {str(info.get('dtype'))[:40]!r}")
         shape, offsets = info.get("shape"), info.get("data_offsets")

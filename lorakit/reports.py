@@ -147,7 +147,7 @@ def absolute_parameters(parameters: Mapping, data_root: str | Path | None = None
         value = params.get(name)
         if not isinstance(value, str | os.PathLike) or not os.fspath(value) or Path(value).is_absolute():
             continue
-        if name == "dataset" and (not is_manifest_path(value)
+        if name == "dataset" and (not is_manifest_path(os.fspath(value))
                                   or (data_root is not None and (Path(data_root) / value).exists())):
             continue
         params[name] = os.path.abspath(value)
@@ -200,7 +200,7 @@ def _kernel_manager_class(working_dir: str, env: Mapping[str, str]):
             python, *rest = super().format_kernel_cmd(extra_arguments)
             return [python, "-P", *rest, "--IPKernelApp.ignore_cwd=True"]
 
-        async def start_kernel(self, **kw) -> None:
+        async def start_kernel(self, **kw: object) -> None:  # type: ignore[override]  # jupyter_client's is untyped
             await super().start_kernel(**{**kw, "cwd": working_dir, "env": dict(env)})
 
     return ThisPythonKernelManager

@@ -540,7 +540,8 @@ def a1111_parameters(settings: dict) -> str:
              f"CFG scale: {settings.get('cfg')}", f"Seed: {settings.get('seed')}",
              f"Size: {settings.get('width')}x{settings.get('height')}",
              f"Model: {settings.get('checkpointId')}", f"Model hash: {(settings.get('checkpointWeightsHash') or '')[:10]}"]
-    objective = settings.get("objective") if isinstance(settings.get("objective"), dict) else {}
+    given = settings.get("objective")
+    objective = given if isinstance(given, dict) else {}
     if objective.get("prediction") == "v":
         parts.append("Prediction: v" + (", Zero terminal SNR: True" if objective.get("zeroTerminalSnr") else ""))
     if "guidanceRescale" in settings:

@@ -7,6 +7,8 @@ the families that come after them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from .base import Family, TextEncoder
 from .objectives import PREDICTIONS, Objective
 from .sd15 import FAMILY as _SD15
@@ -43,7 +45,7 @@ def from_pipeline(pipe: object) -> Family | None:
 
 def from_keys(keys: object) -> Family | None:
     """The family whose original-layout single files hold keys like these, else None."""
-    names = list(keys) if keys is not None else []
+    names = list(keys) if isinstance(keys, Iterable) else []
     return next((f for f in _REGISTRY.values() if f.matches_keys(names)), None)
 
 

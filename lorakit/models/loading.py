@@ -152,7 +152,7 @@ def load_openclip_text_encoder(weights_file: Path, config_dir: Path, torch_dtype
             f"{weights_file}: {encoder.attribute} does not match its config {where} "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    return model.to(torch_dtype)  # type: ignore[arg-type]  # @wraps(nn.Module.to) types PreTrainedModel.to unbound
+    return model.to(torch_dtype)
 
 
 def load_vae(path: Path, config_dir: Path | None, torch_dtype: torch.dtype):
@@ -214,7 +214,7 @@ def load_pipeline(
         check_pickle_allowed(vae, allow, f"{what} vaeWeights")
         check_weights_files(vae, None, f"{what} vaeWeights")
     cls = family.pipeline_class()
-    extra = {}
+    extra: dict[str, Any] = {}
     config_folder = None
     with warnings.catch_warnings():
         # diffusers >=0.36 renamed torch_dtype to dtype; the old name keeps older diffusers working.

@@ -206,7 +206,7 @@ class ValidationScores:
         ``last_step`` (the state's step), and the best score one of its points."""
         if not isinstance(state, dict) or not isinstance(state.get("curve"), list):
             raise ValueError("no validation scores")
-        curve = []
+        curve: list[dict] = []
         for i, point in enumerate(state["curve"]):
             where = f"curve point {i}"
             if not isinstance(point, dict) or not {"step", "epoch", "loss"} <= set(point) or \
