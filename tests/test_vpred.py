@@ -83,12 +83,12 @@ def trained(ws):
 
 # ---- the objective of a checkpoint -----------------------------------------------------------------------------
 def test_the_record_and_a_vpred_folder_give_the_objective(ws, tmp_path: Path) -> None:
-    from lorakit.models.tiny import build_tiny_sdxl
+    from lorakit.models.tiny import build_tiny_pipeline
 
     assert checkpoint_objective(ws, get_checkpoint(ws, "tiny_xl_v")) == Objective("v", zero_terminal_snr=True)
     assert checkpoint_objective(ws, get_checkpoint(ws, "tiny_xl")) == Objective()
     folder = ws.config.checkpoints_root / "noob_like"
-    build_tiny_sdxl(0, prediction="v", zero_terminal_snr=True).save_pretrained(folder, safe_serialization=True)
+    build_tiny_pipeline("sdxl", 0, prediction="v", zero_terminal_snr=True).save_pretrained(folder, safe_serialization=True)
     lorakit.add_checkpoint(ws, "noob_like", "sdxl", folder)
     assert checkpoint_objective(ws, get_checkpoint(ws, "noob_like")) == Objective("v", zero_terminal_snr=True)
 
@@ -98,10 +98,10 @@ def test_loss_step_is_the_velocity_mse_on_zero_snr_betas_with_the_v_form_of_min_
     import torch
     import torch.nn.functional as F
 
-    from lorakit.models.tiny import build_tiny_sdxl
+    from lorakit.models.tiny import build_tiny_pipeline
     from lorakit.train.recipe import loss_step
 
-    pipe = build_tiny_sdxl(0)   # an epsilon scheduler config: the objective alone makes it v and zero-SNR
+    pipe = build_tiny_pipeline("sdxl", 0)   # an epsilon scheduler config: the objective alone makes it v and zero-SNR
     objective = Objective("v", zero_terminal_snr=True)
     scheduler = objective.noise_scheduler(pipe.scheduler.config)
     assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.rescale_betas_zero_snr
@@ -221,14 +221,14 @@ def test_a_job_with_a_damaged_objective_is_an_eval_error() -> None:
 
 
 def test_the_picker_renders_with_the_objectives_scheduler(ws) -> None:
-    from lorakit.models.tiny import build_tiny_sdxl
+    from lorakit.models.tiny import build_tiny_pipeline
     from lorakit.select import render_setup
 
-    pipe = build_tiny_sdxl(0)
+    pipe = build_tiny_pipeline("sdxl", 0)
     assert render_setup(ws, "tiny_xl_v", pipe, guidance_rescale=0.6) == {"guidance_rescale": 0.6}
     assert (pipe.scheduler.config.prediction_type, pipe.scheduler.config.timestep_spacing) == \
         ("v_prediction", "trailing")
-    plain = build_tiny_sdxl(0)
+    plain = build_tiny_pipeline("sdxl", 0)
     shipped = plain.scheduler
     assert render_setup(ws, "tiny_xl", plain) == {} and plain.scheduler is shipped
 

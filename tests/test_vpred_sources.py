@@ -21,7 +21,7 @@ from lorakit.cli import main
 from lorakit.families import Objective
 from lorakit.models.registry import checkpoint_objective, get_checkpoint
 from lorakit.models.single_file import export_single_file
-from lorakit.models.tiny import build_tiny_sdxl
+from lorakit.models.tiny import build_tiny_pipeline
 from lorakit.store import now_iso
 
 SOURCES = ("flags", "single-file keys", "scheduler config")
@@ -45,9 +45,9 @@ def ws(tmp_path_factory):
         ws.store.write("project", {"id": "demo", "name": "Demo", "createdAt": now, "updatedAt": now})
         _dataset(ws, "gems")
         ck = ws.config.checkpoints_root
-        build_tiny_sdxl(0).save_pretrained(ck / "plain", safe_serialization=True)
-        export_single_file(build_tiny_sdxl(0), ck / "noob-vpred.safetensors", prediction="v", zero_terminal_snr=True)
-        build_tiny_sdxl(0, prediction="v", zero_terminal_snr=True).save_pretrained(ck / "vfolder",
+        build_tiny_pipeline("sdxl", 0).save_pretrained(ck / "plain", safe_serialization=True)
+        export_single_file(build_tiny_pipeline("sdxl", 0), ck / "noob-vpred.safetensors", prediction="v", zero_terminal_snr=True)
+        build_tiny_pipeline("sdxl", 0, prediction="v", zero_terminal_snr=True).save_pretrained(ck / "vfolder",
                                                                                    safe_serialization=True)
         adds = {"flags": ["vp_flags", "--path", "plain", "--family", "sdxl", "--prediction", "v",
                           "--zero-terminal-snr"],

@@ -31,7 +31,16 @@ class SD15(Family):
     modelspec_implementation = "diffusers"
 
     def build_tiny(self, seed: int = 0, objective: Objective | None = None) -> Any:
-        from ..models.tiny import build_tiny_sd15
+        """A tiny ``StableDiffusionPipeline``: one CLIP text encoder, a two-level UNet, the SD1.5 VAE layout."""
+        import tempfile
+        from pathlib import Path
+
+        import torch
+        from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from ..models.tiny import TINY_BETAS, TINY_RESOLUTION, tiny_text_config, tiny_vae
+        from ..models.tokenizer import write_clip_tokenizer
 
         if objective is not None and objective != Objective():
             # A v-prediction SD-architecture model (SD2-768-v style) is a valid checkpoint, but the tiny builder
@@ -39,7 +48,25 @@ class SD15(Family):
             raise ConfigError(f"the tiny {self.label} checkpoint is built for epsilon prediction only, not "
                               f"{objective.describe()}; leave out --prediction/--zero-terminal-snr, or build a "
                               "tiny v-prediction SDXL checkpoint (--family sdxl)")
-        return build_tiny_sd15(seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer"))
+            torch.manual_seed(seed)
+            unet = UNet2DConditionModel(
+                sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+                norm_num_groups=32,
+            )
+            torch.manual_seed(seed + 1)
+            vae = tiny_vae(0.18215, force_upcast=False)
+            torch.manual_seed(seed + 2)
+            text_encoder = CLIPTextModel(tiny_text_config(49407, "quick_gelu"))
+            # The scheduler the real SD1.5 repository ships.
+            scheduler = PNDMScheduler(**TINY_BETAS, steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False)
+            return StableDiffusionPipeline(
+                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
 
     def encode_text(self, tokenizers: list, encoders: list, captions: list[str], device: Any,
                     clip_skip: int = 1) -> dict[str, Any]:

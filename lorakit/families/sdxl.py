@@ -36,10 +36,53 @@ class SDXL(Family):
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
 
     def build_tiny(self, seed: int = 0, objective: Objective | None = None) -> Any:
-        from ..models.tiny import build_tiny_sdxl
+        """A tiny ``StableDiffusionXLPipeline``: two CLIP text encoders, size and crop conditioning. A v-prediction
+        ``objective`` gives the same weights with a scheduler config that says so, as NoobAI-XL v-pred's diffusers
+        folder does."""
+        import tempfile
+        from pathlib import Path
+
+        import torch
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        from ..models.tiny import TINY_BETAS, TINY_RESOLUTION, tiny_text_config, tiny_vae
+        from ..models.tokenizer import write_clip_tokenizer
 
         objective = objective or Objective()
-        return build_tiny_sdxl(seed, prediction=objective.prediction, zero_terminal_snr=objective.zero_terminal_snr)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer"))
+            tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer_2", pad_token="!"))
+            torch.manual_seed(seed)
+            # SDXL's layout: linear projections in the transformers, more transformer layers deeper down,
+            # and pooled text + (size, crop, target size) embeddings added to the timestep embedding.
+            unet = UNet2DConditionModel(
+                sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                use_linear_projection=True, transformer_layers_per_block=(1, 2), cross_attention_dim=64,
+                addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+                norm_num_groups=32,
+            )
+            torch.manual_seed(seed + 1)
+            vae = tiny_vae(0.13025, force_upcast=True)
+            torch.manual_seed(seed + 2)
+            text_encoder = CLIPTextModel(tiny_text_config(49407, "quick_gelu"))
+            torch.manual_seed(seed + 3)
+            text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(0, "gelu"))
+            # The scheduler the real SDXL repository ships; a v-prediction one says so in the same config.
+            says: dict = {}
+            if objective.prediction == "v":
+                says["prediction_type"] = "v_prediction"
+            if objective.zero_terminal_snr:
+                says |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+            scheduler = EulerDiscreteScheduler(**TINY_BETAS, steps_offset=1,
+                                               **({"timestep_spacing": "leading"} | says))
+            return StableDiffusionXLPipeline(
+                vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+            )
 
     def single_file_components(self, weights_file: Any, config_folder: Any, dtype: Any) -> dict[str, Any]:
         """The OpenCLIP text encoder, loaded by lorakit: diffusers' single-file loader picks its converter by
