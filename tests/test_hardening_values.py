@@ -8,9 +8,8 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from test_assets_curation import picture
 
 from lorakit.assets import import_assets
 from lorakit.cli import main
@@ -21,11 +20,6 @@ from lorakit.workspace import open_workspace
 @pytest.fixture
 def ws(tmp_data_root):
     return open_workspace()
-
-
-def picture(seed: int, size: int = 64) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), "RGB").resize((size, size), Image.BICUBIC)
 
 
 def imported_asset(ws, tmp_path: Path, tags: list[str] | None = None, seed: int = 0) -> str:

@@ -29,24 +29,29 @@ CONFIG = {"resolution": 64, "rank": 4, "alpha": 2, "lr": 1e-3, "batch_size": 2, 
           "steps": 2, "seed": 7, "validation": False, "min_snr_gamma": 5.0}
 
 
+def vpred_workspace(root: Path, mp: pytest.MonkeyPatch):
+    """A data root with project ``demo`` and dataset ``gems``, its models under ``root/models``; no checkpoint yet."""
+    config = root / "local.json"
+    models = root / "models"
+    config.write_text(json.dumps({"paths": {"modelsRoot": str(models), "checkpointsRoot": str(models / "ck"),
+                                            "lorasRoot": str(models / "loras")}}))
+    mp.setenv("LORAKIT_DATA_ROOT", str(root / "data"))
+    mp.setenv("LORAKIT_CONFIG", str(config))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    ws = lorakit.init_data_root()
+    now = now_iso()
+    ws.store.write("project", {"id": "demo", "name": "Demo", "createdAt": now, "updatedAt": now})
+    _dataset(ws, "gems")
+    return ws
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vpred")
     with pytest.MonkeyPatch.context() as mp:
-        config = root / "local.json"
-        models = root / "models"
-        config.write_text(json.dumps({"paths": {"modelsRoot": str(models), "checkpointsRoot": str(models / "ck"),
-                                                "lorasRoot": str(models / "loras")}}))
-        mp.setenv("LORAKIT_DATA_ROOT", str(root / "data"))
-        mp.setenv("LORAKIT_CONFIG", str(config))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        ws = lorakit.init_data_root()
-        now = now_iso()
-        ws.store.write("project", {"id": "demo", "name": "Demo", "createdAt": now, "updatedAt": now})
+        ws = vpred_workspace(tmp_path_factory.mktemp("vpred"), mp)
         make_tiny_checkpoint(ws, "tiny_xl", "sdxl", asset_types=["icon"])
         make_tiny_checkpoint(ws, "tiny_xl_v", "sdxl", asset_types=["icon"])
         register_checkpoint(ws, "tiny_xl_v", V_ZTSNR)
-        _dataset(ws, "gems")
         yield ws
 
 

@@ -14,7 +14,7 @@ file and release a run writes, the eval grid's jobs and the worker's scheduler, 
 from __future__ import annotations
 
 import pytest
-from test_vpred import CONFIG, V_ZTSNR, _dataset
+from test_vpred import CONFIG, V_ZTSNR, vpred_workspace
 
 import lorakit
 from lorakit.cli import main
@@ -22,33 +22,20 @@ from lorakit.families import Objective
 from lorakit.models.registry import checkpoint_objective, get_checkpoint
 from lorakit.models.single_file import export_single_file
 from lorakit.models.tiny import build_tiny_pipeline
-from lorakit.store import now_iso
 
 SOURCES = ("flags", "single-file keys", "scheduler config")
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    import json
-
-    root = tmp_path_factory.mktemp("vpred-sources")
     with pytest.MonkeyPatch.context() as mp:
-        config = root / "local.json"
-        models = root / "models"
-        config.write_text(json.dumps({"paths": {"modelsRoot": str(models), "checkpointsRoot": str(models / "ck"),
-                                                "lorasRoot": str(models / "loras")}}))
-        mp.setenv("LORAKIT_DATA_ROOT", str(root / "data"))
-        mp.setenv("LORAKIT_CONFIG", str(config))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        ws = lorakit.init_data_root()
-        now = now_iso()
-        ws.store.write("project", {"id": "demo", "name": "Demo", "createdAt": now, "updatedAt": now})
-        _dataset(ws, "gems")
+        ws = vpred_workspace(tmp_path_factory.mktemp("vpred-sources"), mp)
         ck = ws.config.checkpoints_root
         build_tiny_pipeline("sdxl", 0).save_pretrained(ck / "plain", safe_serialization=True)
-        export_single_file(build_tiny_pipeline("sdxl", 0), ck / "noob-vpred.safetensors", prediction="v", zero_terminal_snr=True)
-        build_tiny_pipeline("sdxl", 0, prediction="v", zero_terminal_snr=True).save_pretrained(ck / "vfolder",
-                                                                                   safe_serialization=True)
+        export_single_file(build_tiny_pipeline("sdxl", 0), ck / "noob-vpred.safetensors", prediction="v",
+                           zero_terminal_snr=True)
+        v_folder = build_tiny_pipeline("sdxl", 0, prediction="v", zero_terminal_snr=True)
+        v_folder.save_pretrained(ck / "vfolder", safe_serialization=True)
         adds = {"flags": ["vp_flags", "--path", "plain", "--family", "sdxl", "--prediction", "v",
                           "--zero-terminal-snr"],
                 "single-file keys": ["vp_file", "--path", "noob-vpred.safetensors"],
