@@ -6,12 +6,11 @@ import contextlib
 import hashlib
 import json
 import os
-import stat
 import struct
 import time
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, RecordError
 from .roots import open_regular
 from .store import read_cache, write_cache
 
@@ -51,13 +50,9 @@ def read_safetensors_header(path: str | os.PathLike) -> dict:
     (no tensors, no torch).
     """
     try:
-        # Non-blocking open, then a check on the handle: a FIFO under a weights name must not hang the reader.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with open(fd, "rb") as handle:
-            st = os.fstat(handle.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise SafetensorsHeaderError("it is not a regular file")
-            size = st.st_size
+        # Checked on the open handle, opened without blocking: a FIFO under a weights name must not hang the reader.
+        with open_regular(path, "weights file") as handle:
+            size = os.fstat(handle.fileno()).st_size
             head = handle.read(8)
             if len(head) < 8:
                 raise SafetensorsHeaderError(f"it has {size} bytes, fewer than the 8 of a header length")
@@ -67,6 +62,8 @@ def read_safetensors_header(path: str | os.PathLike) -> dict:
             if length > _MAX_SAFETENSORS_HEADER:
                 raise SafetensorsHeaderError(f"its header length {length} is over the {_MAX_SAFETENSORS_HEADER}-byte cap")
             raw = handle.read(length)
+    except RecordError:
+        raise SafetensorsHeaderError("it is not a regular file") from None
     except OSError as exc:
         raise SafetensorsHeaderError(f"it cannot be read ({exc.strerror or exc})") from None
     try:

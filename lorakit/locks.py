@@ -12,14 +12,13 @@ import contextlib
 import json
 import os
 import socket
-import stat
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from .errors import RecordError
-from .roots import Root
+from .roots import Root, open_regular
 
 try:
     import fcntl
@@ -168,15 +167,10 @@ def lock_holder(lock_path: Path) -> str:
     a regular file only, and only a small object of plain values counts.
     """
     try:
-        fd = os.open(lock_path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
+        with open_regular(lock_path, "lock file", no_follow=True) as handle:
+            raw = handle.read(_NOTE_BYTES)
+    except (OSError, RecordError):
         return "another process"
-    try:
-        raw = os.read(fd, _NOTE_BYTES) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
-    except OSError:
-        raw = b""
-    finally:
-        os.close(fd)
     try:
         holder = json.loads(raw.decode("utf-8")) if raw.strip() else None
     except (ValueError, RecursionError):

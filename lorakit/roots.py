@@ -89,14 +89,6 @@ class Root:
             raise RecordError(f"{text} leaves {self.what} {self.path}; lorakit writes only inside it")
         return rel.split(os.sep)
 
-    def contains(self, path: str | os.PathLike) -> bool:
-        """Whether ``path`` is lexically below the root (no file system access)."""
-        try:
-            self.parts(path)
-        except RecordError:
-            return False
-        return True
-
     def _refusal(self, where: Path, exc: OSError | None = None, found: str | None = None) -> RecordError:
         if found is None and (exc is None or exc.errno in _LINK_ERRNOS):
             try:
@@ -406,19 +398,6 @@ class Root:
                     os.unlink(child, dir_fd=fd)
         finally:
             os.close(fd)
-
-    def rename(self, source: str | os.PathLike, target: str | os.PathLike) -> None:
-        """Rename ``source`` to ``target``, both inside the root, through directory handles (a link on the way
-        is refused; the renamed entry itself is moved, never followed)."""
-        *source_parents, source_name = self.parts(source)
-        *target_parents, target_name = self.parts(target)
-        with self.folder(source_parents, create=False) as source_fd, self.folder(target_parents) as target_fd:
-            os.replace(source_name, target_name, src_dir_fd=source_fd, dst_dir_fd=target_fd)
-
-
-def root_of(path: str | os.PathLike, roots: list[Root]) -> Root | None:
-    """The first of ``roots`` that holds ``path`` (lexically), else None."""
-    return next((root for root in roots if root.contains(path)), None)
 
 
 # ---- reading: regular files only, checked on the open handle -------------------------------------------------

@@ -6,6 +6,7 @@ the hooks whose answer differs. Everything else in lorakit asks a family object 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ class TextEncoder:
     openclip: bool = False
 
 
-class Family:
+class Family(ABC):
     """A model family: a kind of checkpoint, with everything that differs between kinds.
 
     Attributes are data; methods are the hooks. A new family sets the attributes and overrides the hooks it
@@ -42,6 +43,7 @@ class Family:
     index_class_names: tuple[str, ...] = ()   # model_index.json _class_name values of its diffusers folders
     single_file_marker: str = ""              # a key prefix only this family's original-layout files have
     denoiser: str = "unet"
+    denoiser_class_name: str = "UNet2DConditionModel"
     text_encoders: tuple[TextEncoder, ...] = ()
     native_resolution: int = 512
     vae_fp32: bool = False                    # decode and encode the VAE in fp32 by default (fp16 overflows)
@@ -78,10 +80,10 @@ class Family:
         return bool(self.single_file_marker) and any(k.startswith(self.single_file_marker) for k in keys)
 
     # ---- models ------------------------------------------------------------------------------------------------
+    @abstractmethod
     def build_tiny(self, seed: int = 0, objective: Objective | None = None) -> Any:
         """A tiny random-weight pipeline of this family in fp32; the same seed gives the same weights.
         ``objective`` (default epsilon) is what its scheduler config says the denoiser predicts."""
-        raise NotImplementedError
 
     def single_file_components(self, weights_file: Path, config_folder: Path, dtype: Any) -> dict[str, Any]:
         """Pipeline components lorakit loads itself from an original-layout single file, to hand to diffusers'
@@ -94,8 +96,7 @@ class Family:
         import diffusers
         import transformers
 
-        denoiser_class = type(self).denoiser_class_name
-        denoiser_cls = getattr(diffusers, denoiser_class)
+        denoiser_cls = getattr(diffusers, self.denoiser_class_name)
         models: dict[str, Any] = {self.denoiser: denoiser_cls.from_config(denoiser_cls.load_config(folder / self.denoiser))}
         for encoder in self.text_encoders:
             model_cls = getattr(transformers, encoder.model_class)
@@ -103,13 +104,11 @@ class Family:
             models[encoder.attribute] = model_cls(config_cls.from_pretrained(folder / encoder.attribute))
         return models
 
-    denoiser_class_name: str = "UNet2DConditionModel"
-
     # ---- the training step -------------------------------------------------------------------------------
+    @abstractmethod
     def encode_text(self, tokenizers: list, encoders: list, captions: list[str], device: Any,
                     clip_skip: int = 1) -> dict[str, Any]:
         """Captions as the denoiser's text inputs: a dict of tensors with the batch first."""
-        raise NotImplementedError
 
     def denoiser_kwargs(self, text: dict[str, Any], size_rows: list[list[int]], dtype: Any, device: Any) -> dict:
         """The denoiser's keyword arguments besides the noisy latents and timesteps: the text inputs and any
