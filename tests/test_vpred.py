@@ -9,13 +9,12 @@ flags. Epsilon checkpoints keep what they had (``test_golden_runs.py`` pins thei
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from test_train import write_dataset
 
 import lorakit
 from lorakit.errors import EvalError
@@ -41,7 +40,7 @@ def vpred_workspace(root: Path, mp: pytest.MonkeyPatch):
     ws = lorakit.init_data_root()
     now = now_iso()
     ws.store.write("project", {"id": "demo", "name": "Demo", "createdAt": now, "updatedAt": now})
-    _dataset(ws, "gems")
+    write_dataset(ws, "gems", n=4, seed=3)
     return ws
 
 
@@ -53,24 +52,6 @@ def ws(tmp_path_factory):
         make_tiny_checkpoint(ws, "tiny_xl_v", "sdxl", asset_types=["icon"])
         register_checkpoint(ws, "tiny_xl_v", V_ZTSNR)
         yield ws
-
-
-def _dataset(ws, dataset_id: str) -> None:
-    rng = np.random.default_rng(3)
-    folder = ws.data_root / "files" / dataset_id
-    folder.mkdir(parents=True)
-    items = []
-    for i in range(4):
-        path = folder / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB").save(path)
-        items.append({"assetId": f"a{i}", "assetVersionId": "v1", "variantId": "v1a", "path": ws.store.relative(path),
-                      "caption": f"icon, gem {i}", "tags": ["icon"],
-                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-    now = now_iso()
-    ws.store.write("dataset", {"id": dataset_id, "scope": "project", "projectId": "demo", "createdAt": now,
-                               "updatedAt": now, "selection": {"checkpoints": []}, "items": items,
-                               "manifestHash": hashlib.sha256(json.dumps(items).encode()).hexdigest()},
-                   project="demo")
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +141,6 @@ def test_a_vpred_run_says_so_in_its_file_and_release(trained) -> None:
 # ---- eval grids and the worker ---------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_the_eval_grid_renders_with_a_vpred_zero_snr_trailing_scheduler_and_a_guidance_rescale(ws, trained) -> None:
-    import numpy as np
 
     from lorakit.worker import PipelineCache, job_objective, render_cell, use_scheduler
 
