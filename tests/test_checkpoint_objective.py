@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from test_checkpoints import ws as ws  # noqa: F401  (a workspace on an empty data root, its own config)
 
 from lorakit.cli import main
 from lorakit.errors import ConfigError, LorakitError
@@ -24,21 +25,6 @@ from lorakit.models import (
     make_tiny_checkpoint,
 )
 from lorakit.models.registry import detect_family, detect_objective
-from lorakit.workspace import init_data_root
-
-
-@pytest.fixture
-def ws(tmp_path, monkeypatch):
-    models = tmp_path / "models"
-    config = tmp_path / "local.json"
-    config.write_text(json.dumps({"paths": {"modelsRoot": str(models), "checkpointsRoot": str(models / "ckpt"),
-                                            "lorasRoot": str(models / "loras")}}))
-    monkeypatch.setenv("LORAKIT_CONFIG", str(config))
-    monkeypatch.setenv("LORAKIT_DATA_ROOT", str(tmp_path / "data"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    workspace = init_data_root()
-    workspace.config.checkpoints_root.mkdir(parents=True)
-    return workspace
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
